@@ -1,0 +1,246 @@
+"""The connector contract (SPEC §1): roles, metadata types, and the two halves' interfaces.
+
+A connector type (``KVConnectorBase`` subclass) names a scheduler half and a worker half. The
+engine builds the scheduler half once, in the process that schedules requests, and the worker
+half once per worker, in the process that owns the KV tensors. The halves exchange only
+``KVConnectorMetadata`` (scheduler -> worker) and ``ConnectorOutput`` (worker -> scheduler).
+
+Step order, scheduler side, per request::
+
+    get_num_new_matched_tokens -> update_state_after_alloc -> build_connector_meta (each step)
+    -> update_connector_output (each step) -> request_finished (once, before blocks are freed)
+
+Worker side, per step::
+
+    bind_connector_metadata -> start_load_kv -> [wait_for_layer_load / save_kv_layer per layer]
+    -> wait_for_save -> get_finished -> get_block_ids_with_load_errors
+    -> build_connector_worker_meta -> clear_connector_metadata
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+
+from kvbridge.config import TransferConfig
+from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
+from kvbridge.connector.types import (
+    BlockIds,
+    FinishedRequest,
+    FinishedTransfers,
+    KVCacheEvent,
+    KVCacheLayout,
+    KVCacheSpec,
+    MatchResult,
+    RequestView,
+    SchedulerStep,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+class KVConnectorRole(StrEnum):
+    SCHEDULER = "scheduler"
+    WORKER = "worker"
+
+
+class KVConnectorMetadata(msgspec.Struct, kw_only=True):
+    """Base of what the scheduler half sends its worker half each step."""
+
+
+class KVConnectorWorkerMetadata(msgspec.Struct, kw_only=True):
+    """Base of what a worker half sends back to its scheduler half each step."""
+
+
+class KVConnectorHandshakeMetadata(msgspec.Struct, kw_only=True):
+    """Base of the transport metadata a worker publishes at start-up (e.g. NIXL agent info)."""
+
+
+class EmptyMetadata(KVConnectorMetadata):
+    """Metadata of a connector with nothing to do this step."""
+
+
+Stats = KVConnectorStats | MultiKVConnectorStats
+
+
+@dataclass(frozen=True)
+class ConnectorOutput:
+    """What the worker returns to the scheduler after a step."""
+
+    finished_sending: frozenset[str] = frozenset()
+    finished_recving: frozenset[str] = frozenset()
+    invalid_block_ids: frozenset[int] = frozenset()
+    worker_meta: KVConnectorWorkerMetadata | None = None
+    stats: Stats | None = None
+
+    def is_empty(self) -> bool:
+        return not (
+            self.finished_sending
+            or self.finished_recving
+            or self.invalid_block_ids
+            or self.worker_meta is not None
+            or (self.stats is not None and not self.stats.is_empty())
+        )
+
+
+class KVConnectorScheduler(ABC):
+    """Runs in the scheduler; owns per-request transfer plans. Never touches tensors."""
+
+    def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
+        self.config = config
+        self.cache_spec = cache_spec
+
+    @abstractmethod
+    def get_num_new_matched_tokens(
+        self, request: RequestView, num_computed_tokens: int
+    ) -> MatchResult:
+        """Tokens beyond ``num_computed_tokens`` this connector can supply, and whether async.
+
+        Never count tokens it cannot deliver; always leave the last prompt token to compute.
+        """
+
+    @abstractmethod
+    def update_state_after_alloc(
+        self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
+    ) -> None:
+        """Blocks were allocated; ``num_external_tokens == 0`` means load nothing."""
+
+    @abstractmethod
+    def build_connector_meta(self, step: SchedulerStep) -> KVConnectorMetadata:
+        """Everything the workers must do this step; resets per-step state."""
+
+    def update_connector_output(self, output: ConnectorOutput) -> None:  # noqa: B027
+        """Completions and worker metadata came back from the workers."""
+
+    def request_finished(self, request: RequestView, block_ids: list[int]) -> FinishedRequest:
+        """Called once when a request ends, before its blocks are freed."""
+        return FinishedRequest(False, None)
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """KV cache events since the last call."""
+        return []
+
+    def get_kv_connector_stats(self) -> Stats | None:
+        return None
+
+    def shutdown(self) -> None:  # noqa: B027
+        """Release scheduler-side resources. Idempotent."""
+
+
+class SupportsHMA(ABC):
+    """Mixin for scheduler halves that handle several KV cache groups (hybrid models)."""
+
+    @abstractmethod
+    def request_finished_all_groups(
+        self, request: RequestView, block_ids: BlockIds
+    ) -> FinishedRequest:
+        """``request_finished`` with the block ids of every group."""
+
+
+class KVConnectorWorker(ABC):
+    """Runs in a worker; owns the registered KV tensors and the transfers on them."""
+
+    def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
+        self.config = config
+        self.cache_spec = cache_spec
+        self._metadata: KVConnectorMetadata | None = None
+
+    # -- per step -----------------------------------------------------------------------------
+    def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
+        if self._metadata is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: metadata bound twice without clear_connector_metadata()"
+            )
+        self._metadata = metadata
+
+    def clear_connector_metadata(self) -> None:
+        self._metadata = None
+
+    @property
+    def metadata(self) -> KVConnectorMetadata:
+        if self._metadata is None:
+            raise RuntimeError(f"{type(self).__name__}: no connector metadata bound this step")
+        return self._metadata
+
+    @abstractmethod
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Called once at start with every layer's KV tensor (layout per ``cache_spec``)."""
+
+    def start_load_kv(self) -> None:  # noqa: B027
+        """Start this step's loads (may return before they finish)."""
+
+    def wait_for_layer_load(self, layer_name: str) -> None:  # noqa: B027
+        """Block until ``layer_name``'s synchronous loads are in place."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:  # noqa: B027
+        """``layer_name``'s KV for this step has been written."""
+
+    def wait_for_save(self) -> None:  # noqa: B027
+        """Block until this step's synchronous saves are done (async ones may continue)."""
+
+    def get_finished(self, finished_req_ids: frozenset[str]) -> FinishedTransfers:
+        """Requests whose async send (only among ``finished_req_ids`` so far) or load finished."""
+        return FinishedTransfers(frozenset(), frozenset())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Block ids whose load failed since the last call."""
+        return set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return None
+
+    def get_kv_connector_stats(self) -> Stats | None:
+        return None
+
+    # -- start-up ------------------------------------------------------------------------------
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return None
+
+    def set_xfer_handshake_metadata(  # noqa: B027
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        """Handshake metadata of every worker rank (rank -> metadata)."""
+
+    def shutdown(self) -> None:  # noqa: B027
+        """Stop threads, deregister memory, release handles. Idempotent."""
+
+
+class KVConnectorBase:
+    """A connector type: its registered name and its scheduler and worker halves.
+
+    Subclasses set ``scheduler_cls`` and ``worker_cls``; HMA support is declared by the
+    scheduler half inheriting ``SupportsHMA``.
+    """
+
+    scheduler_cls: ClassVar[type[KVConnectorScheduler]]
+    worker_cls: ClassVar[type[KVConnectorWorker]]
+    # The KV layout this connector needs, or None if any works.
+    required_kv_layout: ClassVar[KVCacheLayout | None] = None
+
+    @classmethod
+    def supports_hma(cls, config: TransferConfig | None = None) -> bool:
+        return issubclass(cls.scheduler_cls, SupportsHMA)
+
+    @classmethod
+    def get_required_kv_layout(cls, config: TransferConfig | None = None) -> KVCacheLayout | None:
+        return cls.required_kv_layout
+
+    @classmethod
+    def build_scheduler(
+        cls, config: TransferConfig, cache_spec: KVCacheSpec
+    ) -> KVConnectorScheduler:
+        return cls.scheduler_cls(config, cache_spec)
+
+    @classmethod
+    def build_worker(cls, config: TransferConfig, cache_spec: KVCacheSpec) -> KVConnectorWorker:
+        return cls.worker_cls(config, cache_spec)
+
+
+def describe(obj: Any) -> str:
+    """Class name of a connector half, for logs and stats grouping."""
+    return type(obj).__name__

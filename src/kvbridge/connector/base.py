@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
-from kvbridge.config import TransferConfig
+from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
 from kvbridge.connector.types import (
     BlockIds,
@@ -229,6 +229,22 @@ class KVConnectorBase:
     @classmethod
     def get_required_kv_layout(cls, config: TransferConfig | None = None) -> KVCacheLayout | None:
         return cls.required_kv_layout
+
+    @classmethod
+    def check_cache_spec(cls, config: TransferConfig, spec: KVCacheSpec) -> None:
+        """Refuse a cache this connector cannot serve (hybrid without HMA, wrong layout)."""
+        if spec.num_groups > 1 and not cls.supports_hma(config):
+            raise ConfigError(
+                f"kv_connector: {config.kv_connector} does not support hybrid KV caches "
+                f"({spec.num_groups} cache groups); use a single-group model or a connector "
+                "whose scheduler half implements SupportsHMA"
+            )
+        required = cls.get_required_kv_layout(config)
+        if required is not None and required != spec.layout:
+            raise ConfigError(
+                f"kv_connector: {config.kv_connector} needs KV layout {required.value!r}, "
+                f"the engine declared {spec.layout.value!r}"
+            )
 
     @classmethod
     def build_scheduler(

@@ -67,24 +67,6 @@ def get_connector_class(config: TransferConfig) -> type[KVConnectorBase]:
     return cls
 
 
-def check_cache_compat(
-    cls: type[KVConnectorBase], config: TransferConfig, spec: KVCacheSpec
-) -> None:
-    """Refuse a multi-group cache for a non-HMA connector, and a layout it cannot serve."""
-    if spec.num_groups > 1 and not cls.supports_hma(config):
-        raise ConfigError(
-            f"kv_connector: {config.kv_connector} does not support hybrid KV caches "
-            f"({spec.num_groups} cache groups); use a single-group model or a connector "
-            "whose scheduler half implements SupportsHMA"
-        )
-    required = cls.get_required_kv_layout(config)
-    if required is not None and required != spec.layout:
-        raise ConfigError(
-            f"kv_connector: {config.kv_connector} needs KV layout {required.value!r}, "
-            f"the engine declared {spec.layout.value!r}"
-        )
-
-
 @overload
 def create_connector(
     config: TransferConfig, role: Literal[KVConnectorRole.SCHEDULER], spec: KVCacheSpec
@@ -98,7 +80,7 @@ def create_connector(
 ) -> KVConnectorScheduler | KVConnectorWorker:
     """Build the ``role`` half of the connector ``config`` names, checked against ``spec``."""
     cls = get_connector_class(config)
-    check_cache_compat(cls, config, spec)
+    cls.check_cache_spec(config, spec)
     logger.info("building %s (%s) for engine %s", config.kv_connector, role.value, config.engine_id)
     if role is KVConnectorRole.SCHEDULER:
         return cls.build_scheduler(config, spec)

@@ -1,0 +1,97 @@
+"""Sampling parameters and the sampler: greedy argmax, or temperature / top-p with a seed.
+
+Random sampling runs on the CPU with a per-request ``torch.Generator`` seeded from
+``SamplingParams.seed``, so a seed gives the same tokens in any process, on any model device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request; validated on construction."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise ValueError(f"max_tokens: must be an int, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {p!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+        ):
+            raise ValueError(f"seed: must be a non-negative int or None, got {self.seed!r}")
+        stops = tuple(self.stop_token_ids)
+        for tok in stops:
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise ValueError(f"stop_token_ids: {tok!r} is not a token id")
+        object.__setattr__(self, "stop_token_ids", stops)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """The request's CPU generator: seeded when ``params.seed`` is set and sampling is random."""
+    if params.greedy or params.seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed(params.seed)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token per row of ``logits`` ``[n, vocab]``; row i uses ``params[i]``, ``generators[i]``.
+
+    A request's generator must be reused across its steps (``make_generator`` once per request).
+    A ``None`` generator with a random sampler uses torch's global RNG.
+    """
+    n = logits.shape[0]
+    if len(params) != n or len(generators) != n:
+        raise ValueError(
+            f"sample: {n} logit rows but {len(params)} params and {len(generators)} generators"
+        )
+    if n == 0:
+        return []
+    out = logits.argmax(dim=-1).tolist()
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not random_rows:
+        return out
+    rows = logits[random_rows].to("cpu", torch.float32)
+    for j, i in enumerate(random_rows):
+        probs = torch.softmax(rows[j] / params[i].temperature, dim=-1)
+        if params[i].top_p < 1.0:
+            probs = _top_p(probs, params[i].top_p)
+        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return out
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    sorted_probs, order = probs.sort(descending=True)
+    before = sorted_probs.cumsum(0) - sorted_probs  # mass of strictly more likely tokens
+    sorted_probs[before >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)

@@ -185,7 +185,7 @@ class NixlTransport(ABC):
         """Remote agents loaded and not yet removed."""
 
     def live_counts(self) -> LiveCounts:
-        """All four counters at once (a leak check is ``live_counts() == LiveCounts(0, 0, 0, 0)``)."""
+        """All four counters; no leak means ``live_counts() == LiveCounts(0, 0, 0, 0)``."""
         return LiveCounts(
             self.num_live_xfer_handles,
             self.num_live_dlist_handles,

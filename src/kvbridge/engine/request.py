@@ -157,7 +157,9 @@ class RequestOutput:
     error: str | None = None
 
     @classmethod
-    def of(cls, request: Request, kv_transfer_params: dict[str, Any] | None = None) -> RequestOutput:
+    def of(
+        cls, request: Request, kv_transfer_params: dict[str, Any] | None = None
+    ) -> RequestOutput:
         return cls(
             request_id=request.request_id,
             token_ids=list(request.output_token_ids),

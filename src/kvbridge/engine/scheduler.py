@@ -1,0 +1,458 @@
+"""Scheduler: continuous batching over the block pool, with the connector's scheduler hooks.
+
+Torch-free (it runs where the connector's scheduler half runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kvbridge.config import LOAD_FAILURE_POLICIES
+from kvbridge.connector.base import ConnectorOutput, KVConnectorMetadata, KVConnectorScheduler
+from kvbridge.connector.types import FinishedRequest, ScheduledRequest, SchedulerStep
+from kvbridge.engine.block_manager import BlockManager, IntegrityError
+from kvbridge.engine.request import Request, RequestOutput, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 16
+    enable_chunked_prefill: bool = True
+    max_model_len: int = 2048
+    kv_load_failure_policy: str = "recompute"
+
+    def __post_init__(self) -> None:
+        for key in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key}: must be a positive int, got {value!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens: {self.max_num_batched_tokens} < max_model_len "
+                f"{self.max_model_len}; without chunked prefill a whole prompt must fit one step"
+            )
+        if self.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
+            raise ValueError(
+                f"kv_load_failure_policy: {self.kv_load_failure_policy!r} is not one of "
+                f"{', '.join(LOAD_FAILURE_POLICIES)}"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens ``[start_pos, start_pos + len(token_ids))`` of one request, computed this step."""
+
+    request: Request
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    step: SchedulerStep
+    chunks: tuple[ScheduledChunk, ...]
+    connector_meta: KVConnectorMetadata | None
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class WorkerOutput(NamedTuple):
+    """What the worker returns after a step: sampled tokens and the connector's report."""
+
+    sampled_token_ids: dict[str, int]
+    connector_output: ConnectorOutput
+
+
+@dataclass
+class _Hold:
+    """A finished request whose blocks the connector still uses."""
+
+    request: Request
+    wait_send: bool  # delay_free: until its id is in finished_sending
+    wait_recv: bool  # aborted mid-load: until its id is in finished_recving
+
+
+class Scheduler:
+    """Runs in the scheduler; owns the request queues, the block manager's tables and the
+    connector's scheduler half.
+
+    Per step: running requests first (decodes and prefill chunks; out of blocks -> preempt the
+    newest by recompute), then waiting ones (local prefix hit -> ``get_num_new_matched_tokens``
+    -> allocate -> ``update_state_after_alloc``), then ``build_connector_meta``. An async load
+    parks the request (blocks held) until ``finished_recving``; a request aborted mid-load keeps
+    its blocks until then too, so a late write never lands in a reused block.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        connector: KVConnectorScheduler | None = None,
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.connector = connector
+        self.requests: dict[str, Request] = {}  # id -> every request not yet released
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._held: dict[str, _Hold] = {}
+        self._recving: dict[str, _Load] = {}  # parked id -> tokens it is loading
+        self._sync_loads: dict[str, int] = {}  # id -> confirmed tokens before this step's load
+        self._pending_invalid: set[int] = set()
+        self._finished_ids: set[str] = set()
+        self._pending_outputs: list[RequestOutput] = []
+        self._step_id = 0
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        if request.num_prompt_tokens > self.config.max_model_len:
+            request.error = (
+                f"prompt of {request.num_prompt_tokens} tokens exceeds max_model_len "
+                f"{self.config.max_model_len}"
+            )
+            self._pending_outputs.append(self._finish(request, RequestStatus.FINISHED_IGNORED))
+            return
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a live request (any state); ``False`` if unknown or already finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._pending_outputs.append(self._finish(request, RequestStatus.FINISHED_ABORTED))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_outputs)
+
+    def has_pending_transfers(self) -> bool:
+        """Finished requests whose blocks still wait on the connector."""
+        return bool(self._held)
+
+    @property
+    def num_held_requests(self) -> int:
+        return len(self._held)
+
+    def check_integrity(self) -> None:
+        """The block pool's invariants, and every block table owned by a request in exactly one
+        queue (running, waiting, parked or held) whose state allows it to hold blocks."""
+        self.block_manager.check_integrity()
+        queued = [*self.running, *self.waiting, *(h.request for h in self._held.values())]
+        ids = [r.request_id for r in queued]
+        if len(set(ids)) != len(ids) or set(ids) != set(self.requests):
+            raise IntegrityError(f"queues {sorted(ids)} != live requests {sorted(self.requests)}")
+        for rid in self.block_manager.owners() - set(self.requests):
+            raise IntegrityError(f"blocks held by {rid}, which is not a live request")
+        for request in self.running:
+            if request.status is not RequestStatus.RUNNING:
+                raise IntegrityError(f"{request} is in the running queue")
+            if not self.block_manager.has_blocks(request.request_id):
+                raise IntegrityError(f"running {request} holds no blocks")
+        for request in self.waiting:
+            parked = request.status is RequestStatus.WAITING_FOR_REMOTE_KVS
+            if parked != (request.request_id in self._recving):
+                raise IntegrityError(f"{request}: parked state and load table disagree")
+            if request.status is RequestStatus.PREEMPTED and self.block_manager.has_blocks(
+                request.request_id
+            ):
+                raise IntegrityError(f"preempted {request} still holds blocks")
+        for hold in self._held.values():
+            if not hold.request.is_finished:
+                raise IntegrityError(f"held {hold.request} is not finished")
+
+    # -- schedule -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        def add(request: Request, num_new: int, confirmed: int, resumed: bool) -> None:
+            start = request.num_computed_tokens
+            blocks = self.block_manager.block_ids(request.request_id)
+            end = start + num_new
+            tokens = request.all_token_ids[start:end]
+            chunks.append(ScheduledChunk(request, tokens, start, blocks, end == request.num_tokens))
+            scheduled.append(ScheduledRequest(request, (blocks,), confirmed, num_new, resumed))
+
+        # Phase 1: running requests, oldest first; the newest are preempted when out of blocks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if self.config.enable_chunked_prefill:
+                num_new = min(num_new, budget)
+            elif num_new > budget:
+                i += 1
+                continue
+            total = request.num_computed_tokens + num_new
+            while self.block_manager.allocate(request, total) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                break
+            add(request, num_new, request.num_computed_tokens, False)
+            budget -= num_new
+            i += 1
+
+        # Phase 2: waiting requests in order (none admitted in a step that preempted).
+        skipped: list[Request] = []
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            if request.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
+                skipped.append(self.waiting.popleft())
+                continue
+            admitted = self._admit(request, budget)
+            if admitted is None:
+                break
+            self.waiting.popleft()
+            if admitted.num_new < 0:  # connector still looking, or loading asynchronously
+                skipped.append(request)
+                continue
+            resumed = request.status is RequestStatus.PREEMPTED
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            add(request, admitted.num_new, admitted.confirmed, resumed)
+            budget -= admitted.num_new
+        self.waiting.extendleft(reversed(skipped))
+
+        step = SchedulerStep(
+            step_id=self._step_id,
+            scheduled=tuple(scheduled),
+            finished_req_ids=frozenset(self._finished_ids),
+            preempted_req_ids=frozenset(r.request_id for r in preempted),
+        )
+        self._finished_ids = set()
+        self._step_id += 1
+        meta = self.connector.build_connector_meta(step) if self.connector else None
+        return SchedulerOutput(step, tuple(chunks), meta)
+
+    def _admit(self, request: Request, budget: int) -> _Admission | None:
+        """Lookup, allocate and tell the connector; ``None`` = no room (stop admitting)."""
+        rid = request.request_id
+        bm = self.block_manager
+        resumed_from_load = bm.has_blocks(rid)
+        computed = None
+        ext, load_async = 0, False
+        if resumed_from_load:
+            num_local = request.num_computed_tokens
+        else:
+            computed = bm.get_computed_blocks(request)
+            num_local = computed.num_tokens
+            if self.connector is not None:
+                match = self.connector.get_num_new_matched_tokens(request, num_local)
+                if match.num_tokens is None:
+                    return _Admission(-1, 0)
+                ext, load_async = match.num_tokens, match.load_async and match.num_tokens > 0
+                if not 0 <= ext <= request.num_tokens - 1 - num_local:
+                    raise RuntimeError(
+                        f"{type(self.connector).__name__}.get_num_new_matched_tokens offered "
+                        f"{ext} tokens for {rid} ({request.num_tokens} tokens, {num_local} "
+                        "computed locally); it must leave the last token to compute"
+                    )
+        num_computed = num_local + ext
+        num_new = 0 if load_async else request.num_tokens - num_computed
+        if self.config.enable_chunked_prefill:
+            num_new = min(num_new, budget)
+        elif num_new > budget:
+            return None
+        # An async load gets blocks for every token, so the last token's block exists while
+        # the load runs (a P/D read copies the prompt's blocks whole).
+        slots = request.num_tokens if load_async else num_computed + num_new
+        if bm.allocate(request, slots, computed) is None:
+            return None
+        if self.connector is not None:
+            self.connector.update_state_after_alloc(request, (bm.block_ids(rid),), ext)
+        if not resumed_from_load and request.num_preemptions == 0:
+            request.num_cached_tokens = num_local
+            request.num_external_tokens = ext
+        if load_async:
+            request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+            self._recving[rid] = _Load(num_local, num_computed)
+            return _Admission(-1, 0)
+        request.num_computed_tokens = num_computed
+        if ext:
+            self._sync_loads[rid] = num_local
+        return _Admission(num_new, num_local)
+
+    def _preempt(self, request: Request) -> None:
+        logger.debug("preempting %s (recompute)", request.request_id)
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # -- results --------------------------------------------------------------------------------
+    def update_from_output(
+        self, sched: SchedulerOutput, worker: WorkerOutput | None = None
+    ) -> list[RequestOutput]:
+        """Apply a step's results: connector report, computed tokens, samples, finishes."""
+        out = worker.connector_output if worker is not None else ConnectorOutput()
+        sampled: Mapping[str, int] = worker.sampled_token_ids if worker is not None else {}
+        if self.connector is not None:
+            self.connector.update_connector_output(out)
+        outputs, self._pending_outputs = self._pending_outputs, []
+        self._pending_invalid |= out.invalid_block_ids
+        rolled_back = self._check_sync_loads(sched, outputs)
+        for chunk in sched.chunks:
+            request = chunk.request
+            if request.status is not RequestStatus.RUNNING or request.request_id in rolled_back:
+                continue
+            request.num_computed_tokens = chunk.start_pos + len(chunk.token_ids)
+            self.block_manager.cache_blocks(request, request.num_computed_tokens)
+            if not chunk.sample:
+                continue
+            request.append_output_token(sampled[request.request_id])
+            status = request.check_stop(self.config.max_model_len)
+            if status is None:
+                outputs.append(RequestOutput.of(request))
+            else:
+                self.running.remove(request)
+                outputs.append(self._finish(request, status))
+        self._sync_loads.clear()
+        for rid in sorted(out.finished_recving):
+            self._on_recved(rid, outputs)
+        for rid in sorted(out.finished_sending):
+            hold = self._held.get(rid)
+            if hold is None or not hold.wait_send:
+                logger.debug("finished_sending for %s, which holds no blocks", rid)
+                continue
+            hold.wait_send = False
+            self._maybe_release(hold)
+        if out.invalid_block_ids:
+            self.block_manager.invalidate_blocks(out.invalid_block_ids)
+        parked = {b for rid in self._recving for b in self.block_manager.block_ids(rid)}
+        self._pending_invalid &= parked
+        return outputs
+
+    def _first_bad_token(self, request: Request, lo: int, hi: int) -> int | None:
+        """First token of the first block in token range [lo, hi) whose load failed."""
+        bs = self.block_manager.block_size
+        table = self.block_manager.block_ids(request.request_id)
+        for i in range(lo // bs, min(len(table), -(-hi // bs))):
+            if table[i] in self._pending_invalid:
+                return max(lo, i * bs)
+        return None
+
+    def _check_sync_loads(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> set[str]:
+        """Requests whose same-step load failed: recompute from the first bad block (or fail)."""
+        rolled_back: set[str] = set()
+        for chunk in sched.chunks:
+            request = chunk.request
+            lo = self._sync_loads.get(request.request_id)
+            if lo is None or request.status is not RequestStatus.RUNNING:
+                continue
+            bad = self._first_bad_token(request, lo, chunk.start_pos)
+            if bad is None:
+                continue
+            if self._load_failed(request, bad, outputs):
+                self.running.remove(request)
+            else:
+                request.num_computed_tokens = bad
+                rolled_back.add(request.request_id)
+        return rolled_back
+
+    def _load_failed(self, request: Request, bad: int, outputs: list[RequestOutput]) -> bool:
+        """Handle a load error at token ``bad``; ``True`` if the request ended (policy fail)."""
+        logger.warning(
+            "KV load failed for %s from token %d (policy %s)",
+            request.request_id,
+            bad,
+            self.config.kv_load_failure_policy,
+        )
+        if self.config.kv_load_failure_policy != "fail":
+            return False
+        request.error = f"KV load failed from token {bad} (kv_load_failure_policy=fail)"
+        outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
+        return True
+
+    def _on_recved(self, rid: str, outputs: list[RequestOutput]) -> None:
+        load = self._recving.pop(rid, None)
+        if load is None:
+            hold = self._held.get(rid)
+            if hold is not None and hold.wait_recv:
+                hold.wait_recv = False
+                self._maybe_release(hold)
+            else:
+                logger.debug("finished_recving for %s, which is not loading", rid)
+            return
+        request = self.requests[rid]
+        bad = self._first_bad_token(request, load.start, load.end)
+        if bad is not None and self._load_failed(request, bad, outputs):
+            self.waiting.remove(request)
+            return
+        request.num_computed_tokens = load.end if bad is None else bad
+        request.status = RequestStatus.WAITING
+        self.block_manager.cache_blocks(request, request.num_computed_tokens)
+
+    # -- finishing ------------------------------------------------------------------------------
+    def _finish(self, request: Request, status: RequestStatus) -> RequestOutput:
+        """End a request already removed from the queues: ``request_finished``, then free/hold."""
+        rid = request.request_id
+        request.status = status
+        block_ids = self.block_manager.block_ids(rid)
+        result = FinishedRequest(False, None)
+        if self.connector is not None:
+            result = self.connector.request_finished(request, block_ids)
+        self._finished_ids.add(rid)
+        self._sync_loads.pop(rid, None)
+        wait_recv = self._recving.pop(rid, None) is not None
+        hold = _Hold(request, wait_send=result.delay_free, wait_recv=wait_recv)
+        if hold.wait_send or hold.wait_recv:
+            self._held[rid] = hold
+        else:
+            self._release(rid)
+        return RequestOutput.of(request, result.kv_transfer_params)
+
+    def _maybe_release(self, hold: _Hold) -> None:
+        if not (hold.wait_send or hold.wait_recv):
+            del self._held[hold.request.request_id]
+            self._release(hold.request.request_id)
+
+    def _release(self, rid: str) -> None:
+        if self.block_manager.has_blocks(rid):
+            self.block_manager.free(rid)
+        del self.requests[rid]
+
+
+class _Admission(NamedTuple):
+    num_new: int  # tokens to compute this step; -1: not schedulable this step
+    confirmed: int  # tokens whose KV is in the cache before this step's loads
+
+
+class _Load(NamedTuple):
+    start: int  # tokens computed locally before the load
+    end: int  # tokens computed once the load is done

@@ -1,0 +1,96 @@
+"""Worker: runs a scheduler step on the model, wrapped in the connector's worker hooks."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvbridge.connector.base import ConnectorOutput, KVConnectorWorker
+from kvbridge.engine.runner import ModelRunner, SeqChunk
+from kvbridge.engine.sampling import SamplingParams, make_generator, sample
+from kvbridge.engine.scheduler import SchedulerOutput, WorkerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class _ConnectorLayerHooks:
+    """Forwards the runner's per-layer callbacks to the connector's worker half."""
+
+    def __init__(self, connector: KVConnectorWorker) -> None:
+        self._connector = connector
+
+    def before_layer(self, layer_name: str) -> None:
+        self._connector.wait_for_layer_load(layer_name)
+
+    def after_layer(self, layer_name: str, kv_cache: torch.Tensor) -> None:
+        self._connector.save_kv_layer(layer_name, kv_cache)
+
+
+class Worker:
+    """Runs in the worker; owns the model runner (weights, KV caches), the per-request sampling
+    generators and the connector's worker half.
+
+    Step order: ``bind_connector_metadata``, ``start_load_kv``, forward (``wait_for_layer_load``
+    before and ``save_kv_layer`` after each layer), ``wait_for_save``, sampling,
+    ``get_finished``, ``get_block_ids_with_load_errors``, ``build_connector_worker_meta``,
+    ``get_kv_connector_stats``, ``clear_connector_metadata``.
+    """
+
+    def __init__(self, runner: ModelRunner, connector: KVConnectorWorker | None = None) -> None:
+        self.runner = runner
+        self.connector = connector
+        self._generators: dict[str, torch.Generator | None] = {}  # request id -> generator
+        self._hooks = _ConnectorLayerHooks(connector) if connector is not None else None
+        if connector is not None:
+            connector.register_kv_caches(runner.kv_caches)
+            handshake = connector.get_handshake_metadata()
+            if handshake is not None:
+                connector.set_xfer_handshake_metadata({0: handshake})
+
+    def execute(self, sched: SchedulerOutput) -> WorkerOutput:
+        connector = self.connector
+        for rid in sched.step.finished_req_ids:
+            self._generators.pop(rid, None)
+        if connector is None:
+            return WorkerOutput(self._forward(sched), ConnectorOutput())
+        if sched.connector_meta is None:
+            raise ValueError("Worker.execute: a connector is configured but the step has no meta")
+        connector.bind_connector_metadata(sched.connector_meta)
+        try:
+            connector.start_load_kv()
+            sampled = self._forward(sched)
+            connector.wait_for_save()
+            done = connector.get_finished(sched.step.finished_req_ids)
+            errors = connector.get_block_ids_with_load_errors()
+            worker_meta = connector.build_connector_worker_meta()
+            stats = connector.get_kv_connector_stats()
+        finally:
+            connector.clear_connector_metadata()
+        output = ConnectorOutput(
+            finished_sending=frozenset(done.sending),
+            finished_recving=frozenset(done.recving),
+            invalid_block_ids=frozenset(errors),
+            worker_meta=worker_meta,
+            stats=stats,
+        )
+        return WorkerOutput(sampled, output)
+
+    def _forward(self, sched: SchedulerOutput) -> dict[str, int]:
+        if not sched.chunks:
+            return {}
+        seq_chunks = [
+            SeqChunk(c.request_id, c.token_ids, c.start_pos, c.block_ids, c.sample)
+            for c in sched.chunks
+        ]
+        logits = self.runner.execute(seq_chunks, self._hooks)
+        sampling = [c.request for c in sched.chunks if c.sample]
+        params = [r.sampling_params for r in sampling]
+        generators = [self._generator(r.request_id, r.sampling_params) for r in sampling]
+        tokens = sample(logits, params, generators)
+        return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        if request_id not in self._generators:
+            self._generators[request_id] = make_generator(params)
+        return self._generators[request_id]

@@ -1,0 +1,31 @@
+"""NixlConnector: prefill/decode disaggregation over NIXL (SPEC §3)."""
+
+from __future__ import annotations
+
+from kvbridge.config import TransferConfig
+from kvbridge.connector.base import KVConnectorBase
+from kvbridge.connector.types import KVCacheLayout
+from kvbridge.nixl.scheduler import NixlScheduler
+from kvbridge.nixl.worker import NixlWorker
+
+
+class NixlConnector(KVConnectorBase):
+    """Producer engines hold finished prompts' blocks; consumer engines READ them over NIXL.
+
+    Extra config (``kv_connector_extra_config``, all optional): ``kv_lease_duration_s`` (30),
+    ``heartbeat_interval_s`` (5), ``abort_timeout_s`` (480), ``transfer_timeout_s`` (30),
+    ``side_channel_host`` (``kv_ip``), ``side_channel_port`` (``kv_port``; 0 picks a free port),
+    ``backends`` (["UCX"]), ``nixl_wrapper`` ("nixl" | "fake" | a callable agent_name ->
+    NixlTransport), ``merge_contiguous_blocks`` (true), ``num_threads`` (2, handshake threads),
+    ``max_handshake_bytes`` (64 MiB), ``enforce_handshake_compat`` (true), ``slow_transfer_s``
+    (1). Deprecated aliases: ``abort_request_timeout``, ``nixl_side_channel_host``,
+    ``nixl_side_channel_port``, ``kv_lease_duration``.
+    """
+
+    scheduler_cls = NixlScheduler
+    worker_cls = NixlWorker
+    required_kv_layout = KVCacheLayout.BLOCKS_FIRST
+
+    @classmethod
+    def supports_hma(cls, config: TransferConfig | None = None) -> bool:
+        return True

@@ -1,0 +1,327 @@
+"""Side channel for NIXL agent metadata: typed payloads, a listener, and a background client.
+
+Wire (msgpack, no pickle)::
+
+    consumer REQ  --HandshakeRequest(version, compat_hash, engine_id, tp_rank)-->  producer ROUTER
+    consumer REQ  <--HandshakeEnvelope(version, compat_hash, payload, error)---   producer ROUTER
+
+The consumer decodes in two phases: the envelope first; only if its version and compatibility
+hash match its own does it decode ``payload`` as ``NixlAgentMetadata``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import msgspec
+import zmq
+
+from kvbridge.connector.base import KVConnectorHandshakeMetadata
+from kvbridge.connector.types import KVCacheSpec
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_VERSION = 1
+CONNECTOR_VERSION = "kvbridge-nixl/1"
+MAX_REQUEST_BYTES = 64 << 10
+_POLL_MS = 50
+
+
+class HandshakeError(RuntimeError):
+    """A handshake failed; ``retriable`` is False for answers that a retry cannot change."""
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class NixlAgentMetadata(KVConnectorHandshakeMetadata, kw_only=True):
+    """What a producer worker publishes: its NIXL agent and where its KV blocks live."""
+
+    engine_id: str
+    tp_rank: int
+    agent_metadata: bytes
+    layer_names: list[str]
+    kv_base_addrs: list[int]  # per layer, in layer_names order
+    block_len: int  # bytes of one block of one layer
+    block_stride: int  # bytes between consecutive blocks of one layer
+    block_size: int
+    layout: str
+    num_blocks: int
+    dtype: str
+    num_layers: int
+    memory_type: str  # "DRAM" | "VRAM"
+    device_id: int
+    kv_buffer_device: str
+
+
+class HandshakeRequest(msgspec.Struct, kw_only=True):
+    version: int
+    compat_hash: str
+    engine_id: str
+    tp_rank: int = 0
+
+
+class HandshakeEnvelope(msgspec.Struct, kw_only=True):
+    version: int
+    compat_hash: str
+    payload: bytes = b""
+    error: str | None = None
+
+
+def compat_hash(spec: KVCacheSpec) -> str:
+    """sha256 over what two engines must share to exchange KV blocks byte for byte."""
+    fields = {
+        "connector": CONNECTOR_VERSION,
+        "num_layers": spec.num_layers,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "dtype": spec.dtype,
+        "block_size": spec.block_size,
+        "layout": spec.layout.value,
+        "groups": [list(g.layer_names) for g in spec.groups],
+        "world_size": spec.world_size,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def encode_envelope(metadata: NixlAgentMetadata, hash_: str) -> bytes:
+    payload = msgspec.msgpack.encode(metadata)
+    return msgspec.msgpack.encode(
+        HandshakeEnvelope(version=HANDSHAKE_VERSION, compat_hash=hash_, payload=payload)
+    )
+
+
+def decode_envelope(
+    data: bytes, *, expected_hash: str, max_bytes: int, enforce_compat: bool = True
+) -> NixlAgentMetadata:
+    """Two-phase decode of a producer's answer; raises ``HandshakeError`` (not retriable)."""
+    if len(data) > max_bytes:
+        raise HandshakeError(f"handshake answer of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        envelope = msgspec.msgpack.decode(data, type=HandshakeEnvelope)
+    except msgspec.DecodeError as e:
+        raise HandshakeError(f"malformed handshake envelope: {e}") from None
+    if envelope.error is not None:
+        raise HandshakeError(f"producer refused the handshake: {envelope.error}")
+    if envelope.version != HANDSHAKE_VERSION:
+        raise HandshakeError(
+            f"handshake version {envelope.version} from the producer, expected {HANDSHAKE_VERSION}"
+        )
+    if envelope.compat_hash != expected_hash:
+        message = (
+            f"compatibility hash mismatch (producer {envelope.compat_hash[:12]}, consumer "
+            f"{expected_hash[:12]}): model shape, dtype, block size or layout differ"
+        )
+        if enforce_compat:
+            raise HandshakeError(message)
+        logger.warning("%s; proceeding because enforce_handshake_compat is off", message)
+    try:
+        return msgspec.msgpack.decode(envelope.payload, type=NixlAgentMetadata)
+    except msgspec.DecodeError as e:
+        raise HandshakeError(f"malformed agent metadata: {e}") from None
+
+
+def tcp_endpoint(host: str, port: int | str) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+class HandshakeListener:
+    """Runs in a producer worker; owns the side-channel socket and serves its agent metadata."""
+
+    def __init__(self, host: str, port: int, answer: bytes, hash_: str) -> None:
+        self._metadata_answer = answer
+        self._hash = hash_
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        if ":" in host:
+            self._sock.setsockopt(zmq.IPV6, 1)
+        try:
+            self._sock.bind(tcp_endpoint(host, port or "*"))  # "*": any free port
+            endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as e:
+            self._sock.close()
+            self._ctx.term()
+            raise OSError(f"side channel: cannot bind {host}:{port}: {e}") from e
+        self.port = int(endpoint.rsplit(":", 1)[1])
+        self.host = host
+        self.num_served = 0
+        self.num_malformed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kvbridge-nixl-side", daemon=True)
+        self._thread.start()
+        logger.info("NIXL side channel listening on %s:%d", host, self.port)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._sock.poll(_POLL_MS):
+                    continue
+                identity, *rest = self._sock.recv_multipart()
+                prefix = [b""] if rest[:1] == [b""] else []  # REQ peers add a delimiter
+                try:
+                    answer = self._answer(rest[len(prefix) :])
+                except Exception as e:  # one bad request must never stop the listener
+                    logger.exception("side channel: failed to answer a request")
+                    answer = self._error(f"internal error: {type(e).__name__}")
+                self._sock.send_multipart([identity, *prefix, answer])
+            except zmq.ZMQError as e:
+                if self._stop.is_set():
+                    break
+                logger.warning("side channel: socket error %s; still serving", e)
+        self._sock.close()
+
+    def _answer(self, body: list[bytes]) -> bytes:
+        if len(body) != 1:
+            return self._error(f"expected one frame, got {len(body)}")
+        try:
+            request = msgspec.msgpack.decode(body[0], type=HandshakeRequest)
+        except msgspec.DecodeError as e:
+            return self._error(f"malformed handshake request: {e}")
+        if request.version != HANDSHAKE_VERSION or request.compat_hash != self._hash:
+            logger.info(
+                "side channel: engine %s asks with version %d / hash %s (ours %d / %s)",
+                request.engine_id,
+                request.version,
+                request.compat_hash[:12],
+                HANDSHAKE_VERSION,
+                self._hash[:12],
+            )
+        self.num_served += 1
+        return self._metadata_answer
+
+    def _error(self, message: str) -> bytes:
+        self.num_malformed += 1
+        logger.warning("side channel on port %d: %s", self.port, message)
+        return msgspec.msgpack.encode(
+            HandshakeEnvelope(version=HANDSHAKE_VERSION, compat_hash=self._hash, error=message)
+        )
+
+    def close(self) -> None:
+        """Stop serving and release the port; idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._ctx.term()
+
+
+class Handshaker:
+    """Runs in a consumer worker; fetches producers' metadata in background threads, cached.
+
+    ``fetch`` never blocks and never raises: the returned future holds the metadata or a
+    ``HandshakeError``. A failed fetch is retried (with backoff) until ``timeout_s``; the next
+    ``fetch`` after a failure starts afresh (the producer may have restarted).
+    """
+
+    def __init__(
+        self,
+        *,
+        local_engine_id: str,
+        hash_: str,
+        timeout_s: float,
+        max_bytes: int,
+        num_threads: int = 2,
+        enforce_compat: bool = True,
+    ) -> None:
+        self._engine_id = local_engine_id
+        self._hash = hash_
+        self._timeout_s = timeout_s
+        self._max_bytes = max_bytes
+        self._enforce = enforce_compat
+        self._ctx = zmq.Context()
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="kvbridge-handshake")
+        self._stop = threading.Event()
+        # (engine_id, host, port, tp_rank) -> fetch in flight or done
+        self._cache: dict[tuple[str, str, int, int], Future[NixlAgentMetadata]] = {}
+
+    def fetch(
+        self, engine_id: str, host: str, port: int, tp_rank: int = 0
+    ) -> Future[NixlAgentMetadata]:
+        key = (engine_id, host, port, tp_rank)
+        future = self._cache.get(key)
+        if future is not None and not (future.done() and future.exception() is not None):
+            return future
+        if self._stop.is_set():
+            future = Future()
+            future.set_exception(HandshakeError("handshake client is shut down"))
+            return future
+        future = self._pool.submit(self._run, key)
+        self._cache[key] = future
+        return future
+
+    def invalidate(self, engine_id: str) -> None:
+        """Forget cached answers of ``engine_id`` (after a transfer error, say)."""
+        for key in [k for k in self._cache if k[0] == engine_id]:
+            del self._cache[key]
+
+    def _run(self, key: tuple[str, str, int, int]) -> NixlAgentMetadata:
+        engine_id, host, port, tp_rank = key
+        deadline = time.monotonic() + self._timeout_s
+        delay = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                raise HandshakeError(
+                    f"no handshake answer from {host}:{port} within {self._timeout_s:g}s",
+                    retriable=True,
+                )
+            try:
+                metadata = self._attempt(host, port, tp_rank, min(remaining, 2.0))
+            except HandshakeError as e:
+                if not e.retriable:
+                    raise
+            else:
+                if metadata.engine_id != engine_id:
+                    raise HandshakeError(
+                        f"{host}:{port} serves engine {metadata.engine_id!r}, "
+                        f"expected {engine_id!r}"
+                    )
+                return metadata
+            self._stop.wait(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+
+    def _attempt(self, host: str, port: int, tp_rank: int, timeout_s: float) -> NixlAgentMetadata:
+        sock = self._ctx.socket(zmq.REQ)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._max_bytes)
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+            sock.connect(tcp_endpoint(host, port))
+            request = HandshakeRequest(
+                version=HANDSHAKE_VERSION,
+                compat_hash=self._hash,
+                engine_id=self._engine_id,
+                tp_rank=tp_rank,
+            )
+            sock.send(msgspec.msgpack.encode(request))
+            end = time.monotonic() + timeout_s
+            while not sock.poll(_POLL_MS):
+                if self._stop.is_set() or time.monotonic() >= end:
+                    raise HandshakeError(f"{host}:{port} did not answer", retriable=True)
+            answer = sock.recv()
+        finally:
+            sock.close()
+        return decode_envelope(
+            answer,
+            expected_hash=self._hash,
+            max_bytes=self._max_bytes,
+            enforce_compat=self._enforce,
+        )
+
+    def close(self) -> None:
+        """Cancel pending fetches and join the threads; idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._cache.clear()
+        self._ctx.term()

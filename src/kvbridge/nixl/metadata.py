@@ -1,0 +1,96 @@
+"""What the NixlConnector's halves tell each other each step, and what its peers notify."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from kvbridge.connector.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+
+class RecvSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Consumer: read ``remote_block_ids[g][i]`` of a remote engine into ``local_block_ids[g][i]``.
+
+    Both are per KV cache group and already cut to the blocks to load. ``fail_reason`` set
+    means the scheduler could not plan the load: the worker reports it failed at once.
+    """
+
+    request_id: str
+    local_block_ids: tuple[list[int], ...]
+    remote_engine_id: str
+    remote_host: str
+    remote_port: int
+    remote_block_ids: tuple[list[int], ...]
+    remote_request_id: str
+    fail_reason: str | None = None
+
+    @property
+    def all_local_block_ids(self) -> set[int]:
+        return {b for group in self.local_block_ids for b in group}
+
+
+class SendSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Producer: hold a finished request's blocks for a remote reader under a lease."""
+
+    request_id: str
+    num_blocks: int
+    lease_duration_s: float
+    abort_timeout_s: float
+
+
+class RemoteRelease(msgspec.Struct, frozen=True, kw_only=True):
+    """Consumer: tell a producer it may free a request's blocks (nothing will be read)."""
+
+    remote_engine_id: str
+    remote_host: str
+    remote_port: int
+    remote_request_id: str
+
+
+class NixlConnectorMetadata(KVConnectorMetadata, kw_only=True):
+    """Scheduler -> worker, one step."""
+
+    reqs_to_recv: dict[str, RecvSpec] = msgspec.field(default_factory=dict)
+    reqs_to_send: dict[str, SendSpec] = msgspec.field(default_factory=dict)
+    # Consumer loads to cancel: request id -> report it in finished_recving once nothing writes
+    # into its blocks (True: it ended mid-load; False: it was preempted, the engine freed them).
+    reqs_aborted: dict[str, bool] = msgspec.field(default_factory=dict)
+    reqs_to_release: list[RemoteRelease] = msgspec.field(default_factory=list)
+
+
+class NixlWorkerMetadata(KVConnectorWorkerMetadata, kw_only=True):
+    """Worker -> scheduler: where the side channel listens, and why loads failed."""
+
+    side_channel_host: str | None = None
+    side_channel_port: int | None = None
+    load_failures: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+NotifKind = Literal["done", "heartbeat", "release"]
+
+
+class NixlNotif(msgspec.Struct, frozen=True, array_like=True):
+    """A consumer -> producer NIXL notification about some of the producer's request ids."""
+
+    kind: NotifKind
+    request_ids: list[str]
+
+
+_NOTIF_ENCODER = msgspec.msgpack.Encoder()
+_NOTIF_DECODER = msgspec.msgpack.Decoder(NixlNotif)
+MAX_NOTIF_BYTES = 1 << 20
+
+
+def encode_notif(kind: NotifKind, request_ids: list[str]) -> bytes:
+    return _NOTIF_ENCODER.encode(NixlNotif(kind, request_ids))
+
+
+def decode_notif(payload: bytes) -> NixlNotif:
+    """Raises ``ValueError`` for anything but a well-formed notification."""
+    if len(payload) > MAX_NOTIF_BYTES:
+        raise ValueError(f"notification of {len(payload)} bytes exceeds {MAX_NOTIF_BYTES}")
+    try:
+        return _NOTIF_DECODER.decode(payload)
+    except msgspec.DecodeError as e:
+        raise ValueError(f"malformed notification: {e}") from None

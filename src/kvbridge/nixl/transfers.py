@@ -1,0 +1,162 @@
+"""Descriptor planning for NIXL READs: block regions, contiguous-run merging, read plans.
+
+Index of block ``b`` of layer ``l`` in a prepared per-block dlist::
+
+    l * num_blocks + b        (layers in registration order)
+
+A READ pairs local and remote block ids position by position. Pairs that are consecutive on
+*both* sides form a run, and a run of one layer is one descriptor of ``length * block_len``
+bytes (BLOCKS_FIRST: a layer's blocks are back to back)::
+
+    local  [7 8 9 | 3 | 4]      remote [20 21 22 | 5 | 9]   ->   runs (7,20,3) (3,5,1) (4,9,1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kvbridge.nixl.transport import XferItem
+
+
+class BlockRun(NamedTuple):
+    """``length`` blocks from ``local_start`` and ``remote_start`` on, consecutive on both sides."""
+
+    local_start: int
+    remote_start: int
+    length: int
+
+
+def merge_runs(local: Sequence[int], remote: Sequence[int]) -> list[BlockRun]:
+    """Group the pairs ``(local[i], remote[i])`` into maximal runs contiguous on both sides."""
+    if len(local) != len(remote):
+        raise ValueError(f"merge_runs: {len(local)} local vs {len(remote)} remote block ids")
+    runs: list[BlockRun] = []
+    for loc, rem in zip(local, remote):
+        if runs:
+            last = runs[-1]
+            if loc == last.local_start + last.length and rem == last.remote_start + last.length:
+                runs[-1] = last._replace(length=last.length + 1)
+                continue
+        runs.append(BlockRun(loc, rem, 1))
+    return runs
+
+
+@dataclass(frozen=True)
+class KVRegions:
+    """Where one engine's KV blocks live: per layer a base address, all with one geometry."""
+
+    layer_names: tuple[str, ...]
+    base_addrs: tuple[int, ...]
+    block_len: int  # bytes of one block of one layer
+    block_stride: int  # bytes between consecutive blocks of one layer
+    num_blocks: int
+    memory_type: str  # "DRAM" | "VRAM"
+    device_id: int
+
+    def __post_init__(self) -> None:
+        if len(self.layer_names) != len(self.base_addrs) or not self.layer_names:
+            raise ValueError("KVRegions: need one base address per layer, at least one layer")
+        if self.block_len <= 0 or self.block_stride < self.block_len or self.num_blocks <= 0:
+            raise ValueError(
+                f"KVRegions: bad geometry (block_len={self.block_len}, "
+                f"stride={self.block_stride}, num_blocks={self.num_blocks})"
+            )
+
+    @property
+    def mergeable(self) -> bool:
+        """Consecutive blocks of a layer are adjacent in memory."""
+        return self.block_stride == self.block_len
+
+    def region_items(self) -> list[tuple[int, int, int, str]]:
+        """One registration item per layer: ``(addr, bytes, device_id, "")``."""
+        size = self.block_stride * (self.num_blocks - 1) + self.block_len
+        return [(addr, size, self.device_id, "") for addr in self.base_addrs]
+
+    def block_items(self) -> list[XferItem]:
+        """One descriptor per (layer, block), in prepared-dlist index order."""
+        return [
+            (base + b * self.block_stride, self.block_len, self.device_id)
+            for base in self.base_addrs
+            for b in range(self.num_blocks)
+        ]
+
+    def run_item(self, layer: int, start: int, length: int) -> XferItem:
+        addr = self.base_addrs[layer] + start * self.block_stride
+        return (addr, length * self.block_len, self.device_id)
+
+    def index(self, layer: int, block: int) -> int:
+        return layer * self.num_blocks + block
+
+    def check_blocks(self, block_ids: Sequence[int], side: str) -> None:
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"{side} block id {bad[0]} outside 0..{self.num_blocks - 1}")
+
+
+class ReadPlan(NamedTuple):
+    """One READ: either indices into the prepared per-block dlists or merged descriptors.
+
+    ``merged`` plans carry ``local_items``/``remote_items`` (one per layer and run) for a
+    per-transfer dlist pair; otherwise ``local_indices``/``remote_indices`` index the dlists
+    prepared once.
+    """
+
+    merged: bool
+    local_indices: list[int]
+    remote_indices: list[int]
+    local_items: list[XferItem]
+    remote_items: list[XferItem]
+    num_bytes: int
+    num_block_layers: int  # (block, layer) pairs moved
+
+    @property
+    def num_descs(self) -> int:
+        return len(self.local_items) if self.merged else len(self.local_indices)
+
+
+def plan_read(
+    local: KVRegions,
+    remote: KVRegions,
+    group_layers: Sequence[Sequence[int]],
+    local_ids: Sequence[Sequence[int]],
+    remote_ids: Sequence[Sequence[int]],
+    *,
+    merge: bool = True,
+) -> ReadPlan:
+    """Plan reading ``remote_ids[g]`` into ``local_ids[g]`` for the layers of each group ``g``.
+
+    Raises ``ValueError`` for mismatched lists or block ids outside either side's cache.
+    """
+    if local.block_len != remote.block_len or local.layer_names != remote.layer_names:
+        raise ValueError("local and remote KV regions differ in block length or layers")
+    if not len(group_layers) == len(local_ids) == len(remote_ids):
+        raise ValueError("one list of block ids per KV cache group on both sides is required")
+    runs_per_group = []
+    for loc, rem in zip(local_ids, remote_ids):
+        local.check_blocks(loc, "local")
+        remote.check_blocks(rem, "remote")
+        runs = merge_runs(loc, rem)
+        if not merge:
+            runs = [BlockRun(a, b, 1) for a, b in zip(loc, rem)]
+        runs_per_group.append(runs)
+    pairs = sum(len(layers) * len(ids) for layers, ids in zip(group_layers, local_ids))
+    num_bytes = pairs * local.block_len
+    all_single = all(r.length == 1 for runs in runs_per_group for r in runs)
+    if all_single or not (local.mergeable and remote.mergeable):
+        li: list[int] = []
+        ri: list[int] = []
+        for layers, loc, rem in zip(group_layers, local_ids, remote_ids):
+            for layer in layers:
+                li.extend(local.index(layer, b) for b in loc)
+                ri.extend(remote.index(layer, b) for b in rem)
+        return ReadPlan(False, li, ri, [], [], num_bytes, pairs)
+    litems: list[XferItem] = []
+    ritems: list[XferItem] = []
+    for layers, runs in zip(group_layers, runs_per_group):
+        for layer in layers:
+            for run in runs:
+                litems.append(local.run_item(layer, run.local_start, run.length))
+                ritems.append(remote.run_item(layer, run.remote_start, run.length))
+    return ReadPlan(True, [], [], litems, ritems, num_bytes, pairs)

@@ -1,0 +1,114 @@
+"""Contiguous-run merging and READ planning (pure functions)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvbridge.nixl.transfers import BlockRun, KVRegions, merge_runs, plan_read
+
+BLOCK = 128
+
+
+def regions(
+    num_blocks: int = 64, layers: int = 2, base: int = 1 << 20, stride: int = BLOCK
+) -> KVRegions:
+    return KVRegions(
+        layer_names=tuple(f"layers.{i}" for i in range(layers)),
+        base_addrs=tuple(base + i * (1 << 16) for i in range(layers)),
+        block_len=BLOCK,
+        block_stride=stride,
+        num_blocks=num_blocks,
+        memory_type="DRAM",
+        device_id=0,
+    )
+
+
+def test_merge_example_from_the_docstring() -> None:
+    assert merge_runs([7, 8, 9, 3, 4], [20, 21, 22, 5, 9]) == [
+        BlockRun(7, 20, 3),
+        BlockRun(3, 5, 1),
+        BlockRun(4, 9, 1),
+    ]
+    assert merge_runs([], []) == []
+    with pytest.raises(ValueError, match="2 local vs 1 remote"):
+        merge_runs([1, 2], [1])
+
+
+pairs = st.lists(
+    st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=30
+) | st.builds(  # long contiguous stretches, the common case
+    lambda a, b, n: [(a + i, b + i) for i in range(n)],
+    st.integers(0, 10),
+    st.integers(0, 10),
+    st.integers(0, 20),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(pairs, max_size=4).map(lambda chunks: [p for c in chunks for p in c]))
+def test_merged_runs_cover_the_pairs_exactly_and_are_maximal(
+    pair_list: list[tuple[int, int]],
+) -> None:
+    local = [p[0] for p in pair_list]
+    remote = [p[1] for p in pair_list]
+    runs = merge_runs(local, remote)
+    expanded = [(r.local_start + i, r.remote_start + i) for r in runs for i in range(r.length)]
+    assert expanded == pair_list
+    assert all(r.length >= 1 for r in runs)
+    for a, b in itertools.pairwise(runs):
+        joinable = (
+            b.local_start == a.local_start + a.length
+            and b.remote_start == a.remote_start + a.length
+        )
+        assert not joinable
+
+
+def test_scattered_blocks_use_the_prepared_dlists() -> None:
+    local, remote = regions(), regions(num_blocks=32, base=1 << 30)
+    plan = plan_read(local, remote, [[0, 1]], [[5, 9]], [[2, 7]])
+    assert not plan.merged
+    assert plan.local_indices == [5, 9, 64 + 5, 64 + 9]
+    assert plan.remote_indices == [2, 7, 32 + 2, 32 + 7]
+    assert plan.num_bytes == 4 * BLOCK and plan.num_descs == 4
+
+
+def test_contiguous_blocks_become_one_descriptor_per_layer_and_run() -> None:
+    local, remote = regions(), regions(num_blocks=32, base=1 << 30)
+    plan = plan_read(local, remote, [[0, 1]], [[4, 5, 6, 9]], [[10, 11, 12, 3]])
+    assert plan.merged and plan.num_descs == 4  # 2 runs x 2 layers
+    assert plan.local_items[0] == (local.base_addrs[0] + 4 * BLOCK, 3 * BLOCK, 0)
+    assert plan.remote_items[0] == (remote.base_addrs[0] + 10 * BLOCK, 3 * BLOCK, 0)
+    assert plan.local_items[3] == (local.base_addrs[1] + 9 * BLOCK, BLOCK, 0)
+    assert sum(item[1] for item in plan.local_items) == plan.num_bytes == 8 * BLOCK
+    unmerged = plan_read(local, remote, [[0, 1]], [[4, 5, 6, 9]], [[10, 11, 12, 3]], merge=False)
+    assert not unmerged.merged and unmerged.num_descs == 8
+    assert unmerged.num_bytes == plan.num_bytes
+
+
+def test_padded_blocks_are_never_merged() -> None:
+    local = regions(stride=2 * BLOCK)
+    plan = plan_read(local, regions(stride=2 * BLOCK), [[0]], [[1, 2]], [[1, 2]])
+    assert not plan.merged and plan.num_descs == 2
+
+
+def test_groups_read_only_their_own_layers() -> None:
+    local, remote = regions(layers=3), regions(layers=3, base=1 << 30)
+    plan = plan_read(local, remote, [[0, 2], [1]], [[1], [2]], [[3], [4]])
+    assert plan.local_indices == [1, 2 * 64 + 1, 64 + 2]
+    assert plan.remote_indices == [3, 2 * 64 + 3, 64 + 4]
+
+
+def test_out_of_range_and_mismatched_plans_are_refused() -> None:
+    local, remote = regions(), regions(num_blocks=8)
+    with pytest.raises(ValueError, match="remote block id 8 outside 0..7"):
+        plan_read(local, remote, [[0, 1]], [[1]], [[8]])
+    with pytest.raises(ValueError, match="local block id 64"):
+        plan_read(local, remote, [[0, 1]], [[64]], [[1]])
+    with pytest.raises(ValueError, match="block length or layers"):
+        plan_read(local, regions(layers=1), [[0]], [[1]], [[1]])
+    with pytest.raises(ValueError, match="bad geometry"):
+        regions(stride=BLOCK - 1)

@@ -1,0 +1,390 @@
+"""NixlWorker on FakeNixlWrapper, with a real side channel on 127.0.0.1 and an injected clock."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from nixl_helpers import FakeClock, Node, config, kv_caches, make_node, spec, wait_for
+
+from kvbridge.config import ConfigError
+from kvbridge.nixl import stats as keys
+from kvbridge.nixl.metadata import (
+    NixlConnectorMetadata,
+    NixlWorkerMetadata,
+    RecvSpec,
+    SendSpec,
+    decode_notif,
+    encode_notif,
+)
+from kvbridge.nixl.transport import LiveCounts
+from kvbridge.nixl.worker import NixlWorker
+
+ZERO = LiveCounts(0, 0, 0, 0)
+LAYER_BLOCK_BYTES = spec().block_bytes_per_layer
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def nodes(clock: FakeClock, request: pytest.FixtureRequest) -> Iterator[tuple[Node, Node]]:
+    cycles = getattr(request, "param", 3)
+    producer = make_node("kv_producer", "prefill", clock)
+    consumer = make_node("kv_consumer", "decode", clock, cycles=cycles)
+    yield producer, consumer
+    for node in (consumer, producer):
+        node.worker.shutdown()
+        assert node.worker.leaked == ZERO
+
+
+def recv(
+    port: int | None,
+    rid: str = "d-1",
+    local: list[int] | None = None,
+    remote: list[int] | None = None,
+    **over: Any,
+) -> NixlConnectorMetadata:
+    spec_ = RecvSpec(
+        request_id=rid,
+        local_block_ids=(local or [2, 3, 4],),
+        remote_engine_id=over.pop("engine", "prefill"),
+        remote_host="127.0.0.1",
+        remote_port=port or 1,
+        remote_block_ids=(remote or [5, 6, 7],),
+        remote_request_id=over.pop("remote_rid", "p-1"),
+        **over,
+    )
+    return NixlConnectorMetadata(reqs_to_recv={rid: spec_})
+
+
+def send(rid: str = "p-1", blocks: int = 3) -> NixlConnectorMetadata:
+    return NixlConnectorMetadata(
+        reqs_to_send={
+            rid: SendSpec(
+                request_id=rid, num_blocks=blocks, lease_duration_s=30.0, abort_timeout_s=60.0
+            )
+        }
+    )
+
+
+def run_until(
+    node: Node, done: Any, finished: frozenset[str] = frozenset()
+) -> list[tuple[Any, ...]]:
+    """Step ``node`` (real time, for the background handshake) until ``done(results)``."""
+    results: list[tuple[Any, ...]] = []
+    wait_for(lambda: done(results), poll=lambda: results.append(node.step(finished=finished)))
+    return results
+
+
+def as_tuple(payload: bytes) -> tuple[str, list[str]]:
+    notif = decode_notif(payload)
+    return notif.kind, notif.request_ids
+
+
+def got_recving(rid: str) -> Any:
+    return lambda results: any(rid in r[1] for r in results)
+
+
+# -- consumer ----------------------------------------------------------------------------------
+def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
+    nodes: tuple[Node, Node],
+) -> None:
+    producer, consumer = nodes
+    first = consumer.step(recv(producer.worker.side_channel_port))
+    assert first == (frozenset(), frozenset(), set())
+    results = run_until(consumer, got_recving("d-1"))
+    fake = consumer.fake
+    assert len(fake.calls_to("check_xfer_state")) == 3 + 1  # 3 x PROC, then DONE
+    assert all(r[1] == frozenset() for r in results[:-1])
+    assert results[-1][2] == set()  # no load errors
+    ((op, _, local_idx, _, remote_idx, notif), _) = fake.calls_to("make_prepped_xfer")[0]
+    assert op == "READ" and local_idx == remote_idx == [0, 1]  # 3 contiguous blocks x 2 layers
+    (local_items, _), _ = fake.calls_to("get_xfer_descs")[-2]
+    base = consumer.cache["layers.0"].data_ptr()
+    assert local_items[0] == (base + 2 * LAYER_BLOCK_BYTES, 3 * LAYER_BLOCK_BYTES, 0)
+    assert as_tuple(notif) == ("done", ["p-1"])
+    assert ("fake-remote", notif) in fake.sent_notifs  # delivered with the completed READ
+    stats = consumer.worker.get_kv_connector_stats()
+    assert stats is not None
+    assert stats.data[keys.NUM_TRANSFERS] == 1
+    assert stats.data[keys.BYTES] == [6 * LAYER_BLOCK_BYTES]
+    assert stats.data[keys.NUM_DESCRIPTORS] == [2]
+    assert fake.num_live_xfer_handles == 0
+    assert fake.num_live_dlist_handles == 2  # the prepared local and remote per-block lists
+    consumer.worker.check_integrity()
+
+
+def test_scattered_blocks_read_through_the_prepared_lists(nodes: tuple[Node, Node]) -> None:
+    producer, consumer = nodes
+    consumer.step(recv(producer.worker.side_channel_port, local=[9, 2, 4], remote=[1, 8, 3]))
+    run_until(consumer, got_recving("d-1"))
+    ((_, _, local_idx, _, remote_idx, _), _) = consumer.fake.calls_to("make_prepped_xfer")[0]
+    n = spec().num_blocks
+    assert local_idx == [9, 2, 4, n + 9, n + 2, n + 4]
+    assert remote_idx == [1, 8, 3, n + 1, n + 8, n + 3]
+
+
+@pytest.mark.parametrize("on_post", [False, True])
+def test_err_marks_load_errors_and_finishes_receiving(
+    nodes: tuple[Node, Node], on_post: bool
+) -> None:
+    producer, consumer = nodes
+    consumer.fake.fail_next_xfers(1, on_post=on_post)
+    consumer.step(recv(producer.worker.side_channel_port))
+    results = run_until(consumer, got_recving("d-1"))
+    assert results[-1][2] == {2, 3, 4}
+    meta = consumer.worker.build_connector_worker_meta()
+    assert isinstance(meta, NixlWorkerMetadata) and "ERR" in meta.load_failures["d-1"]
+    stats = consumer.worker.get_kv_connector_stats()
+    assert stats is not None and stats.data[keys.FAILED_TRANSFERS] == 1
+    assert consumer.fake.num_live_xfer_handles == 0
+    released = [as_tuple(m) for _, m in consumer.fake.sent_notifs]
+    assert ("release", ["p-1"]) in released  # the producer may free at once
+    # The failed engine is detached once idle and handshaken afresh for the next request.
+    consumer.step(recv(producer.worker.side_channel_port, rid="d-2", remote_rid="p-2"))
+    run_until(consumer, got_recving("d-2"))
+    assert len(consumer.fake.calls_to("remove_remote_agent")) == 1
+    reg = producer.worker.registered
+    assert reg.listener is not None and reg.listener.num_served == 2
+
+
+def test_unreachable_producer_fails_the_load_not_the_engine(clock: FakeClock) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    consumer = make_node("kv_consumer", "decode", clock, transfer_timeout_s=0.3)
+    try:
+        consumer.step(recv(dead_port))
+        results = run_until(consumer, got_recving("d-1"))
+        assert results[-1][2] == {2, 3, 4}
+        meta = consumer.worker.build_connector_worker_meta()
+        assert isinstance(meta, NixlWorkerMetadata) and "handshake" in meta.load_failures["d-1"]
+    finally:
+        consumer.worker.shutdown()
+    assert consumer.worker.leaked == ZERO
+
+
+def test_incompatible_producer_is_refused_and_the_load_fails(clock: FakeClock) -> None:
+    producer = make_node("kv_producer", "prefill", clock, s=spec(head_dim=8))
+    consumer = make_node("kv_consumer", "decode", clock)
+    try:
+        consumer.step(recv(producer.worker.side_channel_port))
+        results = run_until(consumer, got_recving("d-1"))
+        assert results[-1][2] == {2, 3, 4}
+        meta = consumer.worker.build_connector_worker_meta()
+        assert isinstance(meta, NixlWorkerMetadata)
+        assert "compatibility hash mismatch" in meta.load_failures["d-1"]
+        assert consumer.fake.calls_to("add_remote_agent") == []
+    finally:
+        consumer.worker.shutdown()
+        producer.worker.shutdown()
+
+
+@pytest.mark.parametrize("nodes", [10_000], indirect=True)
+def test_stuck_read_times_out_sends_heartbeats_meanwhile_and_releases_its_handle(
+    nodes: tuple[Node, Node], clock: FakeClock
+) -> None:
+    producer, consumer = nodes
+    consumer.step(recv(producer.worker.side_channel_port))
+    wait_for(lambda: consumer.fake.num_live_xfer_handles == 1, poll=consumer.step)
+    beats = lambda: [m for _, m in consumer.fake.sent_notifs if decode_notif(m).kind == "heartbeat"]  # noqa: E731
+    assert len(beats()) == 1  # right after attaching
+    clock.advance(5.0)
+    consumer.step()
+    assert [as_tuple(m) for m in beats()] == [("heartbeat", ["p-1"])] * 2
+    clock.advance(25.5)
+    _, recving, errors = consumer.step()
+    assert recving == {"d-1"} and errors == {2, 3, 4}
+    assert consumer.fake.num_live_xfer_handles == 0
+
+
+def test_bad_remote_block_ids_fail_the_load(nodes: tuple[Node, Node]) -> None:
+    producer, consumer = nodes
+    consumer.step(recv(producer.worker.side_channel_port, remote=[5, 6, 99]))
+    results = run_until(consumer, got_recving("d-1"))
+    assert results[-1][2] == {2, 3, 4}
+    assert consumer.fake.calls_to("make_prepped_xfer") == []
+
+
+def test_scheduler_planned_failure_is_reported_at_once(nodes: tuple[Node, Node]) -> None:
+    _, consumer = nodes
+    assert consumer.step(recv(None, fail_reason="too few blocks")) == (
+        frozenset(),
+        frozenset({"d-1"}),
+        {2, 3, 4},
+    )
+
+
+@pytest.mark.parametrize("nodes", [10], indirect=True)
+def test_request_aborted_mid_read_is_reported_once_the_read_ends(
+    nodes: tuple[Node, Node],
+) -> None:
+    producer, consumer = nodes
+    consumer.step(recv(producer.worker.side_channel_port))
+    wait_for(lambda: consumer.fake.num_live_xfer_handles == 1, poll=consumer.step)
+    abort = NixlConnectorMetadata(reqs_aborted={"d-1": True})
+    sending, recving, errors = consumer.step(abort, finished=frozenset({"d-1"}))
+    assert (sending, recving, errors) == (frozenset(), frozenset(), set())  # READ still writing
+    results = run_until(consumer, got_recving("d-1"))
+    assert all(r[0] == frozenset() and r[2] == set() for r in results)  # no load errors
+    # An abort for a load that already ended is still answered (the engine waits for it).
+    late = NixlConnectorMetadata(reqs_aborted={"gone": True})
+    assert consumer.step(late)[1] == {"gone"}
+
+
+def test_abort_before_the_handshake_ends_at_once_and_preemption_stays_silent(
+    clock: FakeClock,
+) -> None:
+    consumer = make_node("kv_consumer", "decode", clock)
+    try:
+        consumer.step(recv(1, rid="d-1"))  # nobody listens on port 1: handshake pending
+        consumer.step(recv(1, rid="d-2"))
+        aborts = NixlConnectorMetadata(reqs_aborted={"d-1": True, "d-2": False})
+        assert consumer.step(aborts) == (frozenset(), frozenset({"d-1"}), set())
+        assert consumer.worker.num_inflight_loads == 0
+    finally:
+        consumer.worker.shutdown()
+    assert consumer.worker.leaked == ZERO
+
+
+# -- producer ----------------------------------------------------------------------------------
+def test_lease_lapses_without_heartbeats_and_counts_an_expiry(clock: FakeClock) -> None:
+    producer = make_node("kv_producer", "prefill", clock)
+    try:
+        assert producer.step(send(), finished=frozenset({"p-1"})) == (
+            frozenset(),
+            frozenset(),
+            set(),
+        )
+        assert producer.worker.leases.num_blocks_held == 3
+        clock.advance(29.9)
+        assert producer.step()[0] == frozenset()
+        clock.advance(0.2)
+        assert producer.step()[0] == {"p-1"}
+        stats = producer.worker.get_kv_connector_stats()
+        assert stats is not None and stats.data[keys.EXPIRED_REQS] == 1
+        assert producer.worker.leases.num_live == 0
+    finally:
+        producer.worker.shutdown()
+
+
+def test_heartbeats_renew_the_lease_up_to_the_hard_cap(clock: FakeClock) -> None:
+    producer = make_node("kv_producer", "prefill", clock)
+    try:
+        producer.step(send(), finished=frozenset({"p-1"}))
+        for _ in range(2):  # t = 20, 40: each beat moves expiry to beat + 30
+            clock.advance(20)
+            producer.fake.deliver_notif("decode", encode_notif("heartbeat", ["p-1"]))
+            assert producer.step()[0] == frozenset()
+        producer.worker.check_integrity()
+        clock.advance(19)  # t = 59: alive thanks to the beat at 40
+        assert producer.step()[0] == frozenset()
+        producer.fake.deliver_notif("decode", encode_notif("heartbeat", ["p-1"]))
+        assert producer.step()[0] == frozenset()
+        clock.advance(1.5)  # t = 60.5: past abort_timeout_s=60 whatever the beats say
+        assert producer.step()[0] == {"p-1"}
+    finally:
+        producer.worker.shutdown()
+
+
+def test_done_notification_frees_blocks_only_for_scheduler_finished_ids(clock: FakeClock) -> None:
+    producer = make_node("kv_producer", "prefill", clock)
+    try:
+        producer.step(send())
+        producer.fake.deliver_notif("decode", encode_notif("done", ["p-1"]))
+        assert producer.step()[0] == frozenset()  # the scheduler has not said it finished
+        assert producer.step(finished=frozenset({"p-1"}))[0] == {"p-1"}
+        # A completion that overtakes the SendSpec is kept and applied when the lease starts.
+        producer.fake.deliver_notif("decode", encode_notif("release", ["p-2"]))
+        assert producer.step()[0] == frozenset()
+        assert producer.step(send("p-2"), finished=frozenset({"p-2"}))[0] == {"p-2"}
+        stats = producer.worker.get_kv_connector_stats()
+        assert stats is not None and stats.data[keys.NOTIFICATIONS_RECEIVED] == 2
+        assert keys.EXPIRED_REQS not in stats.data
+    finally:
+        producer.worker.shutdown()
+
+
+def test_garbage_notifications_are_counted_and_dropped(clock: FakeClock) -> None:
+    producer = make_node("kv_producer", "prefill", clock)
+    try:
+        producer.step(send(), finished=frozenset({"p-1"}))
+        producer.fake.deliver_notif("x", b"\xc1\x00junk")
+        producer.fake.deliver_notif("x", encode_notif("done", ["p-1"]))
+        assert producer.step()[0] == {"p-1"}
+        stats = producer.worker.get_kv_connector_stats()
+        assert stats is not None and stats.data[keys.FAILED_NOTIFICATIONS] == 1
+    finally:
+        producer.worker.shutdown()
+
+
+def test_worker_announces_its_side_channel_once(clock: FakeClock) -> None:
+    producer = make_node("kv_producer", "prefill", clock)
+    try:
+        meta = producer.worker.build_connector_worker_meta()
+        assert isinstance(meta, NixlWorkerMetadata)
+        assert meta.side_channel_port == producer.worker.side_channel_port != 0
+        assert producer.worker.build_connector_worker_meta() is None
+        md = producer.worker.get_handshake_metadata()
+        assert md is not None and md.kv_base_addrs[1] == producer.cache["layers.1"].data_ptr()
+    finally:
+        producer.worker.shutdown()
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("nodes", [10_000], indirect=True)
+def test_shutdown_mid_flight_releases_everything_and_stops_threads(
+    nodes: tuple[Node, Node],
+) -> None:
+    producer, consumer = nodes
+    consumer.step(recv(producer.worker.side_channel_port))
+    wait_for(lambda: consumer.fake.num_live_xfer_handles == 1, poll=consumer.step)
+    producer.step(send(), finished=frozenset({"p-1"}))
+    consumer.worker.shutdown()
+    producer.worker.shutdown()
+    consumer.worker.shutdown()  # idempotent
+    assert consumer.worker.leaked == producer.worker.leaked == ZERO
+    names = [t.name for t in threading.enumerate()]
+    assert not [n for n in names if n.startswith(("kvbridge-handshake", "kvbridge-nixl-side"))]
+
+
+def test_host_staged_mode_is_refused_for_now() -> None:
+    cfg = config("kv_both", "e").to_dict() | {"kv_buffer_device": "cpu"}
+    from kvbridge.config import TransferConfig
+
+    with pytest.raises(ConfigError, match="^kv_buffer_device: 'cpu'.*not supported yet"):
+        NixlWorker(TransferConfig.from_dict(cfg), spec())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.pop("layers.1"), r"layers \['layers.1'\] missing"),
+        (
+            lambda c: c.update({"layers.9": torch.zeros(1)}),
+            r"layers \['layers.9'\] not in the cache",
+        ),
+        (
+            lambda c: c.update({"layers.0": torch.zeros(16, 2, 4, 2, 4, dtype=torch.float16)}),
+            "float16",
+        ),
+        (
+            lambda c: c.update({"layers.0": torch.zeros(16, 2, 4, 4, 2).transpose(3, 4)}),
+            "contiguous",
+        ),
+    ],
+)
+def test_kv_caches_must_match_the_declared_spec(mutate: Any, message: str) -> None:
+    worker = NixlWorker(config("kv_both", "e"), spec())
+    caches = kv_caches(spec())
+    mutate(caches)
+    with pytest.raises(ConfigError, match=message):
+        worker.register_kv_caches(caches)
+    worker.shutdown()

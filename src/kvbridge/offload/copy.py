@@ -1,0 +1,127 @@
+"""Copy backends: the interface, run planning, and a registry with lazy imports.
+
+A backend moves whole blocks between the engine's per-layer KV tensors ("GPU" side, even on
+a CPU-only machine) and the CPU pool, a few tensor ops per batch (per run of consecutive
+block ids and layer), never one op per block when ids are consecutive.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
+
+# name -> "module:Class"; imported only when that backend is built.
+_BACKENDS: dict[str, str] = {
+    "cpu": "kvbridge.offload.cpu_copy:CPUCopyBackend",
+    "cuda": "kvbridge.offload.cuda_copy:CUDACopyBackend",
+}
+
+
+class CopyPlan(NamedTuple):
+    """Block pairs sorted by the ``keyed`` side, split into runs of consecutive keyed ids.
+
+    ``runs`` holds ``(offset, length)`` into the two lists; within a run
+    ``keyed[offset + i] == keyed[offset] + i``.
+    """
+
+    keyed: list[int]
+    other: list[int]
+    runs: list[tuple[int, int]]
+
+
+def plan_runs(keyed: Sequence[int], other: Sequence[int]) -> CopyPlan:
+    """Sort the pairs ``(keyed[i], other[i])`` by ``keyed`` and find its consecutive runs."""
+    if len(keyed) != len(other):
+        raise ValueError(f"plan_runs: {len(keyed)} keyed ids but {len(other)} other ids")
+    pairs = sorted(zip(keyed, other))
+    keys = [k for k, _ in pairs]
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[i - 1] + 1:
+            runs.append((start, i - start))
+            start = i
+    return CopyPlan(keys, [o for _, o in pairs], runs if keys else [])
+
+
+class CopyHandle(ABC):
+    """One launched batch of copies."""
+
+    @abstractmethod
+    def done(self) -> bool:
+        """Whether the copies finished; raises if they failed."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Block until the copies finished; raises if they failed."""
+
+
+class DoneHandle(CopyHandle):
+    """A batch that completed synchronously."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
+class CopyBackend(ABC):
+    """Runs in a worker; copies KV blocks between the engine's cache and the CPU pool.
+
+    Both sides are per-layer tensors ``[num_blocks, ...]`` with one block contiguous per layer;
+    layer ``i`` of one side pairs with layer ``i`` of the other. Copies are ordered after the
+    work already queued on the cache (the forward that wrote a stored block, the last reader of
+    a loaded one); the caller keeps the blocks of a batch alive until its handle is done.
+    """
+
+    def __init__(self, gpu_layers: Sequence[torch.Tensor], cpu_layers: Sequence[torch.Tensor]):
+        if len(gpu_layers) != len(cpu_layers) or not gpu_layers:
+            raise ValueError(
+                f"{type(self).__name__}: {len(gpu_layers)} cache layers but "
+                f"{len(cpu_layers)} CPU layers"
+            )
+        self.gpu_layers = list(gpu_layers)
+        self.cpu_layers = list(cpu_layers)
+
+    @classmethod
+    @abstractmethod
+    def allocate_cpu_layers(
+        cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int
+    ) -> list[torch.Tensor]:
+        """CPU pool tensors mirroring ``gpu_layers`` with ``num_cpu_blocks`` blocks each."""
+
+    @abstractmethod
+    def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
+        """Copy cache blocks ``gpu_ids[i]`` into CPU blocks ``cpu_ids[i]``."""
+
+    @abstractmethod
+    def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
+        """Copy CPU blocks ``cpu_ids[i]`` into cache blocks ``gpu_ids[i]``."""
+
+    def shutdown(self) -> None:  # noqa: B027
+        """Release streams and staging memory. Idempotent."""
+
+
+def copy_backend_class(name: str) -> type[CopyBackend]:
+    """The backend registered as ``name`` (``"cpu"`` or ``"cuda"``), imported on first use."""
+    if name not in _BACKENDS:
+        raise ValueError(f"copy backend {name!r} is not one of {', '.join(sorted(_BACKENDS))}")
+    module_name, class_name = _BACKENDS[name].split(":")
+    cls: type[CopyBackend] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def backend_name_for(device_type: str) -> str:
+    """Backend for KV tensors on ``device_type`` (``tensor.device.type``)."""
+    if device_type not in _BACKENDS:
+        raise ValueError(
+            f"SimpleCPUOffloadConnector: no copy backend for KV caches on {device_type!r}; "
+            f"supported: {', '.join(sorted(_BACKENDS))}"
+        )
+    return device_type

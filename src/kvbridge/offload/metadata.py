@@ -1,0 +1,50 @@
+"""Wire types between the offload scheduler and its workers (msgspec, no torch)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvbridge.connector.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+
+class TransferJob(msgspec.Struct, frozen=True, kw_only=True):
+    """One request's blocks to move this step: ``gpu_block_ids[i]`` <-> ``cpu_block_ids[i]``."""
+
+    job_id: int
+    req_id: str
+    gpu_block_ids: list[int]
+    cpu_block_ids: list[int]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.gpu_block_ids)
+
+
+class CPUOffloadMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step.
+
+    ``loads`` run CPU -> GPU in ``start_load_kv``; ``stores`` run GPU -> CPU after the forward.
+    ``report_when_done`` lists finished requests whose blocks the engine keeps until the worker
+    reports them in ``finished_sending`` once none of their jobs is in flight.
+    """
+
+    loads: list[TransferJob] = msgspec.field(default_factory=list)
+    stores: list[TransferJob] = msgspec.field(default_factory=list)
+    report_when_done: list[str] = msgspec.field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.loads or self.stores or self.report_when_done)
+
+
+class CPUOffloadWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: job ids that completed or failed since the last step."""
+
+    completed_loads: list[int] = msgspec.field(default_factory=list)
+    failed_loads: list[int] = msgspec.field(default_factory=list)
+    completed_stores: list[int] = msgspec.field(default_factory=list)
+    failed_stores: list[int] = msgspec.field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (
+            self.completed_loads or self.failed_loads or self.completed_stores or self.failed_stores
+        )

@@ -1,0 +1,206 @@
+"""CPUBlockPool: which CPU block holds which block hash, in LRU order, with ref-count pins."""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from kvbridge.connector.types import BlockRemoved, BlockStored, KVCacheEvent, Medium
+
+
+class StorePlan(NamedTuple):
+    """Answer of ``prepare_store``: which of the asked hashes got a CPU block to write."""
+
+    indices: list[int]  # positions in the asked hashes that will be stored
+    block_ids: list[int]  # CPU block for each of those positions
+    num_cached: int  # already on the CPU tier
+    num_in_flight: int  # an earlier store is writing them
+    num_dropped: int  # no free block and nothing evictable
+    num_evicted: int
+
+
+class CPUBlockPool:
+    """Runs in the scheduler; owns the CPU block ids, their hashes, LRU order and pins.
+
+    A block is *free*, *storing* (reserved by ``prepare_store`` until ``complete_store``) or
+    *cached* (indexed by hash). Cached blocks with no pin sit in the LRU and may be evicted;
+    ``prepare_load`` pins cached blocks until ``complete_load``. ``complete_x(success=False)``
+    rolls back: a failed store frees its blocks, a failed or cancelled load drops its pins.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"CPUBlockPool: num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: list[int] = list(range(num_blocks))  # min-heap: low ids first, runs stay long
+        self._hash_of: list[bytes | None] = [None] * num_blocks  # block id -> hash
+        self._refs: list[int] = [0] * num_blocks  # block id -> pins
+        self._cached: dict[bytes, int] = {}  # hash -> block id, stored and readable
+        self._storing: dict[bytes, int] = {}  # hash -> block id, store in flight
+        self._lru: OrderedDict[int, None] = OrderedDict()  # unpinned cached ids, oldest first
+        self._events: list[KVCacheEvent] = []
+
+    # -- gauges ---------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    @property
+    def num_storing(self) -> int:
+        return len(self._storing)
+
+    @property
+    def num_pinned(self) -> int:
+        return len(self._cached) - len(self._lru)
+
+    @property
+    def num_pins(self) -> int:
+        """Pins held over all blocks (a block loaded by two requests counts twice)."""
+        return sum(self._refs)
+
+    def is_cached(self, block_hash: bytes) -> bool:
+        return block_hash in self._cached
+
+    def is_storing(self, block_hash: bytes) -> bool:
+        return block_hash in self._storing
+
+    # -- load -----------------------------------------------------------------------------
+    def lookup(self, hashes: Sequence[bytes]) -> int:
+        """Number of consecutive cached hashes from the start of ``hashes``."""
+        n = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n
+
+    def prepare_load(self, hashes: Sequence[bytes]) -> list[int]:
+        """Pin the cached blocks of ``hashes`` (all must be cached); returns their block ids."""
+        missing = [h for h in hashes if h not in self._cached]
+        if missing:
+            raise KeyError(f"CPUBlockPool.prepare_load: {len(missing)} hash(es) not cached")
+        ids = [self._cached[h] for h in hashes]
+        for b in ids:
+            self._refs[b] += 1
+            self._lru.pop(b, None)
+        return ids
+
+    def complete_load(self, block_ids: Sequence[int], success: bool) -> None:
+        """Drop the pins of a finished, failed or cancelled load; unpinned blocks become MRU."""
+        for b in block_ids:
+            if self._refs[b] <= 0:
+                raise RuntimeError(f"CPUBlockPool.complete_load: block {b} is not pinned")
+        for b in block_ids:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._lru[b] = None
+
+    # -- store ----------------------------------------------------------------------------
+    def prepare_store(self, hashes: Sequence[bytes]) -> StorePlan:
+        """Reserve a block for each hash neither cached nor in flight, evicting LRU blocks."""
+        indices: list[int] = []
+        ids: list[int] = []
+        cached = in_flight = dropped = 0
+        evicted: list[bytes] = []
+        for i, h in enumerate(hashes):
+            hit = self._cached.get(h)
+            if hit is not None:
+                cached += 1
+                if hit in self._lru:
+                    self._lru.move_to_end(hit)
+                continue
+            if h in self._storing:
+                in_flight += 1
+                continue
+            block = self._allocate(evicted)
+            if block is None:
+                dropped += 1
+                continue
+            self._hash_of[block] = h
+            self._storing[h] = block
+            indices.append(i)
+            ids.append(block)
+        if evicted:
+            self._events.append(BlockRemoved(tuple(evicted), Medium.CPU))
+        return StorePlan(indices, ids, cached, in_flight, dropped, len(evicted))
+
+    def complete_store(self, block_ids: Sequence[int], success: bool) -> None:
+        """Index the written blocks (success) or give them back to the free list (failure)."""
+        stored: list[bytes] = []
+        for b in block_ids:
+            h = self._hash_of[b]
+            if h is None or self._storing.get(h) != b:
+                raise RuntimeError(f"CPUBlockPool.complete_store: block {b} is not being stored")
+            del self._storing[h]
+            if success:
+                self._cached[h] = b
+                self._lru[b] = None
+                stored.append(h)
+            else:
+                self._hash_of[b] = None
+                heapq.heappush(self._free, b)
+        if stored:
+            self._events.append(BlockStored(tuple(stored), Medium.CPU, self.block_size))
+
+    def _allocate(self, evicted: list[bytes]) -> int | None:
+        if self._free:
+            return heapq.heappop(self._free)
+        if not self._lru:
+            return None
+        block, _ = self._lru.popitem(last=False)
+        h = self._hash_of[block]
+        if h is not None:
+            del self._cached[h]
+            evicted.append(h)
+        return block
+
+    # -- events and checks ----------------------------------------------------------------
+    def take_events(self) -> list[KVCacheEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def check_integrity(self) -> None:
+        """Raise ``RuntimeError`` if the free / storing / cached partition or pins are broken."""
+        seen: dict[int, str] = {}
+
+        def claim(block: int, state: str) -> None:
+            if not 0 <= block < self.num_blocks:
+                raise RuntimeError(f"CPUBlockPool integrity: {state} block {block} out of range")
+            if block in seen:
+                raise RuntimeError(
+                    f"CPUBlockPool integrity: block {block} is both {seen[block]} and {state}"
+                )
+            seen[block] = state
+
+        for b in self._free:
+            claim(b, "free")
+            if self._hash_of[b] is not None or self._refs[b]:
+                raise RuntimeError(f"CPUBlockPool integrity: free block {b} has a hash or pins")
+        for table, state in ((self._storing, "storing"), (self._cached, "cached")):
+            for h, b in table.items():
+                claim(b, state)
+                if self._hash_of[b] != h:
+                    raise RuntimeError(f"CPUBlockPool integrity: {state} block {b} hash mismatch")
+        for b in range(self.num_blocks):
+            if b not in seen:
+                raise RuntimeError(f"CPUBlockPool integrity: block {b} is in no state (leaked)")
+            pinned = self._refs[b] > 0
+            if self._refs[b] < 0:
+                raise RuntimeError(f"CPUBlockPool integrity: block {b} has negative pins")
+            if seen[b] == "storing" and pinned:
+                raise RuntimeError(f"CPUBlockPool integrity: storing block {b} is pinned")
+            if seen[b] == "cached" and pinned == (b in self._lru):
+                raise RuntimeError(
+                    f"CPUBlockPool integrity: cached block {b} pinned={pinned} but "
+                    f"in_lru={b in self._lru}"
+                )
+        stray = [b for b in self._lru if seen.get(b) != "cached"]
+        if stray:
+            raise RuntimeError(f"CPUBlockPool integrity: LRU holds non-cached blocks {stray}")

@@ -1,0 +1,226 @@
+"""CPUOffloadWorker: runs the scheduler's copy plans against the registered KV tensors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvbridge.config import ConfigError, TransferConfig
+from kvbridge.connector.base import KVConnectorMetadata, KVConnectorWorker
+from kvbridge.connector.stats import KVConnectorStats
+from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
+from kvbridge.offload.config import parse_offload_config
+from kvbridge.offload.copy import CopyBackend, CopyHandle, backend_name_for, copy_backend_class
+from kvbridge.offload.metadata import CPUOffloadMetadata, CPUOffloadWorkerMetadata, TransferJob
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    """All loads or all stores of one step, launched together."""
+
+    is_load: bool
+    jobs: list[TransferJob]
+    handle: CopyHandle | None  # None: the launch itself failed
+    started: float
+    nbytes: int
+
+
+class CPUOffloadWorker(KVConnectorWorker):
+    """Runs in a worker; owns the CPU pool tensors, the copy backend and in-flight batches.
+
+    Loads launch in ``start_load_kv`` and stores in ``wait_for_save`` (after the forward);
+    both complete asynchronously and are polled in ``get_finished``. A finished load reports
+    its request in ``finished_recving`` (failed blocks in ``get_block_ids_with_load_errors``).
+    A request the scheduler listed in ``report_when_done`` is reported once in
+    ``finished_sending`` when none of its stores is in flight.
+    """
+
+    def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
+        super().__init__(config, cache_spec)
+        self.offload = parse_offload_config(config, cache_spec)
+        self.backend: CopyBackend | None = None
+        self._block_bytes = 0  # one block over all layers of this worker
+        self._inflight: list[_Batch] = []
+        self._req_stores: dict[str, set[int]] = {}  # req id -> launched or pending store ids
+        self._report_when_done: set[str] = set()
+        self._pending_loads: list[TransferJob] = []  # bound this step, not launched yet
+        self._pending_stores: list[TransferJob] = []
+        self._recving: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._done = CPUOffloadWorkerMetadata()
+        self._stats = KVConnectorStats()
+
+    # -- start-up -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self.backend is not None:
+            raise RuntimeError("CPUOffloadWorker: register_kv_caches called twice")
+        spec = self.cache_spec
+        want = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        if not kv_caches:
+            raise ValueError("CPUOffloadWorker: no KV cache layers registered")
+        for name, tensor in kv_caches.items():
+            if tuple(tensor.shape) != want or not tensor.is_contiguous():
+                raise ValueError(
+                    f"CPUOffloadWorker: layer {name!r} has shape {tuple(tensor.shape)}, expected "
+                    f"a contiguous {want} ([num_blocks, 2, block_size, num_kv_heads, head_dim])"
+                )
+        layers = list(kv_caches.values())
+        first = layers[0]
+        if any(t.dtype != first.dtype or t.device != first.device for t in layers):
+            raise ValueError("CPUOffloadWorker: all KV cache layers must share dtype and device")
+        cls = copy_backend_class(backend_name_for(first.device.type))
+        try:
+            cpu_layers = cls.allocate_cpu_layers(layers, self.offload.num_cpu_blocks)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"kv_connector_extra_config.cpu_bytes_to_use: cannot allocate "
+                f"{self.offload.num_cpu_blocks} CPU blocks ({e}); lower it"
+            ) from e
+        self.backend = cls(layers, cpu_layers)
+        self._block_bytes = first[0].numel() * first.element_size() * len(layers)
+        logger.info(
+            "CPU offload: %d blocks (%.2f GiB) for %d layers, %s copy backend",
+            self.offload.num_cpu_blocks,
+            self.offload.num_cpu_blocks * self._block_bytes / 2**30,
+            len(layers),
+            type(self.backend).__name__,
+        )
+
+    # -- per step -------------------------------------------------------------------------
+    def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
+        if not isinstance(metadata, CPUOffloadMetadata):
+            raise TypeError(
+                f"CPUOffloadWorker: expected CPUOffloadMetadata, got {type(metadata).__name__}"
+            )
+        super().bind_connector_metadata(metadata)
+        self._report_when_done.update(metadata.report_when_done)
+        self._pending_loads = list(metadata.loads)
+        self._pending_stores = list(metadata.stores)
+        for job in metadata.stores:
+            self._req_stores.setdefault(job.req_id, set()).add(job.job_id)
+
+    def start_load_kv(self) -> None:
+        self._launch_pending(loads=True, stores=False)
+
+    def wait_for_save(self) -> None:
+        self._launch_pending(loads=True, stores=True)
+
+    def get_finished(self, finished_req_ids: frozenset[str]) -> FinishedTransfers:
+        self._launch_pending(loads=True, stores=True)
+        self._poll()
+        sending = {r for r in self._report_when_done if not self._req_stores.get(r)}
+        self._report_when_done -= sending
+        recving, self._recving = self._recving, set()
+        return FinishedTransfers(frozenset(sending), frozenset(recving))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def build_connector_worker_meta(self) -> CPUOffloadWorkerMetadata | None:
+        if self._done.is_empty():
+            return None
+        done, self._done = self._done, CPUOffloadWorkerMetadata()
+        return done
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._stats.take()
+
+    def shutdown(self) -> None:
+        for batch in self._inflight:
+            if batch.handle is not None:
+                try:
+                    batch.handle.wait()
+                except Exception:
+                    logger.exception("CPU offload: copy failed during shutdown")
+        self._inflight = []
+        if self.backend is not None:
+            self.backend.shutdown()
+            self.backend = None
+
+    @property
+    def num_inflight_jobs(self) -> int:
+        return sum(len(b.jobs) for b in self._inflight)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _launch_pending(self, *, loads: bool, stores: bool) -> None:
+        if loads and self._pending_loads:
+            jobs, self._pending_loads = self._pending_loads, []
+            self._launch(jobs, is_load=True)
+        if stores and self._pending_stores:
+            jobs, self._pending_stores = self._pending_stores, []
+            self._launch(jobs, is_load=False)
+
+    def _launch(self, jobs: list[TransferJob], *, is_load: bool) -> None:
+        gpu_ids = [b for job in jobs for b in job.gpu_block_ids]
+        cpu_ids = [b for job in jobs for b in job.cpu_block_ids]
+        started = time.perf_counter()
+        handle: CopyHandle | None = None
+        try:
+            if self.backend is None:
+                raise RuntimeError("CPUOffloadWorker: register_kv_caches was not called")
+            if is_load:
+                handle = self.backend.load(cpu_ids, gpu_ids)
+            else:
+                handle = self.backend.store(gpu_ids, cpu_ids)
+        except Exception:
+            logger.exception(
+                "CPU offload: launching %d %s job(s) failed", len(jobs), _kind(is_load)
+            )
+        batch = _Batch(is_load, jobs, handle, started, len(gpu_ids) * self._block_bytes)
+        if handle is None:
+            self._finish(batch, ok=False)
+        else:
+            self._inflight.append(batch)
+
+    def _poll(self) -> None:
+        pending: list[_Batch] = []
+        for batch in self._inflight:
+            if batch.handle is None:  # never queued: failed launches finish at once
+                continue
+            try:
+                done = batch.handle.done()
+            except Exception:
+                logger.exception("CPU offload: %s copy failed", _kind(batch.is_load))
+                self._finish(batch, ok=False)
+                continue
+            if done:
+                self._finish(batch, ok=True)
+            else:
+                pending.append(batch)
+        self._inflight = pending
+
+    def _finish(self, batch: _Batch, *, ok: bool) -> None:
+        ids = [job.job_id for job in batch.jobs]
+        if batch.is_load:
+            (self._done.completed_loads if ok else self._done.failed_loads).extend(ids)
+        else:
+            (self._done.completed_stores if ok else self._done.failed_stores).extend(ids)
+        for job in batch.jobs:
+            if batch.is_load:
+                self._recving.add(job.req_id)
+                if not ok:
+                    self._load_errors.update(job.gpu_block_ids)
+                continue
+            stores = self._req_stores.get(job.req_id)
+            if stores is not None:
+                stores.discard(job.job_id)
+                if not stores:
+                    del self._req_stores[job.req_id]
+        direction = "cpu_to_gpu" if batch.is_load else "gpu_to_cpu"
+        if ok:
+            self._stats.incr(f"{direction}_bytes", batch.nbytes)
+            self._stats.observe(f"{direction}_time_s", time.perf_counter() - batch.started)
+        else:
+            self._stats.incr(f"{direction}_failed_jobs", len(batch.jobs))
+
+
+def _kind(is_load: bool) -> str:
+    return "load" if is_load else "store"

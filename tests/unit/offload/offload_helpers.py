@@ -1,0 +1,126 @@
+"""Builders and a two-halves driver shared by the CPU offload tests (no engine)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvbridge.config import TransferConfig
+from kvbridge.connector.base import ConnectorOutput, KVConnectorScheduler, KVConnectorWorker
+from kvbridge.connector.types import (
+    KVCacheSpec,
+    ScheduledRequest,
+    SchedulerStep,
+    SimpleRequest,
+)
+from kvbridge.offload.scheduler import CPUOffloadScheduler
+
+BLOCK_SIZE = 4
+
+
+def spec(num_blocks: int = 16, num_layers: int = 2, **kw: Any) -> KVCacheSpec:
+    values: dict[str, Any] = {
+        "block_size": BLOCK_SIZE,
+        "num_blocks": num_blocks,
+        "num_layers": num_layers,
+        "num_kv_heads": 2,
+        "head_dim": 8,
+        "dtype": "float32",
+    }
+    values.update(kw)
+    return KVCacheSpec(**values)
+
+
+def config(**extra: Any) -> TransferConfig:
+    extra.setdefault("num_cpu_blocks", 8)
+    return TransferConfig(kv_connector="SimpleCPUOffloadConnector", kv_connector_extra_config=extra)
+
+
+def block_hashes(tokens: list[int], block_size: int = BLOCK_SIZE) -> list[bytes]:
+    """Chained hash of every full block (what an engine with prefix caching provides)."""
+    out: list[bytes] = []
+    prev = b""
+    for i in range(len(tokens) // block_size):
+        chunk = tokens[i * block_size : (i + 1) * block_size]
+        prev = hashlib.sha256(prev + repr(chunk).encode()).digest()
+        out.append(prev)
+    return out
+
+
+def request(req_id: str, tokens: list[int], output: list[int] | None = None) -> SimpleRequest:
+    req = SimpleRequest(request_id=req_id, prompt_token_ids=list(tokens))
+    req.output_token_ids = list(output or [])
+    req.block_hashes = block_hashes(req.all_token_ids)
+    return req
+
+
+def scheduled(
+    req: SimpleRequest, blocks: list[int], num_computed: int, num_scheduled: int
+) -> ScheduledRequest:
+    return ScheduledRequest(req, (list(blocks),), num_computed, num_scheduled)
+
+
+class Driver:
+    """Runs scheduler and worker halves step by step the way an engine would (SPEC §1)."""
+
+    def __init__(
+        self,
+        sched: KVConnectorScheduler,
+        worker: KVConnectorWorker | None = None,
+        check: Callable[[], None] | None = None,
+    ):
+        self.sched = sched
+        self.worker = worker
+        self.check: Callable[[], None] = _nothing
+        if check is not None:
+            self.check = check
+        elif isinstance(sched, CPUOffloadScheduler):
+            self.check = sched.check_integrity
+        self.step_id = 0
+        self.metas: list[Any] = []
+
+    def step(
+        self,
+        *sched_reqs: ScheduledRequest,
+        preempted: frozenset[str] = frozenset(),
+        worker_output: ConnectorOutput | None = None,
+    ) -> ConnectorOutput:
+        meta = self.sched.build_connector_meta(
+            SchedulerStep(self.step_id, tuple(sched_reqs), preempted_req_ids=preempted)
+        )
+        self.step_id += 1
+        self.metas.append(meta)
+        self.check()
+        if self.worker is None:
+            output = worker_output or ConnectorOutput()
+        else:
+            w = self.worker
+            w.bind_connector_metadata(meta)
+            w.start_load_kv()
+            w.wait_for_save()
+            sending, recving = w.get_finished(frozenset())
+            errors = w.get_block_ids_with_load_errors()
+            output = ConnectorOutput(
+                finished_sending=sending,
+                finished_recving=recving,
+                invalid_block_ids=frozenset(errors),
+                worker_meta=w.build_connector_worker_meta(),
+                stats=w.get_kv_connector_stats(),
+            )
+            w.clear_connector_metadata()
+        self.sched.update_connector_output(output)
+        self.check()
+        return output
+
+
+def kv_caches(s: KVCacheSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (s.num_blocks, 2, s.block_size, s.num_kv_heads, s.head_dim)
+    return {f"layers.{i}": torch.randn(shape, generator=gen) for i in range(s.num_layers)}
+
+
+def _nothing() -> None:
+    return None

@@ -1,0 +1,119 @@
+"""Offload config parsing and CPU pool sizing: every error names its key."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from offload_helpers import config, spec
+
+from kvbridge.config import ConfigError
+from kvbridge.connector.base import KVConnectorRole
+from kvbridge.connector.factory import create_connector
+from kvbridge.connector.types import KVCacheGroupSpec, KVCacheLayout
+from kvbridge.offload.config import derive_cpu_config, parse_offload_config, warn_if_churning
+from kvbridge.offload.scheduler import CPUOffloadScheduler
+
+
+def test_cpu_blocks_scale_with_bytes_and_split_by_world_size() -> None:
+    s = spec(num_blocks=16)
+    gpu_bytes = s.num_blocks * s.block_bytes
+    assert derive_cpu_config(s, cpu_bytes_to_use=2 * gpu_bytes).num_cpu_blocks == 32
+    s2 = spec(num_blocks=16, world_size=4)
+    size = derive_cpu_config(s2, cpu_bytes_to_use=2 * gpu_bytes)
+    assert size.num_cpu_blocks == 8 and size.total_bytes == 8 * s.block_bytes
+
+
+def test_explicit_num_cpu_blocks_must_fit_capacity() -> None:
+    s = spec(num_blocks=16)
+    cap = 3 * s.block_bytes
+    assert derive_cpu_config(s, cpu_bytes_to_use=cap, num_cpu_blocks=2).num_cpu_blocks == 2
+    for bad in (0, 4):
+        with pytest.raises(ConfigError, match=r"num_cpu_blocks: .* outside 1\.\.3"):
+            derive_cpu_config(s, cpu_bytes_to_use=cap, num_cpu_blocks=bad)
+    with pytest.raises(ConfigError, match="num_cpu_blocks"):
+        derive_cpu_config(s, num_cpu_blocks=11, host_bytes=10 * s.block_bytes)
+
+
+def test_pool_sizing_errors_name_the_key() -> None:
+    s = spec()
+    with pytest.raises(ConfigError, match="cpu_bytes_to_use: required"):
+        derive_cpu_config(s)
+    with pytest.raises(ConfigError, match="cpu_bytes_to_use: .* holds no block"):
+        derive_cpu_config(s, cpu_bytes_to_use=s.block_bytes - 1)
+    with pytest.raises(ConfigError, match="cpu_bytes_to_use: must be > 0"):
+        derive_cpu_config(s, cpu_bytes_to_use=-1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ({"lazy_offload": True}, "lazy_offload: not supported yet"),
+        ({"block_size": 16}, "block_size: 16 differs"),
+        ({"cpu_byte_to_use": 10}, "cpu_byte_to_use: unknown key"),
+        ({"num_cpu_blocks": True}, "num_cpu_blocks: expected a number"),
+        ({"store_decode_blocks": "yes"}, "store_decode_blocks: expected bool"),
+    ],
+)
+def test_bad_extra_config_names_the_key(extra: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse_offload_config(config(**extra), spec())
+
+
+def test_parse_accepts_vllm_keys() -> None:
+    s = spec()
+    parsed = parse_offload_config(
+        config(cpu_bytes_to_use=1e6, num_cpu_blocks=None, lazy_offload=False, block_size=4), s
+    )
+    assert parsed.num_cpu_blocks == int(1e6) // s.block_bytes
+    assert not parsed.store_decode_blocks
+
+
+def test_small_pool_warns_that_it_churns(caplog: pytest.LogCaptureFixture) -> None:
+    s = spec(num_blocks=16)
+    with caplog.at_level(logging.WARNING, logger="kvbridge.offload.config"):
+        CPUOffloadScheduler(config(num_cpu_blocks=8), s)
+    assert "mostly churns" in caplog.text
+    assert not warn_if_churning(parse_offload_config(config(num_cpu_blocks=16), s), s)
+
+
+def test_factory_refuses_kv_first_layout_and_hybrid_caches() -> None:
+    with pytest.raises(ConfigError, match="needs KV layout 'blocks_first'"):
+        create_connector(config(), KVConnectorRole.SCHEDULER, spec(layout=KVCacheLayout.KV_FIRST))
+    groups = (
+        KVCacheGroupSpec("full", ("layers.0",)),
+        KVCacheGroupSpec("swa", ("layers.1",), "sliding_window", 8),
+    )
+    with pytest.raises(ConfigError, match="does not support hybrid"):
+        create_connector(config(), KVConnectorRole.SCHEDULER, spec(groups=groups))
+
+
+def test_scheduler_half_imports_and_builds_without_torch() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None
+        from kvbridge.config import TransferConfig
+        from kvbridge.connector.base import KVConnectorRole
+        from kvbridge.connector.factory import create_connector
+        from kvbridge.connector.types import KVCacheSpec
+        import kvbridge.offload.config, kvbridge.offload.pool, kvbridge.offload.metadata
+        import kvbridge.offload.scheduler, kvbridge.offload.copy, kvbridge.offload.connector
+        cfg = TransferConfig(
+            kv_connector="SimpleCPUOffloadConnector",
+            kv_connector_extra_config={"num_cpu_blocks": 4},
+        )
+        spec = KVCacheSpec(block_size=4, num_blocks=4, num_layers=1, num_kv_heads=1,
+                           head_dim=4, dtype="bfloat16")
+        half = create_connector(cfg, KVConnectorRole.SCHEDULER, spec)
+        print(type(half).__name__, "torch" in sys.modules and sys.modules["torch"] is not None)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["CPUOffloadScheduler", "False"]

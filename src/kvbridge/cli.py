@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks, each with a same-run baseline")
-    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    sub.add_parser(
+        "bench", add_help=False, help=f"benchmarks ({', '.join(BENCHMARKS)}), same-run baselines"
+    )
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if args.command == "bench":
-        return _run_module(BENCHMARKS[args.name], rest, f"bench {args.name}")
+        if not rest or rest[0] not in BENCHMARKS:
+            print(f"usage: kvbridge bench {{{','.join(BENCHMARKS)}}} [options]  (NAME --help)")
+            return 0 if not rest or rest[0] in ("-h", "--help") else 2
+        return _run_module(BENCHMARKS[rest[0]], rest[1:], f"bench {rest[0]}")
     module_name, _ = COMMANDS[args.command]
     return _run_module(module_name, rest, args.command)
 

@@ -128,6 +128,9 @@ class KVConnectorScheduler(ABC):
     def get_kv_connector_stats(self) -> Stats | None:
         return None
 
+    def check_integrity(self) -> None:  # noqa: B027
+        """Raise if internal bookkeeping is inconsistent; tests call it after every step."""
+
     def shutdown(self) -> None:  # noqa: B027
         """Release scheduler-side resources. Idempotent."""
 

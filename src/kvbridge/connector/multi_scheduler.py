@@ -171,6 +171,10 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
                 stats.add(name, child_stats)
         return None if stats.is_empty() else stats
 
+    def check_integrity(self) -> None:
+        for child in self.children:
+            child.check_integrity()
+
     def shutdown(self) -> None:
         shutdown_all(self.children)
 

@@ -250,8 +250,10 @@ class LLMEngine:
         return events
 
     def check_integrity(self) -> None:
-        """Raise ``IntegrityError`` if the block pool or the request queues are inconsistent."""
+        """Raise if the block pool, the request queues or the connector's books are inconsistent."""
         self.scheduler.check_integrity()
+        if self.scheduler_connector is not None:
+            self.scheduler_connector.check_integrity()
 
     def _add_stats(self, stats: Stats | None) -> None:
         if stats is None or stats.is_empty():

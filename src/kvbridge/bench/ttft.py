@@ -1,0 +1,175 @@
+"""``kvbridge bench ttft``: time to first token, recompute vs reload from the CPU tier.
+
+For each prompt length, on one ``LLMEngine`` with ``SimpleCPUOffloadConnector``:
+1. a fresh prompt is prefilled (TTFT *recompute*; its blocks are then stored to the CPU tier);
+2. the GPU prefix cache is dropped, so only the CPU tier holds the prefix;
+3. the same prompt again: every block but the last token's comes back from the CPU tier
+   (TTFT *reload*). Its first token must equal the recompute's (greedy).
+The baseline is the recompute in the same run; the table shows the speedup and the achieved
+prefill TFLOP/s, so the recompute is known to be a fair (SDPA/flash) baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import NamedTuple
+
+from rich.console import Console
+from rich.table import Table
+
+from kvbridge.config import TransferConfig
+from kvbridge.engine.engine import EngineConfig, LLMEngine
+from kvbridge.engine.model_config import NAMED_CONFIGS, ModelConfig
+from kvbridge.engine.request import RequestOutput
+from kvbridge.engine.sampling import SamplingParams
+
+ONE_TOKEN = SamplingParams(max_tokens=1, ignore_eos=True)
+
+
+class TTFTRow(NamedTuple):
+    prompt_len: int
+    kv_gib: float
+    recompute_ms: float
+    reload_ms: float
+    reloaded_tokens: int
+    prefill_tflops: float
+    same_token: bool
+
+    @property
+    def speedup(self) -> float:
+        return self.recompute_ms / self.reload_ms
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvbridge bench ttft", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", help=f"named config ({', '.join(NAMED_CONFIGS)})")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--prompt-lens", default="256,1024", help="comma-separated prompt lengths")
+    p.add_argument("--repeats", type=int, default=2, help="timed prompts per length (median)")
+    p.add_argument("--block-size", type=int, default=16)
+    return p.parse_args(argv)
+
+
+def prefill_flops(model: ModelConfig, n: int) -> float:
+    """Matmul FLOPs of a causal prefill of ``n`` tokens (projections, MLP, attention, head)."""
+    h, layers = model.hidden_size, model.num_layers
+    q = model.num_heads * model.head_dim
+    kv = model.num_kv_heads * model.head_dim
+    per_token = layers * (h * (q + 2 * kv) + q * h + 3 * h * model.intermediate_size)
+    per_token += h * model.vocab_size / n  # lm_head for the last token only
+    attention = layers * 2 * n * n * q  # QK^T and PV over the causal half: 2 * (n^2/2) * 2q
+    return 2 * per_token * n + attention
+
+
+def _run(engine: LLMEngine, tokens: list[int]) -> RequestOutput:
+    rid = engine.add_request(tokens, ONE_TOKEN)
+    final: RequestOutput | None = None
+    while final is None:
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                final = out
+    engine.drain(timeout_s=120)
+    if final.error is not None or final.ttft is None:
+        raise RuntimeError(f"request failed: {final.error}")
+    return final
+
+
+def _drop_gpu_cache(engine: LLMEngine) -> None:
+    engine.block_manager.reset_prefix_cache()
+
+
+def measure(args: argparse.Namespace, prompt_len: int, rng: random.Random) -> TTFTRow:
+    bs = args.block_size
+    blocks = -(-prompt_len // bs) + 8
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    transfer = TransferConfig(
+        kv_connector="SimpleCPUOffloadConnector",
+        kv_connector_extra_config={"num_cpu_blocks": blocks},
+    )
+    config = EngineConfig(
+        model=args.model,
+        block_size=bs,
+        num_gpu_blocks=blocks,
+        max_num_batched_tokens=prompt_len,
+        max_model_len=prompt_len + bs,
+        device=args.device,
+        dtype=dtype,
+        kv_transfer_config=transfer,
+    )
+    model = NAMED_CONFIGS[args.model]
+    vocab = model.vocab_size
+    recompute, reload, same, reloaded = [], [], True, 0
+    with LLMEngine(config) as engine:
+        warm = [rng.randrange(vocab) for _ in range(min(prompt_len, 4 * bs))]
+        _run(engine, warm)
+        _drop_gpu_cache(engine)
+        _run(engine, warm)
+        for _ in range(args.repeats):
+            tokens = [rng.randrange(vocab) for _ in range(prompt_len)]
+            first = _run(engine, tokens)
+            _drop_gpu_cache(engine)
+            second = _run(engine, tokens)
+            _drop_gpu_cache(engine)
+            recompute.append(first.ttft)
+            reload.append(second.ttft)
+            same &= first.token_ids == second.token_ids
+            reloaded = second.num_external_tokens
+    kv_bytes = engine.runner.cache_spec.block_bytes * (prompt_len / bs)
+    t_recompute = statistics.median(x for x in recompute if x is not None)
+    return TTFTRow(
+        prompt_len=prompt_len,
+        kv_gib=kv_bytes / 2**30,
+        recompute_ms=t_recompute * 1e3,
+        reload_ms=statistics.median(x for x in reload if x is not None) * 1e3,
+        reloaded_tokens=reloaded,
+        prefill_tflops=prefill_flops(model, prompt_len) / t_recompute / 1e12,
+        same_token=same,
+    )
+
+
+def table(rows: list[TTFTRow], title: str) -> Table:
+    t = Table(title=title)
+    for col in (
+        "prompt tokens",
+        "KV GiB",
+        "TTFT recompute ms",
+        "prefill TFLOP/s",
+        "TTFT reload ms",
+        "tokens from CPU",
+        "speedup",
+        "same first token",
+    ):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            f"{r.prompt_len:,}",
+            f"{r.kv_gib:.3f}",
+            f"{r.recompute_ms:.1f}",
+            f"{r.prefill_tflops:.1f}",
+            f"{r.reload_ms:.1f}",
+            f"{r.reloaded_tokens:,}",
+            f"{r.speedup:.1f}x",
+            "yes" if r.same_token else "NO",
+        )
+    return t
+
+
+def run(args: argparse.Namespace) -> list[TTFTRow]:
+    rng = random.Random(0)
+    return [measure(args, int(n), rng) for n in args.prompt_lens.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    start = time.perf_counter()
+    rows = run(args)
+    title = (
+        f"TTFT recompute vs CPU-tier reload: {args.model} on {args.device} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    Console().print(table(rows, title))
+    return 0 if all(r.same_token for r in rows) else 1

@@ -59,7 +59,7 @@ def prefill_flops(model: ModelConfig, n: int) -> float:
     h, layers = model.hidden_size, model.num_layers
     q = model.num_heads * model.head_dim
     kv = model.num_kv_heads * model.head_dim
-    per_token = layers * (h * (q + 2 * kv) + q * h + 3 * h * model.intermediate_size)
+    per_token: float = layers * (h * (q + 2 * kv) + q * h + 3 * h * model.intermediate_size)
     per_token += h * model.vocab_size / n  # lm_head for the last token only
     attention = layers * 2 * n * n * q  # QK^T and PV over the causal half: 2 * (n^2/2) * 2q
     return 2 * per_token * n + attention

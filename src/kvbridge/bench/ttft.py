@@ -82,43 +82,44 @@ def _drop_gpu_cache(engine: LLMEngine) -> None:
     engine.block_manager.reset_prefix_cache()
 
 
-def measure(args: argparse.Namespace, prompt_len: int, rng: random.Random) -> TTFTRow:
+def build_engine(args: argparse.Namespace, max_len: int) -> LLMEngine:
+    """One engine whose GPU pool and CPU tier each hold one prompt of ``max_len`` tokens."""
     bs = args.block_size
-    blocks = -(-prompt_len // bs) + 8
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    blocks = -(-max_len // bs) + 8
     transfer = TransferConfig(
         kv_connector="SimpleCPUOffloadConnector",
         kv_connector_extra_config={"num_cpu_blocks": blocks},
     )
-    config = EngineConfig(
-        model=args.model,
-        block_size=bs,
-        num_gpu_blocks=blocks,
-        max_num_batched_tokens=prompt_len,
-        max_model_len=prompt_len + bs,
-        device=args.device,
-        dtype=dtype,
-        kv_transfer_config=transfer,
+    return LLMEngine(
+        EngineConfig(
+            model=args.model,
+            block_size=bs,
+            num_gpu_blocks=blocks,
+            max_num_batched_tokens=max_len,
+            max_model_len=max_len + bs,
+            device=args.device,
+            dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
+            kv_transfer_config=transfer,
+        )
     )
-    model = NAMED_CONFIGS[args.model]
-    vocab = model.vocab_size
+
+
+def measure(
+    engine: LLMEngine, args: argparse.Namespace, prompt_len: int, rng: random.Random
+) -> TTFTRow:
+    model = engine.model_config
     recompute, reload, same, reloaded = [], [], True, 0
-    with LLMEngine(config) as engine:
-        warm = [rng.randrange(vocab) for _ in range(min(prompt_len, 4 * bs))]
-        _run(engine, warm)
+    for _ in range(args.repeats):
+        tokens = [rng.randrange(model.vocab_size) for _ in range(prompt_len)]
+        first = _run(engine, tokens)
         _drop_gpu_cache(engine)
-        _run(engine, warm)
-        for _ in range(args.repeats):
-            tokens = [rng.randrange(vocab) for _ in range(prompt_len)]
-            first = _run(engine, tokens)
-            _drop_gpu_cache(engine)
-            second = _run(engine, tokens)
-            _drop_gpu_cache(engine)
-            recompute.append(first.ttft)
-            reload.append(second.ttft)
-            same &= first.token_ids == second.token_ids
-            reloaded = second.num_external_tokens
-    kv_bytes = engine.runner.cache_spec.block_bytes * (prompt_len / bs)
+        second = _run(engine, tokens)
+        _drop_gpu_cache(engine)
+        recompute.append(first.ttft)
+        reload.append(second.ttft)
+        same &= first.token_ids == second.token_ids
+        reloaded = second.num_external_tokens
+    kv_bytes = engine.runner.cache_spec.block_bytes * (prompt_len / args.block_size)
     t_recompute = statistics.median(x for x in recompute if x is not None)
     return TTFTRow(
         prompt_len=prompt_len,
@@ -160,7 +161,14 @@ def table(rows: list[TTFTRow], title: str) -> Table:
 
 def run(args: argparse.Namespace) -> list[TTFTRow]:
     rng = random.Random(0)
-    return [measure(args, int(n), rng) for n in args.prompt_lens.split(",")]
+    lengths = [int(n) for n in args.prompt_lens.split(",")]
+    with build_engine(args, max(lengths)) as engine:
+        vocab = engine.model_config.vocab_size
+        warm = [rng.randrange(vocab) for _ in range(4 * args.block_size)]
+        for _ in range(2):  # warm-up: kernels, allocator, both copy directions
+            _run(engine, warm)
+            _drop_gpu_cache(engine)
+        return [measure(engine, args, n, rng) for n in lengths]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,9 @@ is K, 1 is V). Token ``pos`` of a sequence lives in block ``block_table[pos // b
 offset ``pos % block_size``; its *slot* is ``block * block_size + offset``.
 
 Prefill chunks run one SDPA call each (causal from their offset); single-token chunks (decode)
-run together as one padded batch with a key-length mask.
+run together as one padded batch with a key-length mask. Grouped-query attention over gathered
+keys is *folded*: the G query heads sharing a KV head become G x q_len query rows of that head,
+so SDPA sees plain multi-head attention and picks a fused kernel even with a mask.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+# cuDNN attention is left out: it builds a new graph for every new key length (about 30 ms on an
+# H100), i.e. on every decode step. Flash handles causal prefill, efficient/math the masked rest.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ChunkSpan(NamedTuple):
@@ -28,13 +35,14 @@ class ChunkSpan(NamedTuple):
 
 @dataclass(frozen=True)
 class PrefillSeq:
-    """A chunk with more than one query token (or the first of a prompt)."""
+    """A chunk with more than one query token."""
 
     q_start: int  # index of its first token in the flattened batch
     q_len: int
     start_pos: int
     block_ids: torch.Tensor  # [ceil(kv_len / block_size)] blocks holding keys 0..kv_len-1
-    # [q_len, kv_len] bool (True = attend); None when start_pos == 0 (plain causal).
+    # [groups * q_len, kv_len] bool (True = attend), rows g * q_len + i for query i (see
+    # _folded_prefill); None when start_pos == 0 (plain causal).
     mask: torch.Tensor | None
 
     @property
@@ -50,6 +58,7 @@ class DecodeBatch:
     block_ids: torch.Tensor  # [B, max_blocks], padded with block 0 (masked out)
     max_kv_len: int
     mask: torch.Tensor | None  # [B, 1, 1, max_kv_len] bool; None when all lengths are equal
+    covers_batch: bool  # the step is decode only: token_index == arange(T)
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,12 @@ class AttentionMetadata:
 
 
 def build_attention_metadata(
-    spans: Sequence[ChunkSpan], block_size: int, device: torch.device
+    spans: Sequence[ChunkSpan], block_size: int, device: torch.device, gqa_groups: int = 1
 ) -> AttentionMetadata:
-    """Positions, slots and per-sequence attention plans for a flattened batch of chunks."""
+    """Positions, slots and per-sequence attention plans for a flattened batch of chunks.
+
+    ``gqa_groups`` is ``num_heads // num_kv_heads`` (masks are laid out for folded queries).
+    """
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
     prefills: list[PrefillSeq] = []
@@ -90,20 +102,27 @@ def build_attention_metadata(
             mask = None
             if span.start_pos > 0:
                 # query i (position start_pos + i) sees keys 0..start_pos + i
-                keys = torch.arange(kv_len)
-                mask = (keys[None, :] <= pos[:, None]).to(device)
+                mask = torch.arange(kv_len)[None, :] <= pos[:, None]
+                mask = mask.repeat(gqa_groups, 1).to(device)
             prefills.append(
                 PrefillSeq(q_start, span.num_tokens, span.start_pos, table.to(device), mask)
             )
         q_start += span.num_tokens
-    slot_mapping = torch.cat(slots).to(device)
+    slot_mapping = torch.cat(slots)
+    packed = torch.stack(
+        (torch.cat(positions), slot_mapping, slot_mapping // block_size, slot_mapping % block_size)
+    ).to(device)  # one host-to-device copy
+    decode = None
+    if dec_index:
+        covers = len(dec_index) == q_start
+        decode = _build_decode(dec_index, dec_lens, dec_tables, block_size, device, covers)
     return AttentionMetadata(
-        positions=torch.cat(positions).to(device),
-        slot_mapping=slot_mapping,
-        slot_blocks=slot_mapping // block_size,
-        slot_offsets=slot_mapping % block_size,
+        positions=packed[0],
+        slot_mapping=packed[1],
+        slot_blocks=packed[2],
+        slot_offsets=packed[3],
         prefills=tuple(prefills),
-        decode=_build_decode(dec_index, dec_lens, dec_tables, block_size, device),
+        decode=decode,
     )
 
 
@@ -113,71 +132,81 @@ def _build_decode(
     tables: list[Sequence[int]],
     block_size: int,
     device: torch.device,
-) -> DecodeBatch | None:
-    if not index:
-        return None
+    covers_batch: bool,
+) -> DecodeBatch:
     max_len = max(lens)
     max_blocks = -(-max_len // block_size)
-    padded = [list(t) + [0] * (max_blocks - len(t)) for t in tables]
+    rows = [[i, *t, *[0] * (max_blocks - len(t))] for i, t in zip(index, tables)]
+    packed = torch.tensor(rows, dtype=torch.long).to(device)
     mask = None
     if min(lens) != max_len:
         keys = torch.arange(max_len)
         mask = (keys[None, :] < torch.tensor(lens)[:, None])[:, None, None, :].to(device)
-    return DecodeBatch(
-        token_index=torch.tensor(index, dtype=torch.long, device=device),
-        block_ids=torch.tensor(padded, dtype=torch.long, device=device),
-        max_kv_len=max_len,
-        mask=mask,
-    )
+    return DecodeBatch(packed[:, 0], packed[:, 1:], max_len, mask, covers_batch)
 
 
-def write_kv(
-    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-) -> None:
-    """Store the new tokens' K and V ``[T, kv_heads, head_dim]`` at their slots."""
-    kv_cache[meta.slot_blocks, :, meta.slot_offsets] = torch.stack((k, v), dim=1)
+def write_kv(kv_cache: torch.Tensor, new_kv: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Store the new tokens' K and V ``[T, 2, kv_heads, head_dim]`` at their slots."""
+    kv_cache[meta.slot_blocks, :, meta.slot_offsets] = new_kv
 
 
 def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    q: torch.Tensor, new_kv: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
-    """Write K/V into the cache, then attend; q ``[T, heads, D]``, k/v ``[T, kv_heads, D]``."""
-    write_kv(kv_cache, k, v, meta)
-    out = torch.empty_like(q)
-    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    """Write K/V into the cache, then attend; q ``[T, heads, D]``, new_kv ``[T, 2, kv_heads, D]``.
+
+    Returns ``[T, heads, D]``.
+    """
+    write_kv(kv_cache, new_kv, meta)
+    dec = meta.decode
+    if dec is not None and dec.covers_batch:
+        return _decode(q, kv_cache, dec)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for seq in meta.prefills:
         span = slice(seq.q_start, seq.q_start + seq.q_len)
-        if seq.start_pos == 0:
+        if seq.mask is None:
             # Every key is new in this chunk: use it directly instead of gathering it back.
-            keys, values = k[span].transpose(0, 1), v[span].transpose(0, 1)
+            kv = new_kv[span].permute(1, 2, 0, 3)  # [2, kv_heads, q_len, D]
+            o = F.scaled_dot_product_attention(
+                q[span].transpose(0, 1)[None],
+                kv[0][None],
+                kv[1][None],
+                is_causal=True,
+                enable_gqa=True,
+            )
+            out[span] = o[0].transpose(0, 1)
         else:
-            kv = kv_cache.index_select(0, seq.block_ids).transpose(0, 1)
-            kv = kv.reshape(2, -1, num_kv_heads, head_dim)[:, : seq.kv_len].transpose(1, 2)
-            keys, values = kv[0], kv[1]
-        o = F.scaled_dot_product_attention(
-            q[span].transpose(0, 1).unsqueeze(0),
-            keys.unsqueeze(0),
-            values.unsqueeze(0),
-            attn_mask=seq.mask,
-            is_causal=seq.mask is None,
-            enable_gqa=True,
-        )
-        out[span] = o[0].transpose(0, 1)
-    dec = meta.decode
+            out[span] = _folded_prefill(q[span], kv_cache, seq)
     if dec is not None:
-        batch = dec.block_ids.shape[0]
-        kv = kv_cache[dec.block_ids].transpose(1, 2)  # [B, 2, max_blocks, bs, kv_heads, D]
-        kv = kv.reshape(batch, 2, -1, num_kv_heads, head_dim)[:, :, : dec.max_kv_len]
-        o = F.scaled_dot_product_attention(
-            q.index_select(0, dec.token_index).unsqueeze(2),  # [B, heads, 1, D]
-            kv[:, 0].transpose(1, 2),
-            kv[:, 1].transpose(1, 2),
-            attn_mask=dec.mask,
-            enable_gqa=True,
-        )
-        out.index_copy_(0, dec.token_index, o.squeeze(2))
+        o = _decode(q.index_select(0, dec.token_index), kv_cache, dec)
+        out.index_copy_(0, dec.token_index, o)
     return out
+
+
+def _gather(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, kv_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of ``block_ids`` (``[..., nb]``) as ``[..., kv_heads, kv_len, D]``."""
+    shape = (*block_ids.shape[:-1], -1, kv_cache.shape[3], kv_cache.shape[4])
+    k = kv_cache[:, 0][block_ids].view(shape)[..., :kv_len, :, :].transpose(-3, -2)
+    v = kv_cache[:, 1][block_ids].view(shape)[..., :kv_len, :, :].transpose(-3, -2)
+    return k, v
+
+
+def _folded_prefill(q: torch.Tensor, kv_cache: torch.Tensor, seq: PrefillSeq) -> torch.Tensor:
+    q_len, heads, dim = q.shape
+    kv_heads = kv_cache.shape[3]
+    groups = heads // kv_heads
+    keys, values = _gather(kv_cache, seq.block_ids, seq.kv_len)  # [kv_heads, L, D]
+    folded = q.view(q_len, kv_heads, groups, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, dim)
+    o = F.scaled_dot_product_attention(folded, keys[None], values[None], attn_mask=seq.mask)
+    return o.view(kv_heads, groups, q_len, dim).permute(2, 0, 1, 3).reshape(q_len, heads, dim)
+
+
+def _decode(q: torch.Tensor, kv_cache: torch.Tensor, dec: DecodeBatch) -> torch.Tensor:
+    batch, heads, dim = q.shape
+    kv_heads = kv_cache.shape[3]
+    keys, values = _gather(kv_cache, dec.block_ids, dec.max_kv_len)  # [B, kv_heads, L, D]
+    folded = q.view(batch, kv_heads, heads // kv_heads, dim)
+    o = F.scaled_dot_product_attention(folded, keys, values, attn_mask=dec.mask)
+    return o.reshape(batch, heads, dim)

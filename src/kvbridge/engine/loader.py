@@ -1,7 +1,7 @@
 """Weights for ``LlamaForCausalLM``: seeded random init, and HF safetensors load/save.
 
 Random init draws every tensor on the CPU from its own ``torch.Generator`` seeded by
-``(seed, parameter name)``, so two processes (a prefill and a decode engine) given the same seed
+``(seed, HF parameter name)``, so two processes (a prefill and a decode engine) given the same seed
 get bit-identical weights whatever their device, and order of construction does not matter.
 """
 
@@ -44,7 +44,7 @@ def build_empty_model(
         model = LlamaForCausalLM(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 def _param_seed(seed: int, name: str) -> int:
@@ -62,7 +62,7 @@ def init_random(
     """Deterministic random weights: N(0, std) matrices and biases, norms at one."""
     model = build_empty_model(config, dtype=dtype, device=device)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in model.hf_tensors().items():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
                 continue
@@ -97,7 +97,7 @@ def load_hf_checkpoint(
     if not files:
         raise CheckpointError(f"checkpoint: no *.safetensors files in {root}")
     model = build_empty_model(config, dtype=dtype, device=device)
-    params = dict(model.named_parameters())  # name -> parameter (tied lm_head listed once)
+    params = model.hf_tensors()  # HF name -> tensor (or row slice of a fused one) to fill
     where: dict[str, Path] = {}  # tensor name -> file holding it
     extra: list[str] = []
     for file in files:
@@ -140,15 +140,11 @@ def _preview(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def save_hf_checkpoint(
-    model: LlamaForCausalLM, config: ModelConfig, path: str | Path
-) -> Path:
+def save_hf_checkpoint(model: LlamaForCausalLM, config: ModelConfig, path: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` in HF Llama format; returns the dir."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
-    }
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.hf_tensors().items()}
     hf = config.to_hf_dict()
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (root / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 
-from kvbridge.engine.attention import AttentionMetadata, paged_attention
+from kvbridge.engine.attention import SDPA_BACKENDS, AttentionMetadata, paged_attention
 from kvbridge.engine.model_config import ModelConfig, RopeScaling
 
 if TYPE_CHECKING:
@@ -44,9 +45,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused kernel (float32 accumulation); identical to HF's float32 path, and within
+        # one bf16 rounding of it in bf16.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -94,27 +95,27 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[T, heads, head_dim]`` by position (rotate-half convention)."""
-    cos = cos.to(x.dtype)[:, None, :]
-    sin = sin.to(x.dtype)[:, None, :]
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate ``x`` ``[T, heads, head_dim]`` in place by position; cos/sin ``[T, 1, head_dim]``."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    torch.addcmul(x * cos, rotated, sin, out=x)
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query self-attention; writes this step's K/V to the paged cache, then attends."""
+    """Grouped-query self-attention; writes this step's K/V to the paged cache, then attends.
+
+    Q, K and V come from one fused projection ``qkv_proj`` (rows: q, k, v): RoPE runs once, in
+    place, on the adjacent q and k heads, and K/V go to the cache without a copy.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        h, bias = config.hidden_size, config.attention_bias
+        h = config.hidden_size
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(h, config.q_size, bias=bias)
-        self.k_proj = nn.Linear(h, config.kv_size, bias=bias)
-        self.v_proj = nn.Linear(h, config.kv_size, bias=bias)
+        self.qkv_proj = nn.Linear(h, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, h, bias=False)
 
     def forward(
@@ -125,27 +126,26 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, kv_cache, meta)
+        t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, heads + 2 * kv_heads, self.head_dim)
+        apply_rope_(qkv[:, : heads + kv_heads], cos, sin)
+        new_kv = qkv[:, heads:].view(t, 2, kv_heads, self.head_dim)  # K and V, side by side
+        out = paged_attention(qkv[:, :heads], new_kv, kv_cache, meta)
         return self.o_proj(out.reshape(t, -1))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU ``down(silu(gate(x)) * up(x))``; gate and up are one fused ``gate_up_proj``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, inter = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, inter, bias=False)
-        self.up_proj = nn.Linear(h, inter, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -205,16 +205,46 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` before the final norm, for flat ``input_ids`` ``[T]``."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(meta.positions)
-        for i, layer in enumerate(self.model.layers):
-            name = layer_name(i)
-            if hooks is not None:
-                hooks.before_layer(name)
-            x = layer(x, cos, sin, kv_caches[i], meta)
-            if hooks is not None:
-                hooks.after_layer(name, kv_caches[i])
+        cos, sin = (t.to(x.dtype)[:, None, :] for t in self.rotary(meta.positions))
+        with sdpa_kernel(SDPA_BACKENDS):
+            for i, layer in enumerate(self.model.layers):
+                name = layer_name(i)
+                if hooks is not None:
+                    hooks.before_layer(name)
+                x = layer(x, cos, sin, kv_caches[i], meta)
+                if hooks is not None:
+                    hooks.after_layer(name, kv_caches[i])
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[n, vocab]`` for the rows of ``forward``'s output to sample from."""
         return self.lm_head(self.model.norm(hidden)).float()
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """HF parameter name -> the tensor holding it (a row slice of a fused weight, or a
+        whole parameter). The tied ``lm_head.weight`` is left out, as HF leaves it out."""
+        c = self.config
+        out: dict[str, torch.Tensor] = {}
+        fused = {  # fused parameter -> [(HF name, rows)]
+            "self_attn.qkv_proj": [
+                ("self_attn.q_proj", c.q_size),
+                ("self_attn.k_proj", c.kv_size),
+                ("self_attn.v_proj", c.kv_size),
+            ],
+            "mlp.gate_up_proj": [
+                ("mlp.gate_proj", c.intermediate_size),
+                ("mlp.up_proj", c.intermediate_size),
+            ],
+        }
+        for name, param in self.named_parameters():
+            module, _, kind = name.rpartition(".")  # kind: weight | bias
+            parts = next(((k, v) for k, v in fused.items() if module.endswith(k)), None)
+            if parts is None:
+                out[name] = param
+                continue
+            prefix = module[: -len(parts[0])]
+            row = 0
+            for hf_module, rows in parts[1]:
+                out[f"{prefix}{hf_module}.{kind}"] = param[row : row + rows]
+                row += rows
+        return out

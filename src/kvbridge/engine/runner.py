@@ -130,7 +130,8 @@ class ModelRunner:
             spans.append(ChunkSpan(chunk.start_pos, len(chunk.token_ids), chunk.block_table))
             if chunk.sample:
                 sample_rows.append(len(token_ids) - 1)
-        meta = build_attention_metadata(spans, self.block_size, self.device)
+        groups = self.model_config.num_heads // self.model_config.num_kv_heads
+        meta = build_attention_metadata(spans, self.block_size, self.device, groups)
         input_ids = torch.tensor(token_ids, dtype=torch.long).to(self.device)
         hidden = self.model(input_ids, meta, self._cache_list, layer_hooks)
         if not sample_rows:
@@ -157,7 +158,7 @@ class ModelRunner:
                 f"SeqChunk {chunk.request_id}: block ids {bad} outside [0, {self.num_blocks})"
             )
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in chunk.token_ids):
+        if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= vocab:
             raise ValueError(f"SeqChunk {chunk.request_id}: token id outside [0, {vocab})")
 
     @staticmethod

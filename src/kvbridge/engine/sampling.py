@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -36,9 +38,11 @@ class SamplingParams:
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {p!r}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed <= MAX_SEED
         ):
-            raise ValueError(f"seed: must be a non-negative int or None, got {self.seed!r}")
+            raise ValueError(f"seed: must be an int in [0, 2**64) or None, got {self.seed!r}")
         stops = tuple(self.stop_token_ids)
         for tok in stops:
             if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
@@ -82,7 +86,10 @@ def sample(
         return out
     rows = logits[random_rows].to("cpu", torch.float32)
     for j, i in enumerate(random_rows):
-        probs = torch.softmax(rows[j] / params[i].temperature, dim=-1)
+        scaled = rows[j] / params[i].temperature
+        if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first
+            scaled = (rows[j] - rows[j].max()) / params[i].temperature
+        probs = torch.softmax(scaled, dim=-1)
         if params[i].top_p < 1.0:
             probs = _top_p(probs, params[i].top_p)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())

@@ -18,7 +18,10 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "lazy_offload": bool,
     "store_decode_blocks": bool,
     "block_size": int,
+    "copy_strategy": str,
 }
+# CUDA copy strategies (offload/cuda_copy.py); "STORE/LOAD" picks one per direction.
+COPY_STRATEGIES = ("serial", "pipelined", "direct")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class OffloadConfig:
     block_size: int
     store_decode_blocks: bool = False
     lazy_offload: bool = False
+    copy_strategy: str | None = None  # None: the copy backend's default
 
 
 def derive_cpu_config(
@@ -103,6 +107,14 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
             f"kv_connector_extra_config.block_size: {block_size} differs from the engine's "
             f"block size {spec.block_size}; the CPU tier stores whole engine blocks"
         )
+    strategy = extra.get("copy_strategy")
+    if strategy is not None and (
+        len(strategy.split("/")) > 2 or any(n not in COPY_STRATEGIES for n in strategy.split("/"))
+    ):
+        raise ConfigError(
+            f"kv_connector_extra_config.copy_strategy: {strategy!r} is not one of "
+            f"{', '.join(COPY_STRATEGIES)} (or STORE/LOAD, e.g. 'direct/pipelined')"
+        )
     size = derive_cpu_config(
         spec,
         cpu_bytes_to_use=extra.get("cpu_bytes_to_use"),
@@ -113,6 +125,7 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
         block_size=spec.block_size,
         store_decode_blocks=bool(extra.get("store_decode_blocks", False)),
         lazy_offload=False,
+        copy_strategy=strategy,
     )
 
 

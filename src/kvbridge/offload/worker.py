@@ -83,7 +83,11 @@ class CPUOffloadWorker(KVConnectorWorker):
                 f"kv_connector_extra_config.cpu_bytes_to_use: cannot allocate "
                 f"{self.offload.num_cpu_blocks} CPU blocks ({e}); lower it"
             ) from e
-        self.backend = cls(layers, cpu_layers)
+        strategy = self.offload.copy_strategy
+        if strategy is not None and first.device.type == "cuda":
+            self.backend = cls(layers, cpu_layers, copy_strategy=strategy)  # type: ignore[call-arg]
+        else:
+            self.backend = cls(layers, cpu_layers)
         self._block_bytes = first[0].numel() * first.element_size() * len(layers)
         logger.info(
             "CPU offload: %d blocks (%.2f GiB) for %d layers, %s copy backend",

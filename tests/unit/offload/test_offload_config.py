@@ -117,3 +117,10 @@ def test_scheduler_half_imports_and_builds_without_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["CPUOffloadScheduler", "False"]
+
+
+def test_copy_strategy_is_validated_and_kept() -> None:
+    ok = config(copy_strategy="direct/pipelined")
+    assert parse_offload_config(ok, spec()).copy_strategy == "direct/pipelined"
+    with pytest.raises(ConfigError, match=r"copy_strategy: 'fastest'"):
+        parse_offload_config(config(copy_strategy="fastest"), spec())

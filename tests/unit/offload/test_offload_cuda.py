@@ -1,21 +1,221 @@
-"""The CUDA copy backend and the worker on a GPU (skipped where CUDA is unavailable)."""
+"""The CUDA copy backend: its device-agnostic planning on CPU, its strategies on a GPU.
+
+Tests marked ``needs_cuda`` are skipped where CUDA is unavailable; the direct strategy is also
+skipped without Triton.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
-from offload_helpers import BLOCK_SIZE, Driver, config, request, scheduled, spec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvbridge.offload.copy import CopyHandle
-from kvbridge.offload.cuda_copy import CUDACopyBackend
-from kvbridge.offload.scheduler import CPUOffloadScheduler
-from kvbridge.offload.worker import CPUOffloadWorker
+from kvbridge.bench.offload import main as bench_main
+from kvbridge.offload.copy import CopyHandle, plan_runs
+from kvbridge.offload.cuda_copy import CopyStrategy, CUDACopyBackend, parse_strategy
+from kvbridge.offload.staging import (
+    InOrder,
+    StagedChunk,
+    pipelined_load,
+    pipelined_store,
+    plan_chunks,
+    wide_rows,
+)
+from kvbridge.offload.triton_copy import HAVE_TRITON, TileShape, tile_shape, vec_offsets
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+POISON = -7.0
 
 
+# -- planning and sequencing, on CPU ------------------------------------------------------------
+def test_parse_strategy_accepts_one_name_or_a_pair() -> None:
+    assert parse_strategy("pipelined") == CopyStrategy("pipelined", "pipelined")
+    assert parse_strategy("direct/serial") == CopyStrategy("direct", "serial")
+    for bad in ("fast", "", "direct/", "serial/pipelined/direct"):
+        with pytest.raises(ValueError, match="copy_strategy"):
+            parse_strategy(bad)
+
+
+def test_backend_validates_strategy_and_device() -> None:
+    gpu = [torch.zeros(4, 2, 8)]
+    cpu = [torch.zeros(4, 2, 8)]
+    with pytest.raises(ValueError, match="copy_strategy: 'fast'"):
+        CUDACopyBackend(gpu, cpu, copy_strategy="fast")
+    with pytest.raises(ValueError, match="not CUDA"):
+        CUDACopyBackend(gpu, cpu, copy_strategy="pipelined")
+
+
+def test_plan_chunks_packs_layers_in_order_and_rotates_buffers() -> None:
+    plan = plan_runs([0, 1, 2], [5, 6, 7])  # one run of 3 CPU ids
+    chunks = plan_chunks(plan, num_layers=3, chunk_rows=4, num_buffers=2)
+    layout = [
+        (c.buffer, c.rows, [(s.layer, s.lo, s.hi, s.row, s.runs) for s in c.segments])
+        for c in chunks
+    ]
+    assert layout == [
+        (0, 4, [(0, 0, 3, 0, [(0, 3)]), (1, 0, 1, 3, [(0, 1)])]),
+        (1, 4, [(1, 1, 3, 0, [(1, 2)]), (2, 0, 2, 2, [(0, 2)])]),
+        (0, 1, [(2, 2, 3, 0, [(2, 1)])]),
+    ]
+    assert plan_chunks(plan_runs([], []), 3, 4, 2) == []
+    with pytest.raises(ValueError, match="chunk_rows and num_buffers must be >= 1"):
+        plan_chunks(plan, 3, 0, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cpu_ids=st.lists(st.integers(0, 40), unique=True, max_size=25),
+    num_layers=st.integers(1, 4),
+    chunk_rows=st.integers(1, 12),
+    num_buffers=st.integers(1, 3),
+)
+def test_plan_chunks_covers_each_layer_pair_once_within_capacity(
+    cpu_ids: list[int], num_layers: int, chunk_rows: int, num_buffers: int
+) -> None:
+    plan = plan_runs(cpu_ids, list(range(len(cpu_ids))))
+    chunks = plan_chunks(plan, num_layers, chunk_rows, num_buffers)
+    seen: list[tuple[int, int]] = []
+    for i, chunk in enumerate(chunks):
+        assert chunk.buffer == i % num_buffers
+        assert chunk.rows <= chunk_rows and (chunk.rows == chunk_rows or i == len(chunks) - 1)
+        row = 0
+        for seg in chunk.segments:
+            assert seg.row == row and seg.lo < seg.hi
+            row += seg.hi - seg.lo
+            seen += [(seg.layer, p) for p in range(seg.lo, seg.hi)]
+            # the runs tile lo:hi, and each is consecutive in CPU ids
+            assert [p for off, n in seg.runs for p in range(off, off + n)] == list(
+                range(seg.lo, seg.hi)
+            )
+            for off, n in seg.runs:
+                assert plan.keyed[off : off + n] == list(
+                    range(plan.keyed[off], plan.keyed[off] + n)
+                )
+        assert row == chunk.rows
+    assert seen == [(layer, p) for layer in range(num_layers) for p in range(len(cpu_ids))]
+
+
+class _CheckedSync:
+    """In-order sync that asserts each buffer goes free -> filled -> drained -> free."""
+
+    def __init__(self) -> None:
+        self.state: dict[int, str] = {}
+        self.log: list[tuple[str, int]] = []
+
+    @contextmanager
+    def fill(self, buffer: int) -> Iterator[None]:
+        assert self.state.get(buffer, "free") == "free"
+        self.state[buffer] = "filling"
+        yield
+        self.state[buffer] = "full"
+        self.log.append(("fill", buffer))
+
+    @contextmanager
+    def drain(self, buffer: int) -> Iterator[None]:
+        assert self.state[buffer] == "full"
+        self.state[buffer] = "draining"
+        yield
+        self.state[buffer] = "free"
+        self.log.append(("drain", buffer))
+
+
+def _layers(num_blocks: int, seed: int, layers: int = 3) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(num_blocks, 2, 4, 2, 8, generator=gen) for _ in range(layers)]
+
+
+def _buffers(chunks: list[StagedChunk], like: torch.Tensor, count: int) -> list[torch.Tensor]:
+    rows = max(c.rows for c in chunks)
+    return [torch.full((rows, like.shape[1]), -1, dtype=like.dtype) for _ in range(count)]
+
+
+def test_pipelined_sequences_round_trip_on_cpu() -> None:
+    gpu = _layers(16, seed=3)
+    pool = torch.full((3, 12, *gpu[0].shape[1:]), POISON)
+    cpu = list(pool.unbind(0))
+    gpu_rows, cpu_rows = [wide_rows(t) for t in gpu], [wide_rows(t) for t in cpu]
+    src, slots = [15, 2, 7, 3, 11, 0, 9], [8, 0, 1, 2, 5, 6, 11]
+    plan = plan_runs(slots, src)
+    chunks = plan_chunks(plan, len(gpu), chunk_rows=4, num_buffers=2)
+    assert len(chunks) == 6  # 21 layer-pairs in chunks of 4: several rotations of 2 buffers
+    sync = _CheckedSync()
+    buffers = _buffers(chunks, gpu_rows[0], 2)
+    pipelined_store(gpu_rows, cpu_rows, plan, torch.tensor(plan.other), buffers, chunks, sync)
+    assert sync.log == [(step, c % 2) for c in range(6) for step in ("fill", "drain")]
+    for g, c in zip(gpu, cpu):
+        assert all(torch.equal(c[d], g[s]) for s, d in zip(src, slots))
+        free = [b for b in range(12) if b not in slots]
+        assert bool((c[free] == POISON).all())
+    original = [g.clone() for g in gpu]
+    for g in gpu:
+        g.fill_(POISON)
+    targets = [1, 4, 5, 6, 8, 10, 12]
+    back = plan_runs(slots, targets)
+    chunks = plan_chunks(back, len(gpu), chunk_rows=5, num_buffers=3)
+    buffers = _buffers(chunks, gpu_rows[0], 3)
+    pipelined_load(gpu_rows, cpu_rows, back, torch.tensor(back.other), buffers, chunks, InOrder())
+    for g, o in zip(gpu, original):
+        assert all(torch.equal(g[t], o[s]) for s, t in zip(src, targets))
+        kept = [b for b in range(16) if b not in targets]
+        assert bool((g[kept] == POISON).all())
+
+
+def test_pipelined_store_rejects_a_buffer_smaller_than_its_chunk() -> None:
+    gpu = _layers(4, seed=5, layers=1)
+    plan = plan_runs([0, 1], [2, 3])
+    chunks = plan_chunks(plan, 1, chunk_rows=2, num_buffers=1)
+    rows = [wide_rows(t) for t in gpu]
+    small = [torch.empty(1, rows[0].shape[1], dtype=rows[0].dtype)]
+    with pytest.raises(ValueError, match="chunk of 2 rows, buffer of 1"):
+        pipelined_store(rows, rows, plan, torch.tensor([2, 3]), small, chunks, InOrder())
+
+
+def test_wide_rows_views_the_same_bytes_in_the_widest_dtype() -> None:
+    blocks = torch.randn(5, 2, 16, 8, 128).to(torch.bfloat16)
+    rows = wide_rows(blocks)
+    assert rows.dtype == torch.int64 and rows.shape == (5, 8192)
+    assert rows.data_ptr() == blocks.data_ptr()
+    assert wide_rows(torch.zeros(4, 3, dtype=torch.bfloat16)).dtype == torch.int16
+
+
+def test_tile_shape_and_layer_offsets_for_the_direct_kernel() -> None:
+    assert tile_shape(8192) == TileShape(2048, 4, True)  # a 64 KiB block row
+    assert tile_shape(3000) == TileShape(2048, 2, False)
+    assert tile_shape(100) == TileShape(128, 1, False)
+    with pytest.raises(ValueError, match="row must be >= 1"):
+        tile_shape(0)
+    pool = torch.zeros(3, 10, 64, dtype=torch.bfloat16)  # 1280 bytes per layer
+    assert vec_offsets(list(pool.unbind(0)), "CPU pool") == [0, 80, 160]
+    flat = torch.zeros(1000, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CPU pool layer 1 must be contiguous and start on"):
+        vec_offsets([flat[0:64], flat[3:67]], "CPU pool")
+
+
+@pytest.mark.skipif(HAVE_TRITON, reason="checks the message shown without triton")
+def test_direct_strategy_without_triton_is_refused() -> None:
+    from kvbridge.offload.triton_copy import TritonCopier
+
+    with pytest.raises(ValueError, match="needs triton"):
+        TritonCopier([torch.zeros(2, 8)], [torch.zeros(2, 8)])
+
+
+def test_bench_refuses_strategies_on_cpu_and_takes_several_sizes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        bench_main(["--device", "cpu", "--strategy", "direct"])
+    args = ["--device", "cpu", "--layers", "1", "--blocks", "4", "8", "--iters", "1"]
+    assert bench_main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 4 and "│      8 │" in out
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
 def _poll(handle: CopyHandle, deadline_s: float = 10.0) -> None:
     deadline = time.monotonic() + deadline_s
     while not handle.done():
@@ -24,32 +224,109 @@ def _poll(handle: CopyHandle, deadline_s: float = 10.0) -> None:
         time.sleep(0.001)
 
 
-def test_cuda_backend_round_trip_in_chunks() -> None:
+def _cuda_layers(num_blocks: int, layers: int = 3) -> list[torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(0)
-    gpu = [
-        torch.randn(64, 2, 16, 8, 128, device="cuda", generator=gen).to(torch.bfloat16)
-        for _ in range(3)
+    shape = (num_blocks, 2, 16, 8, 128)
+    return [
+        torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(layers)
     ]
+
+
+STRATEGIES = ["serial", "pipelined", "direct", "direct/pipelined", "pipelined/direct"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_backend_round_trip_into_poison(strategy: str) -> None:
+    if "direct" in strategy and not HAVE_TRITON:
+        pytest.skip("the direct strategy needs triton")
+    gpu = _cuda_layers(64)
     cpu = CUDACopyBackend.allocate_cpu_layers(gpu, 40)
     assert all(t.is_pinned() for t in cpu)
-    block_bytes = gpu[0][0].numel() * gpu[0].element_size() * len(gpu)
-    backend = CUDACopyBackend(gpu, cpu, staging_bytes=5 * block_bytes)  # 5-block chunks
+    for c in cpu:
+        c.fill_(POISON)
+    block_layer_bytes = gpu[0][0].numel() * gpu[0].element_size()
+    backend = CUDACopyBackend(
+        gpu,
+        cpu,
+        copy_strategy=strategy,
+        staging_bytes=5 * block_layer_bytes * len(gpu),  # serial: 5-block chunks
+        chunk_bytes=7 * block_layer_bytes,  # pipelined: 7-row chunks, several per layer
+    )
     src = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:23].tolist()
     slots = [*range(3, 20), 30, 31, 35, 36, 37, 39]
     want = [g[src].cpu() for g in gpu]
     _poll(backend.store(src, slots))
+    free = [b for b in range(40) if b not in slots]
     for c, w in zip(cpu, want):
         assert torch.equal(c[slots], w)
+        assert bool((c[free] == POISON).all())
     for g in gpu:
-        g.zero_()
+        g.fill_(POISON)
     targets = torch.randperm(64, generator=torch.Generator().manual_seed(2))[:23].tolist()
     _poll(backend.load(slots, targets))
+    kept = [b for b in range(64) if b not in targets]
     for g, w in zip(gpu, want):
         assert torch.equal(g[targets].cpu(), w)
+        assert bool((g[kept] == POISON).all())
+    empty = backend.load([], [])  # an empty batch still yields a handle
+    empty.wait()
+    assert empty.done()
     backend.shutdown()
 
 
+@needs_cuda
+@pytest.mark.parametrize("strategy", ["pipelined", "direct"])
+def test_cuda_backend_batches_in_flight_together(strategy: str) -> None:
+    # Two batches launched back to back, before either finished, must not share staging.
+    if strategy == "direct" and not HAVE_TRITON:
+        pytest.skip("the direct strategy needs triton")
+    gpu = _cuda_layers(32, layers=2)
+    cpu = CUDACopyBackend.allocate_cpu_layers(gpu, 16)
+    row_bytes = gpu[0][0].numel() * gpu[0].element_size()
+    backend = CUDACopyBackend(gpu, cpu, copy_strategy=strategy, chunk_bytes=3 * row_bytes)
+    want = [g[:16].clone() for g in gpu]
+    first, second = backend.store(range(8), range(8)), backend.store(range(8, 16), range(8, 16))
+    second.wait()
+    first.wait()
+    for g in gpu:
+        g.fill_(POISON)
+    loads = [backend.load(range(8), range(16, 24)), backend.load(range(8, 16), range(24, 32))]
+    for handle in loads:
+        _poll(handle)
+    for g, w in zip(gpu, want):
+        assert torch.equal(g[16:32], w)
+    backend.shutdown()
+
+
+@needs_cuda
+def test_bench_on_cuda_checks_every_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "--device",
+        "cuda",
+        "--layers",
+        "2",
+        "--blocks",
+        "8",
+        "--iters",
+        "1",
+        "--chunk-mib",
+        "1",
+    ]
+    assert bench_main([*args, "--strategy", "all"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == (6 if HAVE_TRITON else 4)
+
+
+@needs_cuda
 def test_worker_round_trip_on_cuda() -> None:
+    # Imported here: a GPU host may lack msgspec, which the other tests in this file do not need.
+    pytest.importorskip("msgspec")
+    from offload_helpers import BLOCK_SIZE, Driver, config, request, scheduled, spec
+
+    from kvbridge.offload.scheduler import CPUOffloadScheduler
+    from kvbridge.offload.worker import CPUOffloadWorker
+
     s = spec(num_blocks=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
     sched = CPUOffloadScheduler(config(), s)
     worker = CPUOffloadWorker(config(), s)

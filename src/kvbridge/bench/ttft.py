@@ -132,6 +132,25 @@ def measure(
     )
 
 
+def measure_decode(
+    engine: LLMEngine, prompt_len: int, new_tokens: int, rng: random.Random
+) -> float:
+    """Batch-1 decode tokens/s after a ``prompt_len`` prefill (first token excluded)."""
+    vocab = engine.model_config.vocab_size
+    tokens = [rng.randrange(vocab) for _ in range(prompt_len)]
+    engine.add_request(tokens, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    first_at: float | None = None
+    produced = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if first_at is None and out.token_ids:
+                first_at = time.perf_counter()
+            produced = len(out.token_ids)
+    elapsed = time.perf_counter() - (first_at or time.perf_counter())
+    engine.drain(timeout_s=120)
+    return (produced - 1) / elapsed if elapsed > 0 else 0.0
+
+
 def table(rows: list[TTFTRow], title: str) -> Table:
     t = Table(title=title)
     for col in (

@@ -1,0 +1,188 @@
+"""RunSummary: what one demo run measured (client timings + the servers' /metrics), and the table.
+
+Every number comes from this run: times to first token are taken at the client (through the
+proxy, streaming); token, byte and time counters are read from the servers' Prometheus series.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
+
+from kvbridge.demo.workload import RequestRecord
+
+logger = logging.getLogger(__name__)
+
+
+def fetch_metrics(url: str, timeout_s: float = 10.0) -> str:
+    r = httpx.get(url.rstrip("/") + "/metrics", timeout=timeout_s, trust_env=False)
+    r.raise_for_status()
+    return r.text
+
+
+class Scrape:
+    """One server's ``/metrics`` answer, parsed once."""
+
+    def __init__(self, text: str) -> None:
+        self._samples = [
+            (sample.name, sample.labels, float(sample.value))
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+
+    def sum(self, sample_name: str, **labels: str) -> float:
+        """Sum of the samples named ``sample_name`` whose labels include ``labels`` (0 if none)."""
+        return sum(
+            value
+            for name, have, value in self._samples
+            if name == sample_name and all(have.get(k) == v for k, v in labels.items())
+        )
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated ``q``-th percentile (0..100); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """Bytes moved and the time spent moving them, as the connectors measured it."""
+
+    num_bytes: float
+    seconds: float
+    count: float = 0.0
+
+    @property
+    def gb_per_s(self) -> float | None:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One stack's run: client-side request outcomes and server-side counters."""
+
+    label: str
+    records: tuple[RequestRecord, ...]
+    wall_s: float
+    prefill_computed: float  # prompt tokens computed on the prefill server
+    prefill_cache_hits: float  # ... served by its GPU prefix cache
+    decode_cache_hits: float  # prompt tokens the decode server already held
+    cpu_hit_tokens: float  # prompt tokens loaded from a CPU tier (both servers)
+    nixl_tokens: float  # prompt tokens the decode server read over NIXL
+    nixl: Moved
+    to_cpu: Moved
+    from_cpu: Moved
+    cpu_evictions: float
+    fallbacks: float  # requests the proxy sent to decode without a prefill
+    identical: int = 0
+
+    @classmethod
+    def collect(
+        cls,
+        label: str,
+        records: Sequence[RequestRecord],
+        wall_s: float,
+        *,
+        prefill: str,
+        decode: str,
+        proxy: str,
+    ) -> RunSummary:
+        """From the records and the /metrics texts of the prefill, decode and proxy."""
+        p, d = Scrape(prefill), Scrape(decode)
+        by_source = "kvbridge:prompt_tokens_by_source_total"
+
+        def both(name: str, **labels: str) -> float:
+            return p.sum(name, **labels) + d.sum(name, **labels)
+
+        def offload(kind: str) -> Moved:
+            return Moved(
+                both("kvbridge:kv_offload_total_bytes_total", transfer_type=kind),
+                both("kvbridge:kv_offload_total_time_total", transfer_type=kind),
+            )
+
+        return cls(
+            label=label,
+            records=tuple(records),
+            wall_s=wall_s,
+            prefill_computed=p.sum(by_source, source="local_compute"),
+            prefill_cache_hits=p.sum(by_source, source="local_cache_hit"),
+            decode_cache_hits=d.sum(by_source, source="local_cache_hit"),
+            cpu_hit_tokens=both("kvbridge:kv_offload_hit_tokens_total"),
+            nixl_tokens=d.sum(by_source, source="remote"),
+            nixl=Moved(
+                d.sum("kvbridge:nixl_bytes_transferred_sum"),
+                d.sum("kvbridge:nixl_xfer_time_seconds_sum"),
+                d.sum("kvbridge:nixl_bytes_transferred_count"),
+            ),
+            to_cpu=offload("gpu_to_cpu"),
+            from_cpu=offload("cpu_to_gpu"),
+            cpu_evictions=both("kvbridge:kv_offload_evictions_total"),
+            fallbacks=Scrape(proxy).sum("kvbridge:proxy_requests_total", route="local_prefill"),
+        )
+
+    @property
+    def num_ok(self) -> int:
+        return sum(1 for r in self.records if r.error is None)
+
+    def ttft_ms(self, q: float) -> float | None:
+        value = percentile([r.ttft_s for r in self.records if r.ttft_s is not None], q)
+        return None if value is None else value * 1000.0
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _moved(m: Moved, *, with_count: bool = False) -> str:
+    """``1.4 MiB[ in 12], 0.52 GB/s``: bytes[, how many transfers] and the measured rate."""
+    if m.num_bytes == 0:
+        return "0"
+    rate = m.gb_per_s
+    count = f" in {m.count:.0f}" if with_count else ""
+    return _bytes(m.num_bytes) + count + ("" if rate is None else f", {rate:.2f} GB/s")
+
+
+def render_report(console: Console, runs: Sequence[RunSummary]) -> None:
+    """The comparison table, one column per run."""
+    table = Table(title="kvbridge demo: P/D over NIXL with CPU offload", title_justify="left")
+    table.add_column("", style="bold", no_wrap=True)
+    for run in runs:
+        table.add_column(run.label, justify="right")
+    rows: list[tuple[str, list[str]]] = [
+        ("requests (ok)", [f"{len(r.records)} ({r.num_ok})" for r in runs]),
+        ("TTFT p50 / p95 (ms)", [f"{_num(r.ttft_ms(50))} / {_num(r.ttft_ms(95))}" for r in runs]),
+        ("prefill: tokens computed", [_num(r.prefill_computed) for r in runs]),
+        ("prefill: prefix-cache hits", [_num(r.prefill_cache_hits) for r in runs]),
+        ("CPU offload hits (tokens)", [_num(r.cpu_hit_tokens) for r in runs]),
+        ("CPU offload GPU->CPU", [_moved(r.to_cpu) for r in runs]),
+        ("CPU offload CPU->GPU", [_moved(r.from_cpu) for r in runs]),
+        ("CPU blocks evicted", [_num(r.cpu_evictions) for r in runs]),
+        ("decode: prefix-cache hits", [_num(r.decode_cache_hits) for r in runs]),
+        ("tokens moved over NIXL", [_num(r.nixl_tokens) for r in runs]),
+        ("NIXL reads", [_moved(r.nixl, with_count=True) for r in runs]),
+        ("proxy fallbacks", [_num(r.fallbacks) for r in runs]),
+        ("workload wall time (s)", [_num(r.wall_s, 1) for r in runs]),
+        ("outputs identical", [f"{r.identical}/{len(r.records)}" for r in runs]),
+    ]
+    for name, cells in rows:
+        table.add_row(name, *cells)
+    console.print(table)

@@ -1,0 +1,261 @@
+"""``kvbridge demo``: real servers and proxy as processes, outputs identical, nothing left behind.
+
+Every process the demo starts inherits a unique environment tag; after the demo exits, no
+process on the machine may carry it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvbridge.config import TransferConfig
+from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
+from kvbridge.demo.processes import ProcessSet, ServiceError
+from kvbridge.demo.reference import compare
+from kvbridge.demo.report import RunSummary, percentile
+from kvbridge.demo.workload import PromptBuilder, RequestRecord, WorkloadSpec
+from kvbridge.serve.config_file import ProxyConfig, load_serve_config
+from kvbridge.serve.metrics import ServerMetrics
+from kvbridge.serve.tokenizer import ByteTokenizer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parents[2]
+TAG_KEY = "KVBRIDGE_DEMO_TEST_TAG"
+
+
+def _nixl_available() -> bool:
+    try:
+        from kvbridge.nixl.wrapper import load_nixl_api
+
+        load_nixl_api()
+    except ImportError:
+        return False
+    return True
+
+
+needs_nixl = pytest.mark.skipif(not _nixl_available(), reason="no NIXL package importable")
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Live processes whose environment carries ``tag``."""
+    needle = f"{TAG_KEY}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _demo_env(tag: str) -> dict[str, str]:
+    return {**os.environ, TAG_KEY: tag, "COLUMNS": "120"}
+
+
+def _demo_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvbridge.cli", "demo", *args]
+
+
+# -- the demo end to end --------------------------------------------------------------------------
+@needs_nixl
+def test_demo_outputs_identical_and_no_process_left():
+    tag = uuid.uuid4().hex
+    argv = _demo_argv("--requests", "4", "--users", "2", "--max-tokens", "8", "--keep-logs")
+    start = time.monotonic()
+    done = subprocess.run(argv, env=_demo_env(tag), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "outputs identical: 8/8" in out  # 4 requests with reuse + 4 on the baseline stack
+    assert re.search(r"TTFT p50 / p95 \(ms\)\s*│\s*\d+ / \d+", out), out
+    assert re.search(r"tokens moved over NIXL\s*│\s*[1-9]", out), out
+    assert _tagged_pids(tag) == []
+    assert elapsed < 60, f"demo took {elapsed:.0f}s"
+    found = re.search(r"configs and logs: (\S+)", out)
+    assert found is not None, out
+    logs = Path(found.group(1))
+    try:
+        assert "listening on http://127.0.0.1:" in (logs / "reuse-prefill.log").read_text()
+        config = load_serve_config(logs / "reuse-decode.json", {})
+        assert config.kv_transfer_config is not None
+        assert config.kv_transfer_config.kv_connector == "MultiConnector"
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+@needs_nixl
+def test_ctrl_c_stops_every_server():
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        _demo_argv("--requests", "40", "--users", "4"),
+        env=_demo_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:  # the prefill/decode/proxy line comes once all three listen
+        lines.append(line)
+        if line.startswith("reuse: prefill") or time.monotonic() > deadline:
+            break
+    assert any(line.startswith("reuse: prefill") for line in lines), "".join(lines)
+    assert len(_tagged_pids(tag)) >= 3
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted" in rest
+    assert _tagged_pids(tag) == []
+    logs = re.search(r"configs and logs: (\S+)", rest)  # kept: the run did not succeed
+    assert logs is not None, rest
+    shutil.rmtree(logs.group(1), ignore_errors=True)
+
+
+def test_bad_flag_is_a_usage_error_naming_it():
+    done = subprocess.run(
+        _demo_argv("--users", "0"), capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert done.returncode == 2
+    assert "--users" in done.stderr
+
+
+# -- processes ------------------------------------------------------------------------------------
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_child_that_dies_before_listening_is_named_with_its_log(tmp_path: Path):
+    with ProcessSet(tmp_path) as procs:
+        service = procs.start("broken", _python("print('bad config'); raise SystemExit(3)"))
+        with pytest.raises(ServiceError, match=r"broken exited with code 3[\s\S]*bad config"):
+            service.wait_ready(time.monotonic() + 30)
+
+
+def test_stop_all_kills_a_child_that_ignores_sigterm(tmp_path: Path):
+    code = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('listening on http://127.0.0.1:9/ (test)', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    procs = ProcessSet(tmp_path)
+    stubborn = procs.start("stubborn", _python(code))
+    polite = procs.start("polite", _python(code.replace("SIG_IGN", "SIG_DFL")))
+    assert stubborn.wait_ready(time.monotonic() + 30) == "http://127.0.0.1:9/"
+    polite.wait_ready(time.monotonic() + 30)
+    killed = procs.stop_all(timeout_s=1.0)
+    assert killed == ["stubborn"]
+    assert not stubborn.group_alive() and not polite.group_alive()
+    assert polite.returncode == -signal.SIGTERM
+    assert stubborn.returncode == -signal.SIGKILL
+
+
+# -- workload and checks --------------------------------------------------------------------------
+def test_requests_spread_over_users_turn_by_turn():
+    spec = WorkloadSpec.build(users=4, turns=3, requests=5, max_tokens=8)
+    assert (spec.users, spec.turns, spec.requests) == (4, 2, 5)
+    assert [spec.turns_of(u) for u in range(4)] == [2, 1, 1, 1]
+    assert WorkloadSpec.build(users=4, turns=3, requests=2, max_tokens=8).users == 2
+    with pytest.raises(ValueError, match="--requests"):
+        WorkloadSpec.build(users=4, turns=3, requests=0, max_tokens=8)
+
+
+def test_each_turn_extends_the_previous_and_users_share_the_system_prompt():
+    builder = PromptBuilder(ByteTokenizer(bos_token_id=256), 256)
+    system = builder.system_prompt()
+    first = [builder.first(u) for u in range(3)]
+    assert all(p[: len(system)] == system for p in first)
+    assert first[0] != first[1]
+    answer = [300, 301, 257]
+    second = builder.extend(first[0], answer, 0, 1)
+    assert second[: len(first[0]) + 3] == first[0] + answer
+    assert second.count(256) == 1  # one BOS, at the start
+    spec = WorkloadSpec.build(users=3, turns=2, requests=None, max_tokens=3)
+    assert builder.longest_prompt(spec) >= len(second)
+
+
+def test_compare_counts_failures_and_different_answers():
+    def record(prompt: tuple[int, ...], tokens: tuple[int, ...], error: str | None = None):
+        return RequestRecord(0, 0, prompt, tokens, 0.01, 0.02, error)
+
+    expected = {(1, 2): (5, 6), (1, 3): (7,)}
+    records = [record((1, 2), (5, 6)), record((1, 3), (7, 8)), record((1, 2), (), "HTTP 500")]
+    same, bad = compare(records, expected)
+    assert same == 1
+    assert [m.record.token_ids for m in bad] == [(7, 8), ()]
+
+
+def test_summary_reads_the_series_the_servers_export():
+    prefill, decode = ServerMetrics("small"), ServerMetrics("small")
+    done = {"finish_reason": "length", "num_prompt_tokens": 100, "e2e_seconds": 0.1}
+    prefill.observe_finished(**done, num_generated=1, num_cached=48, num_external=32, remote=False)
+    decode.observe_finished(**done, num_generated=8, num_cached=16, num_external=83, remote=True)
+    nixl, offload = KVConnectorStats(), KVConnectorStats()
+    for nbytes, seconds in ((3e6, 0.002), (1e6, 0.002)):
+        nixl.observe("bytes_transferred", nbytes)
+        nixl.observe("xfer_time_seconds", seconds)
+    offload.incr("cpu_hit_tokens", 32)
+    offload.incr("gpu_to_cpu_bytes", 2_000_000)
+    offload.observe("gpu_to_cpu_time_s", 0.001)
+    offload.incr("evictions", 3)
+    multi = MultiKVConnectorStats()
+    multi.add("NixlConnector", nixl)
+    multi.add("SimpleCPUOffloadConnector", offload)
+    decode.record_connector_stats(multi, name="MultiConnector")
+    records = [RequestRecord(0, t, (1,), (2,), 0.1 * (t + 1), 0.5) for t in range(3)]
+    summary = RunSummary.collect(
+        "reuse",
+        records,
+        1.0,
+        prefill=prefill.render().decode(),
+        decode=decode.render().decode(),
+        proxy="",
+    )
+    assert (summary.prefill_computed, summary.prefill_cache_hits) == (20, 48)
+    assert (summary.decode_cache_hits, summary.nixl_tokens) == (16, 83)
+    assert (summary.cpu_hit_tokens, summary.cpu_evictions) == (32, 3)
+    assert summary.nixl.count == 2 and summary.nixl.gb_per_s == pytest.approx(1.0)
+    assert summary.to_cpu.gb_per_s == pytest.approx(2.0)
+    assert summary.ttft_ms(50) == pytest.approx(200.0)
+
+
+def test_percentile_interpolates():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+# -- examples/ ------------------------------------------------------------------------------------
+def test_example_configs_describe_a_pd_stack():
+    prefill = load_serve_config(REPO / "examples" / "prefill.yaml", {})
+    decode = load_serve_config(REPO / "examples" / "decode.yaml", {})
+    proxy = ProxyConfig.load(REPO / "examples" / "proxy.yaml", {})
+    for config, role in ((prefill, "kv_producer"), (decode, "kv_consumer")):
+        transfer = config.kv_transfer_config
+        assert isinstance(transfer, TransferConfig)
+        assert (transfer.kv_connector, transfer.kv_role) == ("MultiConnector", role)
+        children = transfer.kv_connector_extra_config["connectors"]
+        assert [c["kv_connector"] for c in children] == [
+            "NixlConnector",
+            "SimpleCPUOffloadConnector",
+        ]
+    assert proxy.prefill == (f"http://127.0.0.1:{prefill.port}",)
+    assert proxy.decode == (f"http://127.0.0.1:{decode.port}",)
+    assert len({prefill.port, decode.port, proxy.port}) == 3

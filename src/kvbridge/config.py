@@ -108,17 +108,7 @@ class TransferConfig:
             raise ConfigError(
                 f"kv-transfer-config: must be a JSON object, got {type(data).__name__}"
             )
-        values = dict(data)
-        for old, new in _RENAMED_KEYS.items():
-            if old in values:
-                warnings.warn(
-                    f"kv-transfer-config key {old!r} is deprecated; use {new!r}",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-                if new in values:
-                    raise ConfigError(f"{old}: given together with its new name {new!r}; keep one")
-                values[new] = values.pop(old)
+        values = apply_renamed_keys(dict(data), _RENAMED_KEYS, prefix="")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -141,6 +131,25 @@ class TransferConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"kv-transfer-config: invalid JSON ({e})") from e
         return cls.from_dict(data)
+
+
+def apply_renamed_keys(
+    values: dict[str, Any], renamed: Mapping[str, str], *, prefix: str
+) -> dict[str, Any]:
+    """Move deprecated keys (old -> new) to their new names, warning once per key.
+
+    Giving both names is a ``ConfigError``; ``prefix`` is prepended to key names in messages.
+    """
+    for old, new in renamed.items():
+        if old not in values:
+            continue
+        warnings.warn(
+            f"config key {prefix}{old} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3
+        )
+        if new in values:
+            raise ConfigError(f"{prefix}{old}: given together with its new name {new!r}; keep one")
+        values[new] = values.pop(old)
+    return values
 
 
 def check_extra_keys(

@@ -162,14 +162,9 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
         return [event for child in self.children for event in child.take_events()]
 
     def get_kv_connector_stats(self) -> MultiKVConnectorStats | None:
-        stats = MultiKVConnectorStats()
-        for name, child in zip(self.names, self.children):
-            child_stats = child.get_kv_connector_stats()
-            if isinstance(child_stats, MultiKVConnectorStats):
-                stats.aggregate(child_stats)
-            else:
-                stats.add(name, child_stats)
-        return None if stats.is_empty() else stats
+        return MultiKVConnectorStats.collect(
+            (name, child.get_kv_connector_stats()) for name, child in zip(self.names, self.children)
+        )
 
     def check_integrity(self) -> None:
         for child in self.children:

@@ -108,14 +108,9 @@ class MultiWorker(KVConnectorWorker):
         return MultiWorkerMetadata(metadata=parts)
 
     def get_kv_connector_stats(self) -> MultiKVConnectorStats | None:
-        stats = MultiKVConnectorStats()
-        for name, child in zip(self.names, self.children):
-            child_stats = child.get_kv_connector_stats()
-            if isinstance(child_stats, MultiKVConnectorStats):
-                stats.aggregate(child_stats)
-            else:
-                stats.add(name, child_stats)
-        return None if stats.is_empty() else stats
+        return MultiKVConnectorStats.collect(
+            (name, child.get_kv_connector_stats()) for name, child in zip(self.names, self.children)
+        )
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         for child in self.children:

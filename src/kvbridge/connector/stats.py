@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 Value = int | float | list[float]
@@ -85,6 +87,19 @@ class MultiKVConnectorStats(msgspec.Struct, kw_only=True):
         if stats is None or stats.is_empty():
             return
         self.per_connector.setdefault(name, KVConnectorStats()).aggregate(stats)
+
+    @classmethod
+    def collect(
+        cls, named: Iterable[tuple[str, KVConnectorStats | MultiKVConnectorStats | None]]
+    ) -> MultiKVConnectorStats | None:
+        """Group children's stats by name (nested composites are flattened); None if empty."""
+        stats = cls()
+        for name, child in named:
+            if isinstance(child, MultiKVConnectorStats):
+                stats.aggregate(child)
+            else:
+                stats.add(name, child)
+        return None if stats.is_empty() else stats
 
     def aggregate(self, other: MultiKVConnectorStats) -> MultiKVConnectorStats:
         for name, stats in other.per_connector.items():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvbridge.config import ConfigError, TransferConfig, check_extra_keys
+from kvbridge.config import ConfigError, TransferConfig, apply_renamed_keys, check_extra_keys
 
 # key -> accepted types
 _ALLOWED: dict[str, type | tuple[type, ...]] = {
@@ -58,18 +57,11 @@ class NixlSettings:
         """Validate ``config.kv_connector_extra_config``; errors name the key."""
         allowed = dict(_ALLOWED)
         allowed.update({old: _ALLOWED[new] for old, new in _ALIASES.items()})
-        extra = dict(check_extra_keys(config, allowed, where="NixlConnector"))
-        for old, new in _ALIASES.items():
-            if old not in extra:
-                continue
-            warnings.warn(
-                f"kv_connector_extra_config.{old} is deprecated; use {new!r}",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            if new in extra:
-                raise ConfigError(f"kv_connector_extra_config.{old}: given together with {new!r}")
-            extra[new] = extra.pop(old)
+        extra = apply_renamed_keys(
+            dict(check_extra_keys(config, allowed, where="NixlConnector")),
+            _ALIASES,
+            prefix="kv_connector_extra_config.",
+        )
         values: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
         values.setdefault("side_channel_host", config.kv_ip)
         values.setdefault("side_channel_port", config.kv_port)

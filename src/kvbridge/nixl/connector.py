@@ -20,6 +20,11 @@ class NixlConnector(KVConnectorBase):
     ``max_handshake_bytes`` (64 MiB), ``enforce_handshake_compat`` (true), ``slow_transfer_s``
     (1). Deprecated aliases: ``abort_request_timeout``, ``nixl_side_channel_host``,
     ``nixl_side_channel_port``, ``kv_lease_duration``.
+
+    ``kv_buffer_device``: "cuda" (default) lets NIXL read the KV cache where it lives; "cpu"
+    stages through a registered host mirror of the cache (pinned on CUDA), for hosts where UCX
+    has no fast path to GPU memory. Producer and consumer may differ. Every READ is confirmed
+    with the producer's side channel before its blocks are reported good.
     """
 
     scheduler_cls = NixlScheduler

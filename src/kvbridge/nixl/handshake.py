@@ -5,6 +5,9 @@ Wire (msgpack, no pickle)::
     consumer REQ  --HandshakeRequest(version, compat_hash, engine_id, tp_rank)-->  producer ROUTER
     consumer REQ  <--HandshakeEnvelope(version, compat_hash, payload, error)---   producer ROUTER
 
+A two-frame request ``[kind, payload]`` goes to the listener's handler for ``kind`` instead
+(``lease_confirm`` registers ``b"lease"``).
+
 The consumer decodes in two phases: the envelope first; only if its version and compatibility
 hash match its own does it decode ``payload`` as ``NixlAgentMetadata``.
 """
@@ -16,6 +19,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
@@ -27,7 +31,7 @@ from kvbridge.connector.types import KVCacheSpec
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_VERSION = 1
-CONNECTOR_VERSION = "kvbridge-nixl/1"
+CONNECTOR_VERSION = "kvbridge-nixl/2"  # 2: lease confirmation, host staging
 MAX_REQUEST_BYTES = 64 << 10
 _POLL_MS = 50
 
@@ -57,7 +61,8 @@ class NixlAgentMetadata(KVConnectorHandshakeMetadata, kw_only=True):
     num_layers: int
     memory_type: str  # "DRAM" | "VRAM"
     device_id: int
-    kv_buffer_device: str
+    kv_buffer_device: str  # "cpu": the addresses are a host buffer the producer stages into
+    instance_id: str = ""  # the producer worker's agent name; changes when it restarts
 
 
 class HandshakeRequest(msgspec.Struct, kw_only=True):
@@ -105,7 +110,7 @@ def decode_envelope(
         raise HandshakeError(f"handshake answer of {len(data)} bytes exceeds {max_bytes}")
     try:
         envelope = msgspec.msgpack.decode(data, type=HandshakeEnvelope)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets bad UTF-8 through
         raise HandshakeError(f"malformed handshake envelope: {e}") from None
     if envelope.error is not None:
         raise HandshakeError(f"producer refused the handshake: {envelope.error}")
@@ -123,7 +128,7 @@ def decode_envelope(
         logger.warning("%s; proceeding because enforce_handshake_compat is off", message)
     try:
         return msgspec.msgpack.decode(envelope.payload, type=NixlAgentMetadata)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets bad UTF-8 through
         raise HandshakeError(f"malformed agent metadata: {e}") from None
 
 
@@ -134,8 +139,16 @@ def tcp_endpoint(host: str, port: int | str) -> str:
 class HandshakeListener:
     """Runs in a producer worker; owns the side-channel socket and serves its agent metadata."""
 
-    def __init__(self, host: str, port: int, answer: bytes, hash_: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        answer: bytes,
+        hash_: str,
+        handlers: Mapping[bytes, Callable[[bytes], bytes]] | None = None,
+    ) -> None:
         self._metadata_answer = answer
+        self._handlers = dict(handlers or {})
         self._hash = hash_
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -179,11 +192,13 @@ class HandshakeListener:
         self._sock.close()
 
     def _answer(self, body: list[bytes]) -> bytes:
+        if len(body) == 2 and body[0] in self._handlers:
+            return self._handlers[body[0]](body[1])
         if len(body) != 1:
             return self._error(f"expected one frame, got {len(body)}")
         try:
             request = msgspec.msgpack.decode(body[0], type=HandshakeRequest)
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets bad UTF-8 through
             return self._error(f"malformed handshake request: {e}")
         if request.version != HANDSHAKE_VERSION or request.compat_hash != self._hash:
             logger.info(

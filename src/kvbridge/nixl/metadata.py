@@ -31,12 +31,17 @@ class RecvSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SendSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """Producer: hold a finished request's blocks for a remote reader under a lease."""
+    """Producer: hold a finished request's blocks for a remote reader under a lease.
+
+    ``block_ids`` (per KV cache group) are the held blocks, which host-staged mode copies to
+    the host buffer before the lease starts.
+    """
 
     request_id: str
     num_blocks: int
     lease_duration_s: float
     abort_timeout_s: float
+    block_ids: tuple[list[int], ...] = ()
 
 
 class RemoteRelease(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,5 +97,5 @@ def decode_notif(payload: bytes) -> NixlNotif:
         raise ValueError(f"notification of {len(payload)} bytes exceeds {MAX_NOTIF_BYTES}")
     try:
         return _NOTIF_DECODER.decode(payload)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets bad UTF-8 through
         raise ValueError(f"malformed notification: {e}") from None

@@ -1,54 +1,73 @@
-"""KVReader: the consumer's remote loads, from handshake to READ completion or failure.
+"""KVReader: the consumer's remote loads, from handshake to blocks the engine may use.
 
-Per request::
+Per request, the phases of ``_Recv.phase``::
 
-    add -> [handshake in the background] -> attach remote (once per engine) -> post one READ
-        -> poll: DONE -> finished_recving
-                 ERR / timeout / handshake error -> load-error blocks + finished_recving
-    abort (the request ended meanwhile) -> finished_recving, without load errors, once nothing
-        writes into its blocks
+    connect  handshake in the background, attach the remote engine (once per engine)
+    gate     (the producer stages through host memory) wait for its lease to be "held"
+    read     one READ, polled: DONE -> confirm, ERR -> fail
+    confirm  ask the producer whether its lease was still held when the READ ended:
+             "held" or "done" -> land; anything else, or no answer in time -> fail
+    land     (this engine stages through host memory) copy host -> cache blocks
+    => finished_recving; a failed load also reports its blocks as load errors
 
-Every path releases its transfer handle and per-transfer dlists; a remote whose READ failed is
-detached once idle and handshaken afresh (the producer may have restarted).
+Each of connect, gate, read and confirm is bounded by ``transfer_timeout_s`` (connect to
+read from the load's start, confirm from the READ's end). An abort (the request ended) is
+reported in finished_recving, without load errors, once nothing writes into its blocks.
+Every path releases its transfer handle and per-transfer dlists; a remote whose READ failed
+is detached once idle and handshaken afresh (the producer may have restarted).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.handshake import HandshakeError, NixlAgentMetadata
+from kvbridge.nixl.handshake import NixlAgentMetadata
+from kvbridge.nixl.lease_confirm import LeaseConfirmer, Verdict
 from kvbridge.nixl.metadata import RecvSpec, RemoteRelease, encode_notif
-from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine, RemoteEngines, memory_type
+from kvbridge.nixl.read_stats import record_read
+from kvbridge.nixl.read_xfers import ReadXfers
+from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine, RemoteEngines
+from kvbridge.nixl.staging import HostStaging
 from kvbridge.nixl.transfers import KVRegions, ReadPlan, plan_read
 from kvbridge.nixl.transport import (
-    LOCAL_AGENT,
     DlistHandle,
     NixlTransport,
-    NixlTransportError,
     XferHandle,
     XferState,
 )
+from kvbridge.offload.copy import CopyHandle
 
 logger = logging.getLogger(__name__)
+
+Phase = Literal["connect", "gate", "read", "confirm", "land"]
+_TIMEOUT_KEYS: dict[Phase, tuple[str, str]] = {
+    "connect": (keys.FAILED_HANDSHAKES, "handshake"),
+    "gate": (keys.FAILED_CONFIRMS, "waiting for the producer to stage the blocks"),
+    "read": (keys.FAILED_TRANSFERS, "READ"),
+    "confirm": (keys.FAILED_CONFIRMS, "lease confirmation"),
+}
 
 
 @dataclass
 class _Recv:
     spec: RecvSpec
-    started: float
+    deadline: float
+    phase: Phase = "connect"
     future: Future[NixlAgentMetadata] | None = None
-    remote: RemoteEngine | None = None
+    remote: RemoteEngine | None = None  # bound (counted in its inflight) in gate and read
+    instance_id: str = ""  # the producer instance read from
     handle: XferHandle | None = None
     dlists: list[DlistHandle] = field(default_factory=list)  # per-transfer (merged) dlists
     plan: ReadPlan | None = None
-    posted_at: float = 0.0
     posted_wall: float = 0.0
+    phase_wall: float = 0.0  # perf_counter() when confirm / land began
+    landing: CopyHandle | None = None
     aborted: bool = False
     report: bool = True  # an aborted load is still reported in finished_recving when it ends
 
@@ -62,7 +81,7 @@ class ReaderConfig:
 
 
 class KVReader:
-    """Runs in a consumer worker; owns the in-flight loads: their READs and transient dlists."""
+    """Runs in a consumer worker; owns the in-flight loads: their READs, dlists and copies."""
 
     def __init__(
         self,
@@ -73,16 +92,19 @@ class KVReader:
         engines: RemoteEngines,
         config: ReaderConfig,
         stats: KVConnectorStats,
+        confirmer: LeaseConfirmer,
+        staging: HostStaging | None = None,
     ) -> None:
         self._t = transport
-        self._local = local
-        self._local_dlist = local_dlist
+        self._local = local  # the host buffer's blocks when ``staging``
+        self._xfers = ReadXfers(transport, local, local_dlist)
         self._group_layers = group_layers
         self.engines = engines
         self._cfg = config
         self._stats = stats
+        self.confirmer = confirmer
+        self._staging = staging
         self._recvs: dict[str, _Recv] = {}  # request id -> load in progress
-        self._zombies: list[XferHandle] = []  # handles whose release failed; retried
         self._recving: set[str] = set()
         self._invalid: set[int] = set()
         self._failures: dict[str, str] = {}
@@ -92,7 +114,7 @@ class KVReader:
         if spec.request_id in self._recvs:
             logger.warning("load of %s requested twice; ignoring the second", spec.request_id)
             return
-        recv = _Recv(spec, now)
+        recv = _Recv(spec, now + self._cfg.transfer_timeout_s)
         self._recvs[spec.request_id] = recv
         if spec.fail_reason is not None:
             self._fail(recv, spec.fail_reason)
@@ -106,11 +128,12 @@ class KVReader:
                 self._recving.add(request_id)
             return
         recv.aborted, recv.report = True, report
-        if recv.handle is None:
-            self.engines.notify(
-                recv.spec.remote_engine_id, "release", [recv.spec.remote_request_id]
-            )
+        if recv.phase in ("connect", "gate"):
+            self._notify_release(recv)
             self._end(recv)
+        elif recv.phase == "confirm":
+            self._end(recv)
+        # read / land: ends when the READ / copy does
 
     def release(self, rel: RemoteRelease) -> None:
         """Tell an attached producer to free a request's blocks (else its lease lapses)."""
@@ -119,63 +142,89 @@ class KVReader:
 
     # -- progress -------------------------------------------------------------------------------
     def poll(self, now: float) -> None:
-        self._retry_zombies()
+        self._xfers.retry_zombies()
         for engine_id in self.engines.detach_idle_stale():
             for recv in self._recvs.values():
-                if recv.spec.remote_engine_id == engine_id:
+                if recv.spec.remote_engine_id == engine_id and recv.phase == "connect":
                     recv.future = None  # handshake afresh
+        verdicts = self.confirmer.collect(now)
         for recv in list(self._recvs.values()):
-            if recv.handle is None:
+            if recv.phase == "connect":
                 self._advance(recv, now)
-            else:
-                self._check(recv, recv.handle, now)
+            elif recv.phase == "read" and recv.handle is not None:
+                self._on_state(recv, self._xfers.state(recv.handle, recv.spec.request_id), now)
+            elif recv.phase == "land":
+                self._check_landing(recv, now)
+            elif recv.spec.request_id in verdicts:
+                self._settle(recv, verdicts[recv.spec.request_id], now)
         for recv in list(self._recvs.values()):
-            if now - recv.started > self._cfg.transfer_timeout_s:
-                reading = recv.handle is not None
-                if recv.remote is not None:
+            if recv.phase != "land" and now > recv.deadline:
+                key, what = _TIMEOUT_KEYS[recv.phase]
+                if recv.phase == "read" and recv.remote is not None:
                     recv.remote.stale = True
-                self._stats.incr(keys.FAILED_TRANSFERS if reading else keys.FAILED_HANDSHAKES)
-                what = "READ" if reading else "handshake"
+                self._stats.incr(key)
                 self._fail(recv, f"timed out after {self._cfg.transfer_timeout_s:g}s ({what})")
         waiting: dict[str, list[str]] = {}
         for recv in self._recvs.values():
             if recv.remote is not None and not recv.aborted:
                 waiting.setdefault(recv.remote.engine_id, []).append(recv.spec.remote_request_id)
         self.engines.heartbeat(now, waiting, self._cfg.heartbeat_interval_s)
+        self.confirmer.send_due(now)
 
     def _advance(self, recv: _Recv, now: float) -> None:
+        connecting = self.engines.connect(recv.spec, recv.future)
+        recv.future = connecting.future
+        if connecting.error is not None:
+            self._fail(recv, connecting.error)
+            return
+        remote = connecting.remote
+        if remote is None:
+            return
+        recv.remote, recv.instance_id = remote, remote.instance_id
+        remote.inflight += 1
+        if remote.staged:
+            recv.phase = "gate"
+            self._ask(recv, now)
+        else:
+            self._post(recv, remote, now)
+
+    def _ask(self, recv: _Recv, now: float) -> None:
         spec = recv.spec
-        remote = self.engines.get(spec.remote_engine_id)
-        if remote is not None:
-            if not remote.stale:
-                self._post(recv, remote, now)
-            return
-        if recv.future is None:
-            recv.future = self.engines.fetch(
-                spec.remote_engine_id, spec.remote_host, spec.remote_port
-            )
-        if not recv.future.done():
-            return
-        error = (
-            HandshakeError("handshake cancelled")
-            if recv.future.cancelled()
-            else recv.future.exception()
+        self.confirmer.ask(
+            spec.request_id,
+            self.engines.endpoint(spec.remote_host, spec.remote_port),
+            engine_id=spec.remote_engine_id,
+            instance_id=recv.instance_id,
+            request_id=spec.remote_request_id,
+            now=now,
         )
-        if error is not None:
-            self._stats.incr(keys.FAILED_HANDSHAKES)
-            self._fail(
-                recv,
-                f"handshake with engine {spec.remote_engine_id} at "
-                f"{spec.remote_host}:{spec.remote_port} failed: {error}",
-            )
+
+    def _settle(self, recv: _Recv, verdict: Verdict, now: float) -> None:
+        rid, engine = recv.spec.remote_request_id, recv.spec.remote_engine_id
+        remote = self.engines.get(engine)
+        if verdict == "restarted" and remote is not None and remote.instance_id == recv.instance_id:
+            remote.stale = True  # its agent is gone: detach once idle, handshake afresh
+        if recv.phase == "gate":
+            if verdict == "held" and recv.remote is not None:
+                if recv.remote.stale:  # another READ failed meanwhile: handshake afresh
+                    self._unbind(recv)
+                    recv.phase = "connect"
+                else:
+                    self._post(recv, recv.remote, now)
+                return
+            self._stats.incr(keys.FAILED_CONFIRMS)
+            self._fail(recv, f"engine {engine} holds no staged blocks for {rid} ({verdict})")
             return
-        try:
-            remote = self.engines.attach(recv.future.result())
-        except TRANSPORT_ERRORS as e:
-            self._stats.incr(keys.FAILED_HANDSHAKES)
-            self._fail(recv, f"cannot attach engine {spec.remote_engine_id}: {e}")
+        self._stats.observe(keys.CONFIRM_TIME, time.perf_counter() - recv.phase_wall)
+        if verdict in ("held", "done"):
+            self._land(recv, now)
             return
-        self._post(recv, remote, now)
+        self._stats.incr(keys.FAILED_CONFIRMS)
+        self._fail(
+            recv,
+            f"engine {engine}'s lease on {rid} was {verdict} when the READ ended: the blocks "
+            "read may have been reused",
+        )
 
     def _post(self, recv: _Recv, remote: RemoteEngine, now: float) -> None:
         spec = recv.spec
@@ -195,93 +244,77 @@ class KVReader:
             self.engines.notify(spec.remote_engine_id, "done", [spec.remote_request_id])
             self._end(recv)
             return
-        recv.remote, recv.plan = remote, plan
-        remote.inflight += 1
-        notif = encode_notif("done", [spec.remote_request_id])
+        recv.phase, recv.plan = "read", plan
         start = time.perf_counter()
         try:
-            if plan.merged:
-                local_dlist = self._prep(LOCAL_AGENT, plan.local_items, self._local, recv)
-                remote_dlist = self._prep(
-                    remote.agent_name, plan.remote_items, remote.regions, recv
-                )
-                idx = list(range(len(plan.local_items)))
-                recv.handle = self._t.make_prepped_xfer(
-                    "READ", local_dlist, idx, remote_dlist, idx, notif
-                )
-            else:
-                recv.handle = self._t.make_prepped_xfer(
-                    "READ",
-                    self._local_dlist,
-                    plan.local_indices,
-                    remote.dlist,
-                    plan.remote_indices,
-                    notif,
-                )
-            recv.posted_at, recv.posted_wall = now, time.perf_counter()
-            state: XferState = self._t.transfer(recv.handle)
-            self._stats.observe(keys.POST_TIME, time.perf_counter() - start)
+            posted = self._xfers.post(plan, remote, encode_notif("done", [spec.remote_request_id]))
         except TRANSPORT_ERRORS as e:
             self._stats.incr(keys.FAILED_TRANSFERS)
             self._fail(recv, f"posting the READ failed: {e}")
             return
-        self._on_state(recv, state, now)
-
-    def _prep(
-        self, agent: str, items: list[tuple[int, int, int]], regions: KVRegions, recv: _Recv
-    ) -> DlistHandle:
-        handle = self._t.prep_xfer_dlist(agent, self._t.get_xfer_descs(items, memory_type(regions)))
-        recv.dlists.append(handle)
-        return handle
-
-    def _check(self, recv: _Recv, handle: XferHandle, now: float) -> None:
-        try:
-            state = self._t.check_xfer_state(handle)
-        except NixlTransportError as e:
-            logger.warning("checking the READ of %s failed: %s", recv.spec.request_id, e)
-            state = "ERR"
-        self._on_state(recv, state, now)
+        self._stats.observe(keys.POST_TIME, time.perf_counter() - start)
+        recv.handle, recv.dlists, recv.posted_wall = (
+            posted.handle,
+            posted.dlists,
+            posted.posted_wall,
+        )
+        self._on_state(recv, posted.state, now)
 
     def _on_state(self, recv: _Recv, state: XferState, now: float) -> None:
         if state == "DONE":
-            self._complete(recv)
+            self._read_done(recv, now)
         elif state == "ERR":
             if recv.remote is not None:
                 recv.remote.stale = True
             self._stats.incr(keys.FAILED_TRANSFERS)
             self._fail(recv, f"READ from engine {recv.spec.remote_engine_id} ended in ERR")
 
-    def _complete(self, recv: _Recv) -> None:
-        seconds = time.perf_counter() - recv.posted_wall
-        telemetry = None
-        try:
-            if recv.handle is not None:
-                telemetry = self._t.get_xfer_telemetry(recv.handle)
-        except NixlTransportError as e:
-            logger.debug("no telemetry for %s: %s", recv.spec.request_id, e)
-        if telemetry is not None and telemetry.xfer_duration_us > 0:
-            seconds = telemetry.xfer_duration_us / 1e6
-        plan = recv.plan
-        if plan is None:
+    def _read_done(self, recv: _Recv, now: float) -> None:
+        if recv.plan is None or recv.handle is None:
             raise RuntimeError(f"READ of {recv.spec.request_id} completed without a plan")
-        self._stats.incr(keys.NUM_TRANSFERS)
-        self._stats.incr(keys.NOTIFICATIONS_SENT)
-        self._stats.observe(keys.XFER_TIME, seconds)
-        self._stats.observe(keys.BYTES, plan.num_bytes)
-        self._stats.observe(keys.NUM_DESCRIPTORS, plan.num_descs)
-        if seconds > self._cfg.slow_transfer_s:
-            logger.warning(
-                "slow READ for %s: %d bytes in %d descriptors took %.3fs (%.2f GB/s); UCX_TLS=%s "
-                "(run with UCX_PROTO_INFO=y to see the transports UCX picked; a VRAM path "
-                "over tcp is the usual cause)",
-                recv.spec.request_id,
-                plan.num_bytes,
-                plan.num_descs,
-                seconds,
-                plan.num_bytes / seconds / 1e9,
-                os.environ.get("UCX_TLS", "(default)"),
-            )
-        self._end(recv)
+        record_read(
+            self._stats,
+            self._t,
+            recv.handle,
+            recv.plan,
+            posted_wall=recv.posted_wall,
+            slow_s=self._cfg.slow_transfer_s,
+            request_id=recv.spec.request_id,
+        )
+        self._release_transfer(recv)
+        self._unbind(recv)
+        if recv.aborted:
+            self._end(recv)
+            return
+        recv.phase, recv.phase_wall = "confirm", time.perf_counter()
+        recv.deadline = now + self._cfg.transfer_timeout_s
+        self._ask(recv, now)
+
+    def _land(self, recv: _Recv, now: float) -> None:
+        if self._staging is None:
+            self._end(recv)
+            return
+        recv.phase, recv.phase_wall = "land", time.perf_counter()
+        try:
+            recv.landing = self._staging.stage_in(recv.spec.local_block_ids)
+        except Exception as e:
+            self._fail(recv, f"copying the blocks from the host buffer failed: {e}")
+            return
+        self._check_landing(recv, now)
+
+    def _check_landing(self, recv: _Recv, now: float) -> None:
+        if recv.landing is None:
+            raise RuntimeError(f"load of {recv.spec.request_id} lands without a copy")
+        try:
+            done = recv.landing.done()
+        except Exception as e:
+            recv.landing = None
+            self._fail(recv, f"copying the blocks from the host buffer failed: {e}")
+            return
+        if done:
+            recv.landing = None
+            self._stats.observe(keys.STAGE_IN_TIME, time.perf_counter() - recv.phase_wall)
+            self._end(recv)
 
     # -- endings --------------------------------------------------------------------------------
     def _fail(self, recv: _Recv, reason: str) -> None:
@@ -296,38 +329,30 @@ class KVReader:
             )
             self._invalid |= blocks
             self._failures[spec.request_id] = reason
-        self.engines.notify(spec.remote_engine_id, "release", [spec.remote_request_id])
+        if recv.phase in ("connect", "gate", "read"):  # after a READ, its "done" went out
+            self._notify_release(recv)
         self._end(recv)
+
+    def _notify_release(self, recv: _Recv) -> None:
+        self.engines.notify(recv.spec.remote_engine_id, "release", [recv.spec.remote_request_id])
 
     def _end(self, recv: _Recv) -> None:
         """Release what the load holds and report it (as aborted or as received)."""
-        if recv.handle is not None:
-            self._release_xfer(recv.handle)
-            recv.handle = None
-        for dlist in recv.dlists:
-            try:
-                self._t.release_dlist_handle(dlist)
-            except NixlTransportError as e:
-                logger.error("releasing a dlist of %s failed: %s", recv.spec.request_id, e)
-        recv.dlists.clear()
-        if recv.remote is not None:
-            recv.remote.inflight -= 1
-            recv.remote = None
+        self._release_transfer(recv)
+        self._unbind(recv)
+        self.confirmer.cancel(recv.spec.request_id)
         self._recvs.pop(recv.spec.request_id, None)
         if not recv.aborted or recv.report:
             self._recving.add(recv.spec.request_id)
 
-    def _release_xfer(self, handle: XferHandle) -> None:
-        try:
-            self._t.release_xfer_handle(handle)
-        except NixlTransportError as e:
-            logger.error("releasing transfer %s failed (%s); will retry", handle, e)
-            self._zombies.append(handle)
+    def _unbind(self, recv: _Recv) -> None:
+        if recv.remote is not None:
+            recv.remote.inflight -= 1
+            recv.remote = None
 
-    def _retry_zombies(self) -> None:
-        zombies, self._zombies = self._zombies, []
-        for handle in zombies:
-            self._release_xfer(handle)
+    def _release_transfer(self, recv: _Recv) -> None:
+        self._xfers.release(recv.handle, recv.dlists, recv.spec.request_id)
+        recv.handle = None
 
     # -- outputs --------------------------------------------------------------------------------
     def take_recving(self) -> set[str]:
@@ -351,15 +376,24 @@ class KVReader:
             users = sum(1 for r in self._recvs.values() if r.remote is remote)
             if users != remote.inflight:
                 raise AssertionError(
-                    f"KVReader: engine {remote.engine_id} counts {remote.inflight} READs, "
+                    f"KVReader: engine {remote.engine_id} counts {remote.inflight} users, "
                     f"{users} hold it"
                 )
+        asking = {rid for rid, r in self._recvs.items() if r.phase in ("gate", "confirm")}
+        if self.confirmer.num_open > len(asking):
+            raise AssertionError("KVReader: lease questions open for loads that ended")
 
     def close(self) -> None:
         """Release every handle, dlist and remote agent; idempotent."""
         for recv in list(self._recvs.values()):
+            if recv.landing is not None:
+                try:
+                    recv.landing.wait()
+                except Exception as e:  # shutting down: nothing left to recover
+                    logger.error("a landing copy of %s failed: %s", recv.spec.request_id, e)
             recv.aborted = True
             self._end(recv)
-        self._retry_zombies()
+        self._xfers.retry_zombies()
+        self.confirmer.close()
         self.engines.close()
         self._recving.clear()

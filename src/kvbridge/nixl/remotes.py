@@ -7,11 +7,12 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.handshake import Handshaker, NixlAgentMetadata
-from kvbridge.nixl.metadata import NotifKind, encode_notif
+from kvbridge.nixl.handshake import HandshakeError, Handshaker, NixlAgentMetadata
+from kvbridge.nixl.metadata import NotifKind, RecvSpec, encode_notif
 from kvbridge.nixl.transfers import KVRegions
 from kvbridge.nixl.transport import (
     DlistHandle,
@@ -36,6 +37,16 @@ class RemoteEngine:
     inflight: int = 0  # READs posted against it and not yet ended
     last_heartbeat: float = -math.inf
     stale: bool = False  # a READ failed: detach once idle, handshake again
+    instance_id: str = ""  # the producer worker instance (its agent name)
+    staged: bool = False  # it serves a host buffer: ask for its lease before reading
+
+
+class Connecting(NamedTuple):
+    """Where a load stands on its way to a usable remote engine: at most one field is set."""
+
+    remote: RemoteEngine | None  # attached and usable now
+    future: Future[NixlAgentMetadata] | None  # handshake still running
+    error: str | None  # handshake or attach failed
 
 
 class RemoteEngines:
@@ -61,7 +72,36 @@ class RemoteEngines:
 
     def fetch(self, engine_id: str, host: str, port: int) -> Future[NixlAgentMetadata]:
         """Start (or join) the background handshake; worker rank r talks to the producer's r."""
-        return self._handshaker.fetch(engine_id, host, port + self._tp_rank, self._tp_rank)
+        host, port = self.endpoint(host, port)
+        return self._handshaker.fetch(engine_id, host, port, self._tp_rank)
+
+    def connect(self, spec: RecvSpec, future: Future[NixlAgentMetadata] | None) -> Connecting:
+        """Advance a load towards its producer: handshake in the background, then attach."""
+        remote = self._engines.get(spec.remote_engine_id)
+        if remote is not None:  # a stale one is detached once idle, then handshaken afresh
+            return Connecting(None if remote.stale else remote, None, None)
+        if future is None:
+            future = self.fetch(spec.remote_engine_id, spec.remote_host, spec.remote_port)
+        if not future.done():
+            return Connecting(None, future, None)
+        error = HandshakeError("handshake cancelled") if future.cancelled() else future.exception()
+        if error is not None:
+            self._stats.incr(keys.FAILED_HANDSHAKES)
+            where = f"{spec.remote_host}:{spec.remote_port}"
+            return Connecting(
+                None,
+                None,
+                f"handshake with engine {spec.remote_engine_id} at {where} failed: {error}",
+            )
+        try:
+            return Connecting(self.attach(future.result()), None, None)
+        except TRANSPORT_ERRORS as e:
+            self._stats.incr(keys.FAILED_HANDSHAKES)
+            return Connecting(None, None, f"cannot attach engine {spec.remote_engine_id}: {e}")
+
+    def endpoint(self, host: str, port: int) -> tuple[str, int]:
+        """The side channel of this worker's rank of a producer whose rank 0 is at host:port."""
+        return host, port + self._tp_rank
 
     def attach(self, md: NixlAgentMetadata) -> RemoteEngine:
         """Load the producer's agent and prepare its per-block dlist; raises TRANSPORT_ERRORS."""
@@ -88,7 +128,14 @@ class RemoteEngines:
         except TRANSPORT_ERRORS:
             self._t.remove_remote_agent(agent)
             raise
-        engine = RemoteEngine(md.engine_id, agent, regions, dlist)
+        engine = RemoteEngine(
+            md.engine_id,
+            agent,
+            regions,
+            dlist,
+            instance_id=md.instance_id,
+            staged=md.kv_buffer_device == "cpu",
+        )
         self._engines[md.engine_id] = engine
         logger.info("attached engine %s (agent %s, %d blocks)", md.engine_id, agent, md.num_blocks)
         return engine

@@ -246,6 +246,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             num_blocks=n * len(held),
             lease_duration_s=self.settings.kv_lease_duration_s,
             abort_timeout_s=self.settings.abort_timeout_s,
+            block_ids=held,
         )
         params_out: dict[str, Any] = remote_prefill_params(
             engine_id=self.config.engine_id,

@@ -1,7 +1,9 @@
 """Names of the NixlConnector's ``KVConnectorStats`` keys (SPEC §7 maps them to metrics).
 
 Samples (one value per transfer): ``xfer_time_seconds``, ``post_time_seconds``,
-``bytes_transferred``, ``num_descriptors``. Everything else is a counter.
+``bytes_transferred``, ``num_descriptors``, ``lease_confirm_time_seconds`` (READ seen done to
+the producer's answer), ``stage_in_time_seconds`` (host-staged mode: READ confirmed to blocks
+in the cache). Everything else is a counter.
 """
 
 from __future__ import annotations
@@ -17,3 +19,6 @@ FAILED_NOTIFICATIONS = "num_failed_notifications"
 NOTIFICATIONS_SENT = "num_notifications_sent"
 NOTIFICATIONS_RECEIVED = "num_notifications_received"
 EXPIRED_REQS = "num_kv_expired_reqs"
+FAILED_CONFIRMS = "num_failed_lease_confirms"
+CONFIRM_TIME = "lease_confirm_time_seconds"
+STAGE_IN_TIME = "stage_in_time_seconds"

@@ -1,9 +1,13 @@
 """NixlWorker: the worker half of prefill/decode disaggregation (SPEC §3).
 
-Producer: registers the KV cache with NIXL, serves its agent metadata on the side channel and
-holds finished requests' blocks under leases (``LeaseTable``) until the consumer's ``done``
-notification or a lapse. Consumer: loads remote blocks with one READ per request
-(``KVReader``). torch is never imported: tensors are only asked for their address and shape.
+Producer: registers the KV cache with NIXL, serves its agent metadata and its leases' outcomes
+on the side channel and holds finished requests' blocks under leases (``LeaseKeeper``) until
+the consumer's ``done`` notification or a lapse. Consumer: loads remote blocks with one READ
+per request, confirmed against the producer's lease (``KVReader``).
+
+``kv_buffer_device: "cpu"`` registers a host mirror of the cache instead (``HostStaging``):
+held blocks are copied into it before their lease starts, loaded blocks land in it and are
+copied into the cache before the load is reported. torch is never imported here.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.connector.base import KVConnectorWorker, KVConnectorWorkerMetadata
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import FinishedTransfers, KVCacheLayout, KVCacheSpec
-from kvbridge.nixl import stats as keys
 from kvbridge.nixl.handshake import (
     HandshakeListener,
     Handshaker,
@@ -27,11 +30,15 @@ from kvbridge.nixl.handshake import (
     compat_hash,
     encode_envelope,
 )
+from kvbridge.nixl.lease_confirm import LEASE_FRAME, LeaseConfirmer, lease_query_handler
 from kvbridge.nixl.leases import LeaseTable
-from kvbridge.nixl.metadata import NixlConnectorMetadata, NixlWorkerMetadata, decode_notif
+from kvbridge.nixl.metadata import NixlConnectorMetadata, NixlWorkerMetadata
+from kvbridge.nixl.producer import LeaseKeeper
 from kvbridge.nixl.reader import KVReader, ReaderConfig
+from kvbridge.nixl.registration import agent_metadata, cache_regions, check_kv_caches
 from kvbridge.nixl.remotes import RemoteEngines
 from kvbridge.nixl.settings import NixlSettings
+from kvbridge.nixl.staging import HostStaging
 from kvbridge.nixl.transfers import KVRegions
 from kvbridge.nixl.transport import (
     LOCAL_AGENT,
@@ -70,13 +77,14 @@ class _Registered:
     """Everything that exists once the KV cache is registered."""
 
     transport: NixlTransport
-    regions: KVRegions
+    regions: KVRegions  # what NIXL reads and writes: the cache, or its host mirror
     reg_descs: RegDescs
     local_dlist: DlistHandle
     agent_metadata: NixlAgentMetadata
     listener: HandshakeListener | None
     handshaker: Handshaker | None
     reader: KVReader | None
+    staging: HostStaging | None
 
 
 class NixlWorker(KVConnectorWorker):
@@ -93,11 +101,6 @@ class NixlWorker(KVConnectorWorker):
     ) -> None:
         super().__init__(config, cache_spec)
         self.settings = NixlSettings.from_config(config)
-        if config.kv_buffer_device == "cpu":
-            raise ConfigError(
-                "kv_buffer_device: 'cpu' (host-staged NIXL transfers) is not supported yet; use "
-                "'cuda' (NIXL reads the KV cache where it lives, GPU or CPU memory)"
-            )
         if cache_spec.layout is not KVCacheLayout.BLOCKS_FIRST:
             raise ConfigError(
                 f"kv_layout: NixlConnector needs 'blocks_first', got {cache_spec.layout.value!r}"
@@ -109,9 +112,14 @@ class NixlWorker(KVConnectorWorker):
         self.compat_hash = compat_hash(cache_spec)
         self.stats = KVConnectorStats()
         self.leases = LeaseTable()
+        self.producer = LeaseKeeper(
+            self.leases,
+            self.stats,
+            lease_duration_s=self.settings.kv_lease_duration_s,
+            abort_timeout_s=self.settings.abort_timeout_s,
+        )
         self.leaked: LiveCounts | None = None  # what the transport still held at shutdown
         self._reg: _Registered | None = None
-        self._sched_finished: set[str] = set()
         self._announced = False
         self._closed = False
 
@@ -121,26 +129,49 @@ class NixlWorker(KVConnectorWorker):
             raise RuntimeError("NixlWorker: register_kv_caches() has not been called")
         return self._reg
 
+    @property
+    def host_staged(self) -> bool:
+        return self.config.kv_buffer_device == "cpu"
+
     # -- start-up -------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self._reg is not None or self._closed:
             raise RuntimeError("NixlWorker: register_kv_caches() called twice or after shutdown")
-        regions = self._regions_of(kv_caches)
+        layers = check_kv_caches(self.cache_spec, kv_caches)
+        staging = None
+        regions = cache_regions(self.cache_spec, layers)
+        if self.host_staged:
+            staging = HostStaging(layers.tensors, layers.group_layers)
+            regions = staging.regions(layers.names, regions.block_len)
         mem: MemoryType = "VRAM" if regions.memory_type == "VRAM" else "DRAM"
         transport = self._factory(self.agent_name)
-        listener = handshaker = None
+        listener = handshaker = confirmer = None
         try:
             reg_descs = transport.get_reg_descs(regions.region_items(), mem)
             transport.register_memory(reg_descs)
             local = transport.prep_xfer_dlist(
                 LOCAL_AGENT, transport.get_xfer_descs(regions.block_items(), mem)
             )
-            md = self._agent_metadata(transport, regions)
+            md = agent_metadata(
+                engine_id=self.config.engine_id,
+                rank=self.rank,
+                instance_id=self.agent_name,
+                agent_bytes=transport.get_agent_metadata(),
+                spec=self.cache_spec,
+                regions=regions,
+                kv_buffer_device=self.config.kv_buffer_device,
+            )
             s = self.settings
             if self.config.is_producer:
                 port = s.side_channel_port + self.rank if s.side_channel_port else 0
                 answer = encode_envelope(md, self.compat_hash)
-                listener = HandshakeListener(s.side_channel_host, port, answer, self.compat_hash)
+                leases = lease_query_handler(
+                    self.config.engine_id, self.agent_name, self.leases.outcome
+                )
+                listener = HandshakeListener(
+                    s.side_channel_host, port, answer, self.compat_hash, {LEASE_FRAME: leases}
+                )
+                self.producer.staging = staging
             reader = None
             if self.config.is_consumer:
                 handshaker = Handshaker(
@@ -151,86 +182,43 @@ class NixlWorker(KVConnectorWorker):
                     num_threads=s.num_threads,
                     enforce_compat=s.enforce_handshake_compat,
                 )
+                confirmer = LeaseConfirmer()
                 cfg = ReaderConfig(
                     s.transfer_timeout_s,
                     s.heartbeat_interval_s,
                     s.merge_contiguous_blocks,
                     s.slow_transfer_s,
                 )
-                groups = [
-                    [regions.layer_names.index(n) for n in g.layer_names]
-                    for g in self.cache_spec.groups
-                ]
                 engines = RemoteEngines(transport, regions, handshaker, self.stats, self.rank)
-                reader = KVReader(transport, regions, local, groups, engines, cfg, self.stats)
+                reader = KVReader(
+                    transport,
+                    regions,
+                    local,
+                    layers.group_layers,
+                    engines,
+                    cfg,
+                    self.stats,
+                    confirmer,
+                    staging,
+                )
         except BaseException:
-            for part in (listener, handshaker):
+            for part in (listener, handshaker, confirmer):
                 if part is not None:
                     part.close()
+            if staging is not None:
+                staging.shutdown()
             transport.close()
             raise
         self._reg = _Registered(
-            transport, regions, reg_descs, local, md, listener, handshaker, reader
+            transport, regions, reg_descs, local, md, listener, handshaker, reader, staging
         )
         logger.info(
-            "NIXL worker %s registered %d layers x %d blocks (%s)",
+            "NIXL worker %s registered %d layers x %d blocks (%s%s)",
             self.agent_name,
             len(regions.layer_names),
             regions.num_blocks,
             regions.memory_type,
-        )
-
-    def _regions_of(self, kv_caches: dict[str, torch.Tensor]) -> KVRegions:
-        spec = self.cache_spec
-        names = list(dict.fromkeys(n for g in spec.groups for n in g.layer_names))
-        missing = sorted(set(names) - set(kv_caches))
-        extra = sorted(set(kv_caches) - set(names))
-        if missing or extra:
-            raise ConfigError(
-                f"kv_caches: layers {missing or extra} "
-                f"{'missing' if missing else 'not in the cache spec'}"
-            )
-        want = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        tensors = [kv_caches[n] for n in names]
-        for name, t in zip(names, tensors):
-            if tuple(t.shape) != want or str(t.dtype).removeprefix("torch.") != spec.dtype:
-                raise ConfigError(
-                    f"kv_caches[{name!r}]: {tuple(t.shape)} {t.dtype}, the cache spec declares "
-                    f"{want} {spec.dtype} (blocks_first)"
-                )
-            if not t.is_contiguous() or t.device != tensors[0].device:
-                raise ConfigError(
-                    f"kv_caches[{name!r}]: must be contiguous and on {tensors[0].device}"
-                )
-        device = tensors[0].device
-        return KVRegions(
-            layer_names=tuple(names),
-            base_addrs=tuple(t.data_ptr() for t in tensors),
-            block_len=spec.block_bytes_per_layer,
-            block_stride=tensors[0].stride(0) * tensors[0].element_size(),
-            num_blocks=spec.num_blocks,
-            memory_type="VRAM" if device.type == "cuda" else "DRAM",
-            device_id=device.index or 0,
-        )
-
-    def _agent_metadata(self, transport: NixlTransport, regions: KVRegions) -> NixlAgentMetadata:
-        spec = self.cache_spec
-        return NixlAgentMetadata(
-            engine_id=self.config.engine_id,
-            tp_rank=self.rank,
-            agent_metadata=transport.get_agent_metadata(),
-            layer_names=list(regions.layer_names),
-            kv_base_addrs=list(regions.base_addrs),
-            block_len=regions.block_len,
-            block_stride=regions.block_stride,
-            block_size=spec.block_size,
-            layout=spec.layout.value,
-            num_blocks=regions.num_blocks,
-            dtype=spec.dtype,
-            num_layers=spec.num_layers,
-            memory_type=regions.memory_type,
-            device_id=regions.device_id,
-            kv_buffer_device=self.config.kv_buffer_device,
+            ", host-staged" if staging is not None else "",
         )
 
     def get_handshake_metadata(self) -> NixlAgentMetadata | None:
@@ -250,8 +238,7 @@ class NixlWorker(KVConnectorWorker):
             )
         reg = self.registered
         now = self._clock()
-        for send in meta.reqs_to_send.values():
-            self.leases.start(send, now)
+        self.producer.start(list(meta.reqs_to_send.values()), now)
         reader = reg.reader
         if reader is None:
             if meta.reqs_to_recv or meta.reqs_aborted or meta.reqs_to_release:
@@ -275,37 +262,9 @@ class NixlWorker(KVConnectorWorker):
             reader.poll(now)
             recving = reader.take_recving()
         if self._reg.listener is not None:
-            self._drain_notifs(now)
-        expired = self.leases.expire(now, early_ttl_s=self.settings.abort_timeout_s)
-        if expired:
-            self.stats.incr(keys.EXPIRED_REQS, len(expired))
-        # Only ids the scheduler said finished (a SendSpec and its finish come in one step).
-        allowed = self._sched_finished | finished_req_ids
-        sending = self.leases.take_finished(allowed)
-        self._sched_finished = {r for r in allowed - sending if self.leases.knows(r)}
+            self.producer.drain_notifs(self._reg.transport, now)
+        sending = self.producer.finished(finished_req_ids, now)
         return FinishedTransfers(frozenset(sending), frozenset(recving))
-
-    def _drain_notifs(self, now: float) -> None:
-        try:
-            notifs = self.registered.transport.get_new_notifs()
-        except NixlTransportError as e:
-            logger.warning("reading NIXL notifications failed: %s", e)
-            return
-        lease_s = self.settings.kv_lease_duration_s
-        for agent, messages in notifs.items():
-            for payload in messages:
-                try:
-                    notif = decode_notif(payload)
-                except ValueError as e:
-                    self.stats.incr(keys.FAILED_NOTIFICATIONS)
-                    logger.warning("notification from %s dropped: %s", agent, e)
-                    continue
-                self.stats.incr(keys.NOTIFICATIONS_RECEIVED)
-                for rid in notif.request_ids:
-                    if notif.kind == "heartbeat":
-                        self.leases.renew(rid, now, lease_s)
-                    else:
-                        self.leases.complete(rid, now)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         reader = None if self._reg is None else self._reg.reader
@@ -351,9 +310,11 @@ class NixlWorker(KVConnectorWorker):
                 part.close()
         if reg.reader is not None:
             reg.reader.close()
-        held = self.leases.clear()
+        held = self.producer.close()
         if held:
             logger.info("shutdown drops %d leases: %s", len(held), sorted(held)[:8])
+        if reg.staging is not None:
+            reg.staging.shutdown()
         t = reg.transport
         for release in (
             lambda: t.release_dlist_handle(reg.local_dlist),

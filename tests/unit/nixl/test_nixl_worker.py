@@ -74,6 +74,12 @@ def send(rid: str = "p-1", blocks: int = 3) -> NixlConnectorMetadata:
     )
 
 
+def hold(producer: Node, rid: str = "p-1", blocks: int = 3) -> None:
+    """The producer holds ``rid``'s blocks under a lease (its scheduler said it finished)."""
+    producer.step(send(rid, blocks), finished=frozenset({rid}))
+    assert producer.worker.leases.outcome(rid) == "held"
+
+
 def run_until(
     node: Node, done: Any, finished: frozenset[str] = frozenset()
 ) -> list[tuple[Any, ...]]:
@@ -97,6 +103,7 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
     nodes: tuple[Node, Node],
 ) -> None:
     producer, consumer = nodes
+    hold(producer)
     first = consumer.step(recv(producer.worker.side_channel_port))
     assert first == (frozenset(), frozenset(), set())
     results = run_until(consumer, got_recving("d-1"))
@@ -123,6 +130,7 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
 
 def test_scattered_blocks_read_through_the_prepared_lists(nodes: tuple[Node, Node]) -> None:
     producer, consumer = nodes
+    hold(producer)
     consumer.step(recv(producer.worker.side_channel_port, local=[9, 2, 4], remote=[1, 8, 3]))
     run_until(consumer, got_recving("d-1"))
     ((_, _, local_idx, _, remote_idx, _), _) = consumer.fake.calls_to("make_prepped_xfer")[0]
@@ -148,6 +156,7 @@ def test_err_marks_load_errors_and_finishes_receiving(
     released = [as_tuple(m) for _, m in consumer.fake.sent_notifs]
     assert ("release", ["p-1"]) in released  # the producer may free at once
     # The failed engine is detached once idle and handshaken afresh for the next request.
+    hold(producer, "p-2")
     consumer.step(recv(producer.worker.side_channel_port, rid="d-2", remote_rid="p-2"))
     run_until(consumer, got_recving("d-2"))
     assert len(consumer.fake.calls_to("remove_remote_agent")) == 1
@@ -353,14 +362,6 @@ def test_shutdown_mid_flight_releases_everything_and_stops_threads(
     assert consumer.worker.leaked == producer.worker.leaked == ZERO
     names = [t.name for t in threading.enumerate()]
     assert not [n for n in names if n.startswith(("kvbridge-handshake", "kvbridge-nixl-side"))]
-
-
-def test_host_staged_mode_is_refused_for_now() -> None:
-    cfg = config("kv_both", "e").to_dict() | {"kv_buffer_device": "cpu"}
-    from kvbridge.config import TransferConfig
-
-    with pytest.raises(ConfigError, match="^kv_buffer_device: 'cpu'.*not supported yet"):
-        NixlWorker(TransferConfig.from_dict(cfg), spec())
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,232 @@
+"""Lease confirmation: a consumer asks a producer's side channel what became of leases.
+
+A READ that completes tells the consumer nothing about whether the producer still held the
+blocks while it ran (a lapsed lease frees them for reuse). So, after the READ (and, when the
+producer stages through host memory, before it too), the consumer asks::
+
+    consumer DEALER  --[b"", b"lease", LeaseQuery(seq, engine_id, request_ids)]-->  producer ROUTER
+    consumer DEALER  <--[b"", LeaseAnswer(seq, engine_id, instance_id, states)]----  producer ROUTER
+
+The producer's side-channel thread answers from its ``LeaseTable`` (locked), so a worker that
+is slow to step does not delay the answer. Queries are batched per producer, resent when
+unanswered, and repeated while the answer is "unknown" (the lease may not have started yet);
+the caller bounds the wait. An answer from another producer instance (it restarted) settles a
+question as "restarted".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+import zmq
+
+from kvbridge.nixl.handshake import tcp_endpoint
+from kvbridge.nixl.leases import LeaseOutcome
+
+logger = logging.getLogger(__name__)
+
+LEASE_FRAME = b"lease"
+MAX_IDS_PER_QUERY = 256  # keeps a query well under the side channel's 64 KiB request limit
+MAX_ANSWER_BYTES = 1 << 20
+Verdict = Literal["held", "done", "released", "expired", "restarted", "refused"]
+
+
+class LeaseQuery(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    engine_id: str  # the producer engine the consumer means
+    request_ids: list[str]
+
+
+class LeaseAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    engine_id: str
+    instance_id: str  # the producer worker's agent name: changes when it restarts
+    states: dict[str, LeaseOutcome] = msgspec.field(default_factory=dict)
+    error: str | None = None
+
+
+_ANSWER_DECODER = msgspec.msgpack.Decoder(LeaseAnswer)
+_QUERY_DECODER = msgspec.msgpack.Decoder(LeaseQuery)
+
+
+def lease_query_handler(
+    engine_id: str, instance_id: str, outcome: Callable[[str], LeaseOutcome]
+) -> Callable[[bytes], bytes]:
+    """The producer's answer to a ``LeaseQuery`` payload; never raises."""
+
+    def answer(payload: bytes) -> bytes:
+        try:
+            query = _QUERY_DECODER.decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets bad UTF-8 through
+            return encode(seq=-1, error=f"malformed lease query: {e}")
+        if query.engine_id != engine_id:
+            return encode(
+                seq=query.seq, error=f"this is engine {engine_id!r}, not {query.engine_id!r}"
+            )
+        if len(query.request_ids) > MAX_IDS_PER_QUERY:
+            n = len(query.request_ids)
+            return encode(
+                seq=query.seq, error=f"{n} request ids in one query (max {MAX_IDS_PER_QUERY})"
+            )
+        return encode(seq=query.seq, states={rid: outcome(rid) for rid in query.request_ids})
+
+    def encode(
+        *, seq: int, states: dict[str, LeaseOutcome] | None = None, error: str | None = None
+    ) -> bytes:
+        answer = LeaseAnswer(
+            seq=seq, engine_id=engine_id, instance_id=instance_id, states=states or {}, error=error
+        )
+        return msgspec.msgpack.encode(answer)
+
+    return answer
+
+
+Endpoint = tuple[str, int]
+
+
+@dataclass
+class _Question:
+    endpoint: Endpoint
+    engine_id: str
+    instance_id: str  # the producer instance whose blocks were (or will be) read
+    request_id: str  # the producer's request id
+    first_seq: int  # answers to older queries do not count
+    next_send: float
+
+
+class LeaseConfirmer:
+    """Runs in a consumer worker; owns its sockets to producers' side channels and open questions.
+
+    ``ask`` opens a question (keyed by the consumer's request id), ``send_due`` sends the due
+    ones (one query per producer), ``collect`` returns the questions settled since. Not
+    thread-safe: the worker thread alone calls it.
+    """
+
+    def __init__(self, *, resend_s: float = 0.5, unknown_retry_s: float = 0.02) -> None:
+        self._resend_s = resend_s
+        self._unknown_retry_s = unknown_retry_s
+        self._ctx = zmq.Context()
+        self._socks: dict[Endpoint, zmq.Socket[bytes]] = {}
+        self._questions: dict[str, _Question] = {}  # consumer request id -> open question
+        self._seq = 0
+        self._closed = False
+        self.num_queries = 0
+
+    def ask(
+        self,
+        key: str,
+        endpoint: Endpoint,
+        *,
+        engine_id: str,
+        instance_id: str,
+        request_id: str,
+        now: float,
+    ) -> None:
+        self._questions[key] = _Question(
+            endpoint, engine_id, instance_id, request_id, self._seq + 1, now
+        )
+
+    def cancel(self, key: str) -> None:
+        self._questions.pop(key, None)
+
+    @property
+    def num_open(self) -> int:
+        return len(self._questions)
+
+    def send_due(self, now: float) -> None:
+        """Send one query per producer for the questions due now."""
+        due: dict[tuple[Endpoint, str], list[_Question]] = {}
+        for q in self._questions.values():
+            if now >= q.next_send:
+                due.setdefault((q.endpoint, q.engine_id), []).append(q)
+        for (endpoint, engine_id), questions in due.items():
+            for i in range(0, len(questions), MAX_IDS_PER_QUERY):
+                batch = questions[i : i + MAX_IDS_PER_QUERY]
+                self._seq += 1
+                query = LeaseQuery(
+                    seq=self._seq, engine_id=engine_id, request_ids=[q.request_id for q in batch]
+                )
+                self._send(endpoint, msgspec.msgpack.encode(query))
+                for q in batch:
+                    q.next_send = now + self._resend_s
+
+    def collect(self, now: float) -> dict[str, Verdict]:
+        """Settled questions (consumer request id -> verdict); they are closed."""
+        settled: dict[str, Verdict] = {}
+        for endpoint, sock in list(self._socks.items()):
+            while sock.poll(0):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                answer = _decode(frames, endpoint)
+                if answer is not None:
+                    self._apply(endpoint, answer, now, settled)
+        for key in settled:
+            del self._questions[key]
+        return settled
+
+    def _apply(
+        self, endpoint: Endpoint, answer: LeaseAnswer, now: float, settled: dict[str, Verdict]
+    ) -> None:
+        for key, q in self._questions.items():
+            if q.endpoint != endpoint or answer.seq < q.first_seq or key in settled:
+                continue
+            if answer.error is not None:
+                logger.warning("lease query to %s:%d refused: %s", *endpoint, answer.error)
+                if q.engine_id != answer.engine_id:
+                    settled[key] = "refused"
+                continue
+            state = answer.states.get(q.request_id)
+            if state is None:
+                continue
+            if answer.instance_id != q.instance_id:
+                settled[key] = "restarted"
+            elif state == "unknown":
+                q.next_send = min(q.next_send, now + self._unknown_retry_s)
+            else:
+                settled[key] = state
+
+    def _send(self, endpoint: Endpoint, payload: bytes) -> None:
+        sock = self._socks.get(endpoint)
+        if sock is None:
+            host, port = endpoint
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_ANSWER_BYTES)
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+            sock.connect(tcp_endpoint(host, port))
+            self._socks[endpoint] = sock
+        try:
+            sock.send_multipart([b"", LEASE_FRAME, payload], zmq.NOBLOCK)
+            self.num_queries += 1
+        except zmq.Again:
+            logger.debug("lease query to %s:%d not queued (peer busy); will resend", *endpoint)
+
+    def close(self) -> None:
+        """Close the sockets and forget open questions; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+        self._questions.clear()
+        self._ctx.term()
+
+
+def _decode(frames: list[bytes], endpoint: Endpoint) -> LeaseAnswer | None:
+    body = frames[1:] if frames[:1] == [b""] else frames
+    if len(body) != 1:
+        logger.warning("lease answer from %s:%d has %d frames; dropped", *endpoint, len(body))
+        return None
+    try:
+        return _ANSWER_DECODER.decode(body[0])
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets bad UTF-8 through
+        logger.warning("malformed lease answer from %s:%d dropped: %s", *endpoint, e)
+        return None

@@ -1,0 +1,90 @@
+"""The KV tensors a NIXL worker registers: checked against the cache spec, described as regions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+from kvbridge.config import ConfigError
+from kvbridge.connector.types import KVCacheSpec
+from kvbridge.nixl.handshake import NixlAgentMetadata
+from kvbridge.nixl.transfers import KVRegions
+
+if TYPE_CHECKING:
+    import torch
+
+
+class KVLayers(NamedTuple):
+    """The engine's KV tensors in registration order, and which of them each group uses."""
+
+    names: tuple[str, ...]
+    tensors: list[torch.Tensor]
+    group_layers: list[list[int]]  # per KV cache group, indices into ``names``
+
+
+def check_kv_caches(spec: KVCacheSpec, kv_caches: dict[str, torch.Tensor]) -> KVLayers:
+    """Every layer of the spec, BLOCKS_FIRST, contiguous, one device; ConfigError otherwise."""
+    names = list(dict.fromkeys(n for g in spec.groups for n in g.layer_names))
+    missing = sorted(set(names) - set(kv_caches))
+    extra = sorted(set(kv_caches) - set(names))
+    if missing or extra:
+        raise ConfigError(
+            f"kv_caches: layers {missing or extra} "
+            f"{'missing' if missing else 'not in the cache spec'}"
+        )
+    want = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    tensors = [kv_caches[n] for n in names]
+    for name, t in zip(names, tensors):
+        if tuple(t.shape) != want or str(t.dtype).removeprefix("torch.") != spec.dtype:
+            raise ConfigError(
+                f"kv_caches[{name!r}]: {tuple(t.shape)} {t.dtype}, the cache spec declares "
+                f"{want} {spec.dtype} (blocks_first)"
+            )
+        if not t.is_contiguous() or t.device != tensors[0].device:
+            raise ConfigError(f"kv_caches[{name!r}]: must be contiguous and on {tensors[0].device}")
+    groups = [[names.index(n) for n in g.layer_names] for g in spec.groups]
+    return KVLayers(tuple(names), tensors, groups)
+
+
+def cache_regions(spec: KVCacheSpec, layers: KVLayers) -> KVRegions:
+    """Where the KV cache's blocks live (GPU memory as "VRAM", CPU memory as "DRAM")."""
+    first = layers.tensors[0]
+    return KVRegions(
+        layer_names=layers.names,
+        base_addrs=tuple(t.data_ptr() for t in layers.tensors),
+        block_len=spec.block_bytes_per_layer,
+        block_stride=first.stride(0) * first.element_size(),
+        num_blocks=spec.num_blocks,
+        memory_type="VRAM" if first.device.type == "cuda" else "DRAM",
+        device_id=first.device.index or 0,
+    )
+
+
+def agent_metadata(
+    *,
+    engine_id: str,
+    rank: int,
+    instance_id: str,
+    agent_bytes: bytes,
+    spec: KVCacheSpec,
+    regions: KVRegions,
+    kv_buffer_device: str,
+) -> NixlAgentMetadata:
+    """What a producer serves on its side channel: its agent and the regions it registered."""
+    return NixlAgentMetadata(
+        engine_id=engine_id,
+        tp_rank=rank,
+        agent_metadata=agent_bytes,
+        layer_names=list(regions.layer_names),
+        kv_base_addrs=list(regions.base_addrs),
+        block_len=regions.block_len,
+        block_stride=regions.block_stride,
+        block_size=spec.block_size,
+        layout=spec.layout.value,
+        num_blocks=regions.num_blocks,
+        dtype=spec.dtype,
+        num_layers=spec.num_layers,
+        memory_type=regions.memory_type,
+        device_id=regions.device_id,
+        kv_buffer_device=kv_buffer_device,
+        instance_id=instance_id,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import NamedTuple
 
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import (
@@ -33,6 +34,11 @@ from kvbridge.connector.types import (
 logger = logging.getLogger(__name__)
 
 
+class _Loader(NamedTuple):
+    child: int  # index of the child that matched first
+    load_async: bool
+
+
 class MultiScheduler(KVConnectorScheduler, SupportsHMA):
     """Runs in the scheduler; owns the child scheduler halves and which child loads each request.
 
@@ -51,7 +57,7 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
             self.shutdown()
             raise
         self.names = [c.kv_connector for c in self.child_configs]
-        self._loader: dict[str, int] = {}  # req id -> index of the child that loads it
+        self._loader: dict[str, _Loader] = {}  # req id -> the child that won its load
         self._async_loading: dict[str, int] = {}  # req id -> loader, until finished_recving
         self._extra_async_saves: dict[str, int] = {}  # req id -> delaying children - 1
 
@@ -66,7 +72,7 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
             return MatchResult(None, False)
         for i, answer in enumerate(answers):
             if answer.num_tokens:
-                self._loader[request.request_id] = i
+                self._loader[request.request_id] = _Loader(i, answer.load_async)
                 return answer
         self._loader.pop(request.request_id, None)
         return MatchResult(0, False)
@@ -75,8 +81,9 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
         self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
     ) -> None:
         req_id = request.request_id
-        chosen = self._loader.get(req_id)
-        if num_external_tokens and chosen is None:
+        loader = self._loader.get(req_id)
+        chosen = None if loader is None else loader.child
+        if num_external_tokens and loader is None:
             raise RuntimeError(
                 f"request {req_id}: {num_external_tokens} external tokens allocated but no child "
                 "matched them in get_num_new_matched_tokens"
@@ -85,8 +92,8 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
             child.update_state_after_alloc(
                 request, block_ids, num_external_tokens if i == chosen else 0
             )
-        if num_external_tokens and chosen is not None:
-            self._async_loading[req_id] = chosen
+        if num_external_tokens and loader is not None and loader.load_async:
+            self._async_loading[req_id] = loader.child
 
     def build_connector_meta(self, step: SchedulerStep) -> MultiConnectorMetadata:
         parts = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -289,6 +290,19 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
         name="llama3-8b",
     ),
 }
+# Llama-3.1-8B: the same shapes with llama3 rope scaling and a 128k context (long-prompt benches).
+NAMED_CONFIGS["llama3.1-8b"] = dataclasses.replace(
+    NAMED_CONFIGS["llama3-8b"],
+    max_position_embeddings=131072,
+    rope_scaling=RopeScaling(
+        "llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+    name="llama3.1-8b",
+)
 
 
 def get_model_config(name: str) -> ModelConfig:

@@ -1,0 +1,161 @@
+"""The producer side of ``kvbridge bench nixl``: a real ``NixlWorker`` in its own process.
+
+It registers a seeded KV cache (so the consumer can check the bytes it read), holds the
+requests it is told to under leases, as its scheduler half would, and drains the consumer's
+notifications every 50 ms while idle.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from kvbridge.config import TransferConfig
+from kvbridge.connector.base import KVConnectorRole, KVConnectorWorker
+from kvbridge.connector.factory import create_connector
+from kvbridge.connector.types import KVCacheSpec
+from kvbridge.nixl.metadata import NixlConnectorMetadata, SendSpec
+
+if TYPE_CHECKING:
+    import torch
+
+PRODUCER_ID = "bench-producer"
+HOST = "127.0.0.1"
+TOKENS_PER_BLOCK = 16
+KV_HEADS = 8
+SEED = 1234
+TIMEOUT_S = 60.0
+
+
+def make_spec(layers: int, blocks: int, block_kib: int) -> KVCacheSpec:
+    """A float32 blocks-first cache of ``2 * blocks`` blocks (room for every-other ids)."""
+    head_dim = block_kib * 1024 // (2 * TOKENS_PER_BLOCK * KV_HEADS * 4)
+    return KVCacheSpec(
+        block_size=TOKENS_PER_BLOCK,
+        num_blocks=2 * blocks,
+        num_layers=layers,
+        num_kv_heads=KV_HEADS,
+        head_dim=head_dim,
+        dtype="float32",
+    )
+
+
+def kv_caches(spec: KVCacheSpec, seed: int | None) -> dict[str, torch.Tensor]:
+    """Per-layer caches: seeded random values, or zeros when ``seed`` is None."""
+    import torch
+
+    shape = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    out = {}
+    for i in range(spec.num_layers):
+        if seed is None:
+            out[f"layers.{i}"] = torch.zeros(shape)
+        else:
+            out[f"layers.{i}"] = torch.randn(
+                shape, generator=torch.Generator().manual_seed(seed + i)
+            )
+    return out
+
+
+def nixl_config(role: str, engine_id: str, **extra: Any) -> TransferConfig:
+    return TransferConfig.from_dict(
+        {
+            "kv_connector": "NixlConnector",
+            "kv_role": role,
+            "engine_id": engine_id,
+            "kv_connector_extra_config": {
+                "side_channel_host": HOST,
+                "side_channel_port": 0,
+                "transfer_timeout_s": TIMEOUT_S,
+                **extra,
+            },
+        }
+    )
+
+
+def _step(worker: KVConnectorWorker, meta: NixlConnectorMetadata, finished: frozenset[str]) -> int:
+    worker.bind_connector_metadata(meta)
+    try:
+        worker.start_load_kv()
+        sending, _ = worker.get_finished(finished)
+    finally:
+        worker.clear_connector_metadata()
+    return len(sending)
+
+
+def producer_main(conn: Connection, layers: int, blocks: int, block_kib: int) -> None:
+    """Serve a seeded KV cache; hold requests on ``("hold", ids)``; report on ``("stop",)``."""
+    spec = make_spec(layers, blocks, block_kib)
+    worker = create_connector(nixl_config("kv_producer", PRODUCER_ID), KVConnectorRole.WORKER, spec)
+    released = 0
+    try:
+        cache = kv_caches(spec, SEED)  # referenced until shutdown: NIXL reads this memory
+        worker.register_kv_caches(cache)
+        conn.send(("ready", getattr(worker, "side_channel_port", None)))
+        while True:
+            meta, finished = NixlConnectorMetadata(), frozenset[str]()
+            if conn.poll(0.05):  # idle: drain the consumer's notifications every 50 ms
+                cmd, ids = conn.recv()
+                if cmd == "stop":
+                    break
+                meta.reqs_to_send = {
+                    rid: SendSpec(
+                        request_id=rid,
+                        num_blocks=blocks,
+                        lease_duration_s=TIMEOUT_S,
+                        abort_timeout_s=2 * TIMEOUT_S,
+                    )
+                    for rid in ids
+                }
+                finished = frozenset(ids)
+                conn.send(("held", len(ids)))
+            released += _step(worker, meta, finished)
+        conn.send(("stopped", released))
+    finally:
+        worker.shutdown()
+
+
+class ProducerProcess:
+    """Runs in the bench process; owns the producer process and the pipe to it."""
+
+    def __init__(self, layers: int, blocks: int, block_kib: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=producer_main,
+            args=(theirs, layers, blocks, block_kib),
+            daemon=True,
+        )
+        self.proc.start()
+        theirs.close()
+        try:
+            port = self._expect("ready")
+            if not isinstance(port, int) or port <= 0:
+                raise RuntimeError(f"producer reported no side-channel port ({port!r})")
+        except BaseException:
+            self.proc.kill()
+            raise
+        self.port = port
+
+    def _expect(self, kind: str) -> Any:
+        if not self.conn.poll(TIMEOUT_S):
+            raise TimeoutError(f"the producer sent no {kind!r} within {TIMEOUT_S:g}s")
+        got, payload = self.conn.recv()
+        if got != kind:
+            raise RuntimeError(f"the producer sent {got!r}, expected {kind!r}")
+        return payload
+
+    def hold(self, ids: list[str]) -> None:
+        self.conn.send(("hold", ids))
+        self._expect("held")
+
+    def stop(self) -> int:
+        """Stop it; returns how many holds the consumer's done notifications released."""
+        try:
+            self.conn.send(("stop", []))
+            released: int = self._expect("stopped")
+            return released
+        finally:
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()

@@ -4,7 +4,7 @@ Parts (each against a baseline measured in the same run):
 1. offload copy engine, every strategy, GB/s vs blocks per step, vs the pinned-copy ceiling;
 2. TTFT of a prompt recomputed vs reloaded from the CPU tier, Llama-3-8B shapes, and decode
    tokens/s on the same engine;
-3. NIXL P/D transfer, direct VRAM reads vs the host-staged mode (``kvbridge bench nixl``).
+3. NIXL P/D transfer, direct VRAM reads vs the host-staged mode (``kvbridge bench nixl-modes``).
 Results go to ``--out`` (default ``$OUT`` or ``./gpu-suite``): ``results.json``, ``offload.png``,
 ``ttft.png``.
 """
@@ -33,11 +33,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-suite"))
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--model", default="llama3.1-8b", help="Llama-3-8B shapes, 128k context")
     p.add_argument("--prompt-lens", default="2048,8192,32768")
     p.add_argument("--blocks", default="64,256,1024,4096", help="offload blocks per step")
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--nixl-args", default="", help="extra arguments for `bench nixl`")
+    p.add_argument("--nixl-args", default="", help="extra arguments for `bench nixl-modes`")
     return p.parse_args(argv)
 
 
@@ -79,11 +79,12 @@ def run_ttft(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def run_nixl(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from kvbridge.bench import nixl as nixl_bench
+    from kvbridge.bench import nixl_modes
 
-    argv = ["--device", args.device, *args.nixl_args.split()]
-    code = nixl_bench.main(argv)
-    return {"exit_code": code}
+    bench_args = nixl_modes.parse_args(["--device", args.device, *args.nixl_args.split()])
+    rows = nixl_modes.run(bench_args)
+    ok = nixl_modes.report(console, bench_args, rows)
+    return {"rows": rows, "correct": ok, "title": nixl_modes.title(bench_args)}
 
 
 def plot(results: dict[str, Any], out: Path) -> None:
@@ -113,8 +114,13 @@ def plot(results: dict[str, Any], out: Path) -> None:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, marker="o", label=f"{strategy} {direction}")
         for direction, cpts in sorted(ceiling.items()):
-            cx, cy = zip(*sorted(set(cpts)))
-            ax.plot(cx, cy, linestyle="--", color="gray", label=f"ceiling {direction}")
+            by_x: dict[int, list[float]] = {}
+            for x, y in cpts:  # one ceiling per strategy run: show their mean
+                by_x.setdefault(x, []).append(y)
+            cx = sorted(by_x)
+            cy = [sum(by_x[x]) / len(by_x[x]) for x in cx]
+            style = ":" if direction.startswith("load") else "--"
+            ax.plot(cx, cy, linestyle=style, color="gray", label=f"ceiling {direction}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("blocks per step (32 layers x 64 KiB each)")
         ax.set_ylabel("GB/s")
@@ -123,7 +129,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "offload.png", dpi=120)
     ttft = results.get("ttft")
-    if ttft:
+    if ttft and "rows" in ttft:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         lens = [r["prompt_len"] for r in ttft["rows"]]
         ax.plot(lens, [r["recompute_ms"] for r in ttft["rows"]], marker="o", label="recompute")

@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "engine": "kvbridge.bench.engine",
     "offload": "kvbridge.bench.offload",
     "nixl": "kvbridge.bench.nixl",
+    "nixl-modes": "kvbridge.bench.nixl_modes",
     "ttft": "kvbridge.bench.ttft",
     "gpu": "kvbridge.bench.gpu_suite",
     "pd-gpu": "kvbridge.bench.pd_gpu",

@@ -29,11 +29,15 @@ class BlockRun(NamedTuple):
 
 
 def merge_runs(local: Sequence[int], remote: Sequence[int]) -> list[BlockRun]:
-    """Group the pairs ``(local[i], remote[i])`` into maximal runs contiguous on both sides."""
+    """Group the pairs ``(local[i], remote[i])`` into maximal runs contiguous on both sides.
+
+    Pairs are merged in local-id order (a READ may move them in any order), so block ids that
+    an allocator handed out in descending order still merge.
+    """
     if len(local) != len(remote):
         raise ValueError(f"merge_runs: {len(local)} local vs {len(remote)} remote block ids")
     runs: list[BlockRun] = []
-    for loc, rem in zip(local, remote):
+    for loc, rem in sorted(zip(local, remote)):
         if runs:
             last = runs[-1]
             if loc == last.local_start + last.length and rem == last.remote_start + last.length:

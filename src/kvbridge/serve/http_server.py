@@ -40,7 +40,9 @@ class ReadyServer(uvicorn.Server):
 def bind_socket(host: str, port: int) -> socket.socket:
     """A bound TCP socket (``port=0``: a free one); uvicorn listens on it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only for it; with
+    # protocol 0 every kept-alive reply waited ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -1,0 +1,417 @@
+"""The two processes of ``kvbridge bench nixl-modes``: a producer and a consumer ``NixlWorker``.
+
+Producer: registers a seeded Llama-shaped KV cache with its ``kv_buffer_device`` and, told to
+hold a request, does what its scheduler half would (a ``SendSpec``); it answers once the lease
+is live, with the seconds that took (the stage-out copy to its host buffer when host-staged).
+Consumer: loads ``iters + 1`` requests through the connector API (the first, with the handshake,
+untimed), each timed from ``start_load_kv`` until it is in ``finished_recving``; then raw READs
+of the same bytes with the same descriptors on the same two agents (the consumer worker's
+transport; dlists prepared outside the timing; no notification, lease confirmation or staging),
+one untimed and ``iters`` timed. Every load and raw READ is checked against the seed.
+Each process sets its environment (``CUDA_VISIBLE_DEVICES``, UCX) before torch or NIXL start and
+sends its output to a log file (UCX prints its protocol tables there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kvbridge.config import TransferConfig
+from kvbridge.connector.base import KVConnectorRole
+from kvbridge.connector.factory import create_connector
+from kvbridge.connector.stats import KVConnectorStats
+from kvbridge.connector.types import KVCacheSpec
+from kvbridge.nixl import stats as keys
+from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec, SendSpec
+from kvbridge.nixl.remotes import RemoteEngine, memory_type
+from kvbridge.nixl.transfers import plan_read
+from kvbridge.nixl.transport import LOCAL_AGENT
+from kvbridge.nixl.worker import NixlWorker
+
+if TYPE_CHECKING:
+    import torch
+
+HOST = "127.0.0.1"
+PRODUCER_ID = "modes-producer"
+CONSUMER_ID = "modes-consumer"
+SEED = 4321
+TIMEOUT_S = 120.0
+TOKENS_PER_BLOCK, KV_HEADS, HEAD_DIM = 16, 8, 128  # Llama-3-8B: 64 KiB per block-layer in bf16
+PHASES = (keys.POST_TIME, keys.XFER_TIME, keys.CONFIRM_TIME, keys.STAGE_IN_TIME)
+
+
+class Geometry(NamedTuple):
+    """The cache both sides register and the request's blocks (the same ids on both sides)."""
+
+    device: str  # "cpu" | "cuda"
+    layers: int
+    num_blocks: int  # cache size
+    block_ids: tuple[int, ...]
+    iters: int  # timed loads (and raw reads); one untimed load first (handshake)
+
+
+class Side(NamedTuple):
+    """One process: its ``kv_buffer_device``, environment and log file."""
+
+    kv_buffer_device: str  # "cuda" (direct) | "cpu" (host-staged)
+    env: dict[str, str]
+    log_path: str
+    log_level: str
+
+
+class LoadSample(NamedTuple):
+    stage_out_s: float  # producer: SendSpec to live lease
+    load_s: float  # consumer: start_load_kv to finished_recving
+    phases_s: dict[str, float]  # connector stats key -> seconds (one READ)
+    num_descs: int
+    correct: bool
+
+
+class RawSample(NamedTuple):
+    seconds: float  # make + post + poll to DONE + release
+    num_descs: int  # descriptors NIXL reported (telemetry), else the plan's
+    correct: bool
+
+
+class ConsumerReport(NamedTuple):
+    """What the consumer sends back: the untimed first load, then ``iters`` of each kind."""
+
+    nbytes: int
+    memory: str  # what the READ moved, e.g. "VRAM->VRAM"
+    first: LoadSample
+    loads: list[LoadSample]
+    raws: list[RawSample]
+    released: int  # producer holds ended by the consumer's "done" notifications
+
+
+def make_spec(geo: Geometry) -> KVCacheSpec:
+    return KVCacheSpec(
+        block_size=TOKENS_PER_BLOCK,
+        num_blocks=geo.num_blocks,
+        num_layers=geo.layers,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype="bfloat16",
+    )
+
+
+def kv_caches(spec: KVCacheSpec, device: str, seed: int | None) -> dict[str, torch.Tensor]:
+    """Per-layer bf16 caches on ``device``: seeded random values, or zeros for ``seed=None``."""
+    import torch
+
+    shape = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    out = {}
+    for i in range(spec.num_layers):
+        if seed is None:
+            out[f"layers.{i}"] = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+        else:
+            gen = torch.Generator(device=device).manual_seed(seed + i)
+            out[f"layers.{i}"] = torch.randn(
+                shape, generator=gen, dtype=torch.bfloat16, device=device
+            )
+    return out
+
+
+def nixl_config(role: str, engine_id: str, kv_buffer_device: str) -> TransferConfig:
+    return TransferConfig.from_dict(
+        {
+            "kv_connector": "NixlConnector",
+            "kv_role": role,
+            "engine_id": engine_id,
+            "kv_buffer_device": kv_buffer_device,
+            "kv_connector_extra_config": {
+                "side_channel_host": HOST,
+                "side_channel_port": 0,
+                "transfer_timeout_s": TIMEOUT_S,
+            },
+        }
+    )
+
+
+def _enter(side: Side, device: str) -> None:
+    """Environment, output and threads of a fresh child, before torch or NIXL start."""
+    os.environ.update(side.env)
+    fd = os.open(side.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    logging.basicConfig(
+        level=side.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(1)  # two processes share the cores
+
+
+def _expect(conn: Connection, kind: str) -> Any:
+    if not conn.poll(TIMEOUT_S):
+        raise TimeoutError(f"no {kind!r} from the peer within {TIMEOUT_S:g}s")
+    got, payload = conn.recv()
+    if got != kind:
+        raise RuntimeError(f"the peer sent {got!r}, expected {kind!r}: {payload}")
+    return payload
+
+
+def _step(worker: NixlWorker, meta: NixlConnectorMetadata, finished: frozenset[str]) -> int:
+    worker.bind_connector_metadata(meta)
+    try:
+        worker.start_load_kv()
+        sending, _ = worker.get_finished(finished)
+    finally:
+        worker.clear_connector_metadata()
+    return len(sending)
+
+
+def _worker(role: str, engine_id: str, side: Side, spec: KVCacheSpec) -> NixlWorker:
+    config = nixl_config(role, engine_id, side.kv_buffer_device)
+    worker = create_connector(config, KVConnectorRole.WORKER, spec)
+    if not isinstance(worker, NixlWorker):
+        raise TypeError(f"NixlConnector built a {type(worker).__name__}")
+    return worker
+
+
+# -- producer ------------------------------------------------------------------------------------
+def producer_main(conn: Connection, geo: Geometry, side: Side) -> None:
+    """Serve the seeded cache; ``("hold", rid)`` -> ``("held", seconds)``; ``("stop", _)``."""
+    _enter(side, geo.device)
+    spec = make_spec(geo)
+    worker = _worker("kv_producer", PRODUCER_ID, side, spec)
+    released = 0
+    try:
+        cache = kv_caches(spec, geo.device, SEED)  # referenced until shutdown: NIXL reads it
+        worker.register_kv_caches(cache)
+        conn.send(("ready", worker.side_channel_port))
+        while True:
+            if conn.poll(0.005):  # idle: drain the consumer's notifications every 5 ms
+                cmd, rid = conn.recv()
+                if cmd == "stop":
+                    released += _drain(worker)
+                    break
+                seconds, ended = _hold(worker, rid, list(geo.block_ids))
+                released += ended
+                conn.send(("held", seconds))
+            released += _step(worker, NixlConnectorMetadata(), frozenset())
+        conn.send(("stopped", released))
+    except Exception:
+        logging.getLogger(__name__).exception("producer failed")
+        conn.send(("failed", traceback.format_exc()))
+    finally:
+        worker.shutdown()
+
+
+def _drain(worker: NixlWorker, timeout_s: float = 2.0) -> int:
+    """Step until every lease ended (the last "done" may still be on its way)."""
+    ended = 0
+    deadline = time.monotonic() + timeout_s
+    while worker.leases.num_live and time.monotonic() < deadline:
+        ended += _step(worker, NixlConnectorMetadata(), frozenset())
+    return ended
+
+
+def _hold(worker: NixlWorker, rid: str, ids: list[int]) -> tuple[float, int]:
+    """Hold ``rid``'s blocks as the scheduler's SendSpec would; (seconds to a live lease, ends)."""
+    staging = worker.registered.staging
+    if staging is not None:  # a stage-out that silently did nothing must not pass the check
+        _zero(staging.host_layers)
+    send = SendSpec(
+        request_id=rid,
+        num_blocks=len(ids),
+        lease_duration_s=TIMEOUT_S,
+        abort_timeout_s=2 * TIMEOUT_S,
+        block_ids=(ids,),
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    start = time.perf_counter()
+    ended = _step(worker, NixlConnectorMetadata(reqs_to_send={rid: send}), frozenset({rid}))
+    while worker.leases.outcome(rid) != "held":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the hold of {rid} never became a live lease")
+        ended += _step(worker, NixlConnectorMetadata(), frozenset())
+    return time.perf_counter() - start, ended
+
+
+# -- consumer ------------------------------------------------------------------------------------
+def consumer_main(conn: Connection, report: Connection, geo: Geometry, side: Side) -> None:
+    """Load ``iters + 1`` requests and raw-read ``iters`` times; report, then stop the producer."""
+    _enter(side, geo.device)
+    result: ConsumerReport | str
+    try:
+        result = _consume(conn, geo, side)
+    except Exception:
+        logging.getLogger(__name__).exception("consumer failed")
+        result = traceback.format_exc()
+    try:
+        conn.send(("stop", ""))
+        released = _expect(conn, "stopped")
+    except Exception:  # the producer failed or died: its error is what counts
+        result = result if isinstance(result, str) else traceback.format_exc()
+    else:
+        if isinstance(result, ConsumerReport):
+            result = result._replace(released=released)
+    report.send(result)
+
+
+def _consume(conn: Connection, geo: Geometry, side: Side) -> ConsumerReport:
+    port = _expect(conn, "ready")
+    spec = make_spec(geo)
+    ids = list(geo.block_ids)
+    worker = _worker("kv_consumer", CONSUMER_ID, side, spec)
+    try:
+        cache = kv_caches(spec, geo.device, None)
+        worker.register_kv_caches(cache)
+        expected = kv_caches(spec, geo.device, SEED)
+        local = _local_tensors(worker, cache)
+        loads = [
+            _load_one(conn, worker, f"req-{i}", port, ids, cache, expected)
+            for i in range(geo.iters + 1)
+        ]
+        _raw_read(worker, ids)  # warm-up: the first READ after others' work runs slow
+        raws = []
+        for _ in range(geo.iters):
+            _zero(local)
+            raw = _raw_read(worker, ids)
+            raws.append(raw._replace(correct=_equal(local, expected, ids)))
+        reg = worker.registered
+        remote = _remote(worker)
+        memory = f"{remote.regions.memory_type}->{reg.regions.memory_type}"
+        nbytes = len(ids) * spec.num_layers * spec.block_bytes_per_layer
+        return ConsumerReport(nbytes, memory, loads[0], loads[1:], raws, released=0)
+    finally:
+        worker.shutdown()
+
+
+def _load_one(
+    conn: Connection,
+    worker: NixlWorker,
+    rid: str,
+    port: int,
+    ids: list[int],
+    cache: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+) -> LoadSample:
+    _zero(list(cache.values()))
+    staging = worker.registered.staging
+    if staging is not None:
+        _zero(staging.host_layers)
+    conn.send(("hold", rid))
+    stage_out_s = _expect(conn, "held")
+    spec = RecvSpec(
+        request_id=rid,
+        local_block_ids=(ids,),
+        remote_engine_id=PRODUCER_ID,
+        remote_host=HOST,
+        remote_port=port,
+        remote_block_ids=(ids,),
+        remote_request_id=rid,
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    start = time.perf_counter()
+    worker.bind_connector_metadata(NixlConnectorMetadata(reqs_to_recv={rid: spec}))
+    try:
+        worker.start_load_kv()
+        while rid not in worker.get_finished(frozenset()).recving:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"load of {rid} not done in {TIMEOUT_S:g}s")
+    finally:
+        worker.clear_connector_metadata()
+    load_s = time.perf_counter() - start
+    if worker.get_block_ids_with_load_errors():
+        raise RuntimeError(f"load of {rid} failed: {worker.build_connector_worker_meta()}")
+    stats = worker.get_kv_connector_stats()
+    data = stats.data if isinstance(stats, KVConnectorStats) else {}
+    phases = {k: _one(data.get(k)) for k in PHASES}
+    descs = int(_one(data.get(keys.NUM_DESCRIPTORS)))
+    ok = _equal(list(cache.values()), expected, ids)
+    return LoadSample(stage_out_s, load_s, phases, descs, ok)
+
+
+def _one(samples: Any) -> float:
+    """The sample of one READ (the median if the stats held several)."""
+    return float(statistics.median(samples)) if isinstance(samples, list) and samples else 0.0
+
+
+def _local_tensors(worker: NixlWorker, cache: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """What NIXL writes into on this side: the host buffer when host-staged, else the cache."""
+    staging = worker.registered.staging
+    return list(staging.host_layers) if staging is not None else list(cache.values())
+
+
+def _zero(tensors: list[torch.Tensor]) -> None:
+    """Zero and wait: NIXL writes GPU memory outside torch's streams."""
+    import torch
+
+    for t in tensors:
+        t.zero_()
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.synchronize()
+
+
+def _equal(got: list[torch.Tensor], expected: dict[str, torch.Tensor], ids: list[int]) -> bool:
+    import torch
+
+    index = torch.tensor(ids)
+    for have, want in zip(got, expected.values()):
+        a = have.index_select(0, index.to(have.device))
+        b = want.index_select(0, index.to(want.device)).to(a.device)
+        if not torch.equal(a, b):
+            return False
+    return True
+
+
+def _remote(worker: NixlWorker) -> RemoteEngine:
+    reader = worker.registered.reader
+    remote = None if reader is None else reader.engines.get(PRODUCER_ID)
+    if remote is None:
+        raise RuntimeError("the consumer has not attached the producer")
+    return remote
+
+
+def _raw_read(worker: NixlWorker, ids: list[int]) -> RawSample:
+    """One READ of the connector's descriptors on its own transport, nothing around it."""
+    reg, remote = worker.registered, _remote(worker)
+    t = reg.transport
+    layers = [list(range(len(reg.regions.layer_names)))]
+    merge = worker.settings.merge_contiguous_blocks
+    plan = plan_read(reg.regions, remote.regions, layers, [ids], [ids], merge=merge)
+    made = []
+    if plan.merged:
+        local = t.prep_xfer_dlist(
+            LOCAL_AGENT, t.get_xfer_descs(plan.local_items, memory_type(reg.regions))
+        )
+        made.append(local)
+        far = t.prep_xfer_dlist(
+            remote.agent_name, t.get_xfer_descs(plan.remote_items, memory_type(remote.regions))
+        )
+        made.append(far)
+        li = ri = list(range(len(plan.local_items)))
+    else:
+        local, far, li, ri = reg.local_dlist, remote.dlist, plan.local_indices, plan.remote_indices
+    deadline = time.monotonic() + TIMEOUT_S
+    handle = None
+    try:
+        start = time.perf_counter()
+        handle = t.make_prepped_xfer("READ", local, li, far, ri)
+        state = t.transfer(handle)
+        while state == "PROC":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"raw READ not done in {TIMEOUT_S:g}s")
+            state = t.check_xfer_state(handle)
+        telemetry = t.get_xfer_telemetry(handle)
+        t.release_xfer_handle(handle)
+        handle = None
+        seconds = time.perf_counter() - start
+    finally:
+        if handle is not None:
+            t.release_xfer_handle(handle)
+        for dlist in made:
+            t.release_dlist_handle(dlist)
+    if state != "DONE":
+        raise RuntimeError(f"raw READ ended in {state}")
+    descs = telemetry.desc_count if telemetry is not None else plan.num_descs
+    return RawSample(seconds, descs, correct=False)

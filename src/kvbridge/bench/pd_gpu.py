@@ -1,0 +1,372 @@
+"""``kvbridge bench pd-gpu``: prefill on one GPU, decode on another, against one engine.
+
+Per NIXL mode (``direct``: both sides ``kv_buffer_device`` cuda; ``staged``: both cpu), three
+processes: ``kvbridge serve`` as the prefill engine (kv_producer) on the first GPU and as the
+decode engine (kv_consumer) on the second, each with MultiConnector(NixlConnector,
+SimpleCPUOffloadConnector) and prefix caching, and ``kvbridge proxy`` in front. A monolithic
+``kvbridge serve`` (CPU offload only) on the decode GPU runs beside the first mode's pair.
+Each process sees one GPU (``CUDA_VISIBLE_DEVICES``); NVLink multicast is off in all of them.
+
+For each prompt length, fresh random prompts (the same ones in every mode) go to the monolithic
+server and through the proxy (P prefills, D reads the KV over NIXL, D decodes). Time to first
+token is taken at the client, streaming; D's greedy tokens must equal the monolithic server's
+and D must have loaded every prompt token but the last from P. The connector's bytes, READ
+time, lease confirmation and stage-in time per request are deltas of D's ``/metrics``; the
+prefill round trip is a delta of the proxy's, D's TTFT (arrival to first token in its engine)
+a delta of D's; "rest" is what the client waited beyond both (the proxy's hops, HTTP). One
+warm-up request per length and path first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from kvbridge.bench.nixl_modes import MODES, child_env, visible_gpus
+from kvbridge.bench.pd_gpu_client import (
+    D_KEYS,
+    Completion,
+    complete,
+    metric_delta,
+    metrics_text,
+)
+from kvbridge.demo.processes import ProcessSet, ServiceError, ServiceProcess
+from kvbridge.demo.stack import BLOCK_SIZE, transfer_config
+from kvbridge.engine.model_config import NAMED_CONFIGS, ModelConfig
+from kvbridge.nixl.raw_bench import parse_ucx_proto_info
+
+logger = logging.getLogger(__name__)
+
+TTFT_TARGET = 1.2  # disaggregated TTFT within this factor of monolithic (8k prompt)
+
+
+class Urls(NamedTuple):
+    prefill: str
+    decode: str
+    proxy: str
+    mono: str | None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvbridge bench pd-gpu", description=__doc__)
+    add = p.add_argument
+    add("--device", choices=("cuda", "cpu"), default="cuda")
+    add("--model", default="llama3.1-8b", help="named config (random weights) or checkpoint dir")
+    add("--prompt-lens", default="2048,8192,32768", help="comma-separated prompt lengths")
+    add("--gpus", default="0,1", help="prefill GPU,decode GPU (the monolithic engine: decode's)")
+    add("--modes", default="direct,staged", help=f"comma-separated subset of {','.join(MODES)}")
+    add("--repeats", type=int, default=2, help="timed prompts per length (median)")
+    add("--max-tokens", type=int, default=16, help="greedy tokens per request")
+    add("--seed", type=int, default=0, help="weight seed")
+    add("--startup-timeout", type=float, help="seconds for servers to listen (300 cuda, 120 cpu)")
+    add("--request-timeout", type=float, default=600.0)
+    add("--json", metavar="PATH", help="also write the rows as JSON")
+    add("--keep-logs", action="store_true", help="keep the servers' configs and logs")
+    args = p.parse_args(argv)
+    args.startup_timeout = args.startup_timeout or (300.0 if args.device == "cuda" else 120.0)
+    try:
+        args.lens = [int(n) for n in args.prompt_lens.split(",")]
+        args.gpu_pair = tuple(int(g) for g in args.gpus.split(","))
+    except ValueError:
+        p.error("--prompt-lens and --gpus take comma-separated integers")
+    args.mode_list = args.modes.split(",")
+    if any(m not in MODES for m in args.mode_list):
+        p.error(f"--modes: expected a subset of {','.join(MODES)}")
+    if len(args.gpu_pair) != 2 or min(args.lens) < 2 or min(args.repeats, args.max_tokens) < 1:
+        p.error("--gpus takes two indices; prompt lengths >= 2; --repeats, --max-tokens >= 1")
+    return args
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """Why this machine cannot run the benchmark, or None."""
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"the servers need {', '.join(missing)}: install (or carry wheels of) them"
+    try:
+        from kvbridge.nixl.wrapper import load_nixl_api
+
+        load_nixl_api()
+    except ImportError as e:
+        return str(e)
+    if args.device == "cuda":
+        n = visible_gpus()
+        if n < 2:
+            return f"--device cuda needs two GPUs (prefill and decode); {n} visible"
+        if not all(0 <= g < n for g in args.gpu_pair):
+            return f"--gpus {args.gpus}: only GPUs 0..{n - 1} are visible"
+    return None
+
+
+def model_config(model: str) -> ModelConfig:
+    if model in NAMED_CONFIGS:
+        return NAMED_CONFIGS[model]
+    raw = json.loads((Path(model) / "config.json").read_text())
+    return ModelConfig.from_hf_dict(raw, name=Path(model).name)
+
+
+# -- servers -------------------------------------------------------------------------------------
+def serve_config(args: argparse.Namespace, role: str, buffer: str, blocks: int) -> dict[str, Any]:
+    """One ``kvbridge serve --config`` file; role ``monolithic`` has the CPU tier only."""
+    transfer: dict[str, Any]
+    if role == "monolithic":
+        transfer = {
+            "kv_connector": "SimpleCPUOffloadConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"num_cpu_blocks": blocks},
+        }
+    else:
+        transfer = transfer_config(role, reuse=True, cpu_blocks=blocks)
+        transfer["kv_connector_extra_config"]["connectors"][0]["kv_buffer_device"] = buffer
+    config = {
+        "model": args.model,
+        "device": args.device,
+        "seed": args.seed,
+        "host": "127.0.0.1",
+        "port": 0,
+        "block_size": BLOCK_SIZE,
+        "num_gpu_blocks": blocks,
+        "max_num_batched_tokens": max(args.lens),  # a prompt is one prefill step
+        "enable_prefix_caching": True,
+        "kv_transfer_config": transfer,
+    }
+    if args.device == "cuda":
+        config["dtype"] = "bfloat16"
+    return config
+
+
+def _start(
+    procs: ProcessSet,
+    name: str,
+    argv: list[str],
+    args: argparse.Namespace,
+    gpu: int | None,
+    extra: dict[str, str] | None = None,
+) -> ServiceProcess:
+    env = {**os.environ, **child_env(args.device, gpu), **(extra or {})}
+    if args.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")  # several servers share the cores
+    service = ServiceProcess(name, argv, procs.run_dir / f"{name}.log", env)
+    procs.services.append(service)
+    service.start()
+    return service
+
+
+def start_servers(
+    procs: ProcessSet, args: argparse.Namespace, mode: str, *, with_mono: bool
+) -> Urls:
+    """Prefill, decode (and the monolithic server) in parallel, then the proxy."""
+    blocks = math.ceil((max(args.lens) + args.max_tokens) / BLOCK_SIZE) + 16
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    p_gpu, d_gpu = args.gpu_pair
+    p_buf, d_buf = MODES[mode]
+    # short name -> (role, kv_buffer_device, GPU)
+    plan = {"prefill": ("kv_producer", p_buf, p_gpu), "decode": ("kv_consumer", d_buf, d_gpu)}
+    if with_mono:
+        plan["mono"] = ("monolithic", "", d_gpu)
+    started = []
+    for short, (role, buffer, gpu) in plan.items():
+        path = procs.run_dir / f"{mode}-{short}.json"
+        path.write_text(json.dumps(serve_config(args, role, buffer, blocks), indent=1))
+        argv = _kvbridge(level, "serve", "--config", str(path))
+        extra = {"UCX_PROTO_INFO": "y"} if short == "decode" else None  # D's READ lanes
+        started.append(_start(procs, f"{mode}-{short}", argv, args, gpu, extra))
+    deadline = time.monotonic() + args.startup_timeout
+    urls = [s.wait_ready(deadline) for s in started]
+    routes = ["--prefill", urls[0], "--decode", urls[1], "--port", "0"]
+    proxy_argv = _kvbridge(level, "proxy", *routes, "--timeout", str(args.request_timeout))
+    proxy = _start(procs, f"{mode}-proxy", proxy_argv, args, None)
+    return Urls(urls[0], urls[1], proxy.wait_ready(deadline), urls[2] if with_mono else None)
+
+
+def _kvbridge(level: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "kvbridge.cli", "--log-level", level, *args]
+
+
+# -- measurement ---------------------------------------------------------------------------------
+def make_prompts(args: argparse.Namespace, vocab: int) -> dict[int, list[list[int]]]:
+    """length -> [warm-up prompt, timed prompts...]; all distinct, the same in every mode."""
+    rng = random.Random(args.seed + 1)
+    return {
+        n: [[rng.randrange(vocab) for _ in range(n)] for _ in range(args.repeats + 1)]
+        for n in args.lens
+    }
+
+
+def run_mode(
+    args: argparse.Namespace,
+    mode: str,
+    prompts: dict[int, list[list[int]]],
+    mono: dict[tuple[int, int], Completion],
+    procs: ProcessSet,
+) -> list[dict[str, Any]]:
+    """One mode's servers (and the monolithic one until ``mono`` holds every prompt's answer);
+    one row per prompt length."""
+    wanted = sum(len(group) for group in prompts.values())
+    urls = start_servers(procs, args, mode, with_mono=len(mono) < wanted)
+    rows = []
+    with httpx.Client(trust_env=False, timeout=httpx.Timeout(args.request_timeout)) as client:
+        for n, group in prompts.items():
+            samples = []
+            for i, prompt in enumerate(group):
+                if urls.mono is not None:
+                    mono[(n, i)] = complete(client, urls.mono, prompt, args.max_tokens)
+                before = (metrics_text(client, urls.decode), metrics_text(client, urls.proxy))
+                got = complete(client, urls.proxy, prompt, args.max_tokens)
+                moved = metric_delta(client, urls, before)
+                if i:  # the first of each length warms up
+                    samples.append((got, mono[(n, i)], moved))
+            procs.check_alive()
+            rows.append(_row(mode, n, samples))
+    log = procs.run_dir / f"{mode}-decode.log"
+    lanes = parse_ucx_proto_info(log.read_text(errors="replace")).read
+    for row in rows:
+        row["ucx_read_lanes"] = list(lanes)
+    return rows
+
+
+def _row(
+    mode: str, n: int, samples: list[tuple[Completion, Completion, dict[str, float]]]
+) -> dict[str, Any]:
+    med = statistics.median
+    errors = [c.error for got, ref, _ in samples for c in (got, ref) if c.error]
+    if errors:
+        raise RuntimeError(f"{mode}, {n} tokens: request failed: {errors[0]}")
+    moved = {k: med(m[k] for _, _, m in samples) for k in D_KEYS}
+    read_s = moved["xfer_s"]
+    d_side = read_s + moved["confirm_s"] + moved["stage_in_s"]
+    return {
+        "mode": mode,
+        "prompt_tokens": n,
+        "kv_mib": moved["bytes"] / 2**20,
+        "ttft_mono_ms": 1e3 * med(ref.ttft_s for _, ref, _ in samples),
+        "ttft_disagg_ms": 1e3 * med(got.ttft_s for got, _, _ in samples),
+        "prefill_round_trip_ms": 1e3 * moved["prefill_s"],
+        "d_ttft_ms": 1e3 * moved["ttft_s"],
+        "read_ms": 1e3 * read_s,
+        "d_connector_ms": 1e3 * d_side,
+        "read_gbps": moved["bytes"] / read_s / 1e9 if read_s > 0 else 0.0,
+        "d_connector_gbps": moved["bytes"] / d_side / 1e9 if d_side > 0 else 0.0,
+        "descs": moved["descs"],
+        "remote_tokens_ok": all(got.external_tokens == n - 1 for got, _, _ in samples),
+        "same_tokens": sum(got.tokens == ref.tokens for got, ref, _ in samples),
+        "compared": len(samples),
+        "tokens_per_request": len(samples[0][1].tokens),
+    }
+
+
+# -- report --------------------------------------------------------------------------------------
+COLUMNS = (
+    *("mode", "prompt", "KV MiB", "TTFT mono ms", "TTFT P/D ms", "P/D / mono"),
+    *("P round trip ms", "D TTFT ms", "rest ms", "D READ ms", "D conn ms"),
+    *("READ GB/s", "D conn GB/s", "descs", "remote tokens", "same tokens", "UCX READ lanes"),
+)
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    return [
+        r["mode"],
+        f"{r['prompt_tokens']:,}",
+        f"{r['kv_mib']:.1f}",
+        f"{r['ttft_mono_ms']:.1f}",
+        f"{r['ttft_disagg_ms']:.1f}",
+        f"{r['ttft_disagg_ms'] / r['ttft_mono_ms']:.2f}",
+        f"{r['prefill_round_trip_ms']:.1f}",
+        f"{r['d_ttft_ms']:.1f}",
+        f"{r['ttft_disagg_ms'] - r['prefill_round_trip_ms'] - r['d_ttft_ms']:.1f}",
+        f"{r['read_ms']:.1f}",
+        f"{r['d_connector_ms']:.1f}",
+        f"{r['read_gbps']:.2f}",
+        f"{r['d_connector_gbps']:.2f}",
+        f"{r['descs']:.0f}",
+        "all but last" if r["remote_tokens_ok"] else "NO",
+        f"{r['same_tokens']}/{r['compared']} x {r['tokens_per_request']}",
+        ", ".join(r["ucx_read_lanes"]) or "-",
+    ]
+
+
+def report(
+    console: Console, args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str]
+) -> bool:
+    where = "CPU" if args.device == "cpu" else f"GPU {args.gpu_pair[0]} -> GPU {args.gpu_pair[1]}"
+    table = Table(
+        title=f"P/D over NIXL vs one engine: {args.model} on {where}; TTFT at the client, "
+        f"median of {args.repeats}; connector columns from D's /metrics"
+    )
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("mode", COLUMNS[-1]) else "right")
+    for r in rows:
+        table.add_row(*_cells(r))
+    console.print(table)
+    for note in notes:
+        console.print(note, markup=False)
+    for r in rows:
+        if r["prompt_tokens"] == 8192:
+            ratio = r["ttft_disagg_ms"] / r["ttft_mono_ms"]
+            verdict = "met" if ratio <= TTFT_TARGET else "MISSED"
+            line = f"{r['mode']}: 8k P/D TTFT within {TTFT_TARGET}x of monolithic: {verdict}"
+            console.print(f"{line} ({ratio:.2f}x)", markup=False)
+    ok = all(r["remote_tokens_ok"] and r["same_tokens"] == r["compared"] for r in rows)
+    console.print(f"D's tokens equal the monolithic engine's, KV read from P: {ok}", markup=False)
+    return ok and bool(rows)
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every mode in turn; (rows, notes: prompt lengths skipped, modes that failed)."""
+    model = model_config(args.model)
+    limit = model.max_position_embeddings
+    notes = [
+        f"skipped {n} tokens: {args.model} holds {limit} positions" for n in args.lens if n > limit
+    ]
+    args.lens = [n for n in args.lens if n <= limit]
+    if not args.lens:
+        raise ValueError(f"--prompt-lens: every length exceeds {args.model}'s {limit} positions")
+    prompts = make_prompts(args, model.vocab_size)
+    mono: dict[tuple[int, int], Completion] = {}
+    run_dir = Path(tempfile.mkdtemp(prefix="kvbridge-pd-gpu-"))
+    rows: list[dict[str, Any]] = []
+    for mode in args.mode_list:
+        try:
+            with ProcessSet(run_dir) as procs:
+                rows += run_mode(args, mode, prompts, mono, procs)
+        except (ServiceError, RuntimeError, OSError, httpx.HTTPError) as e:
+            logger.debug("mode %s failed", mode, exc_info=True)
+            notes.append(f"FAILED {mode}: {type(e).__name__}: {e}")
+    if args.keep_logs or any(n.startswith("FAILED") for n in notes):
+        notes.append(f"configs and logs: {run_dir}")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return rows, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = preflight(args)
+    if problem is not None:
+        print(f"kvbridge bench pd-gpu: {problem}", file=sys.stderr)
+        return 2
+    try:
+        rows, notes = run(args)
+    except (ValueError, OSError) as e:
+        print(f"kvbridge bench pd-gpu: error: {e}", file=sys.stderr)
+        return 1
+    ok = report(Console(width=220), args, rows, notes)
+    if args.json:
+        out = {"args": vars(args), "rows": rows, "notes": notes}
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return 0 if ok and not any(n.startswith("FAILED") for n in notes) else 1

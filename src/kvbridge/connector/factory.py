@@ -52,7 +52,7 @@ def get_connector_class(config: TransferConfig) -> type[KVConnectorBase]:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except (ImportError, TypeError, ValueError) as e:  # Type/ValueError: relative or empty name
         raise ConfigError(
             f"kv_connector_module_path: cannot import {module_name!r} for connector "
             f"{config.kv_connector!r}: {e}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -291,7 +290,7 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
     ),
 }
 # Llama-3.1-8B: the same shapes with llama3 rope scaling and a 128k context (long-prompt benches).
-NAMED_CONFIGS["llama3.1-8b"] = dataclasses.replace(
+NAMED_CONFIGS["llama3.1-8b"] = replace(
     NAMED_CONFIGS["llama3-8b"],
     max_position_embeddings=131072,
     rope_scaling=RopeScaling(

@@ -87,8 +87,8 @@ def sample(
     rows = logits[random_rows].to("cpu", torch.float32)
     for j, i in enumerate(random_rows):
         scaled = rows[j] / params[i].temperature
-        if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first
-            scaled = (rows[j] - rows[j].max()) / params[i].temperature
+        if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift, in float64
+            scaled = (rows[j] - rows[j].max()).double() / params[i].temperature
         probs = torch.softmax(scaled, dim=-1)
         if params[i].top_p < 1.0:
             probs = _top_p(probs, params[i].top_p)
@@ -100,5 +100,7 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches ``top_p``."""
     sorted_probs, order = probs.sort(descending=True)
     before = sorted_probs.cumsum(0) - sorted_probs  # mass of strictly more likely tokens
-    sorted_probs[before >= top_p] = 0.0
+    drop = before >= top_p
+    drop[0] = False  # the most likely token stays, even if top_p underflows the dtype
+    sorted_probs[drop] = 0.0
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)

@@ -221,8 +221,11 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # Phase 2: waiting requests in order (none admitted in a step that preempted).
+        # Phase 2: waiting requests in order (none admitted in a step that preempted). Once one
+        # finds no room, only those that already hold their blocks (a finished async load) go
+        # on: they would otherwise keep the blocks the one in front waits for, and deadlock.
         skipped: list[Request] = []
+        no_room = False
         while (
             not preempted
             and self.waiting
@@ -230,12 +233,21 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
-            if request.status is RequestStatus.WAITING_FOR_REMOTE_KVS:
+            holds_blocks = self.block_manager.has_blocks(request.request_id)
+            if request.status is RequestStatus.WAITING_FOR_REMOTE_KVS or (
+                no_room and not holds_blocks
+            ):
                 skipped.append(self.waiting.popleft())
                 continue
             admitted = self._admit(request, budget)
             if admitted is None:
-                break
+                if holds_blocks or not any(
+                    self.block_manager.has_blocks(r.request_id) for r in self.waiting
+                ):
+                    break
+                no_room = True
+                skipped.append(self.waiting.popleft())
+                continue
             self.waiting.popleft()
             if admitted.num_new < 0:  # connector still looking, or loading asynchronously
                 skipped.append(request)

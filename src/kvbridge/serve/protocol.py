@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
@@ -101,7 +102,8 @@ def decode_completion_request(body: bytes) -> CompletionRequest:
         request = _decoder.decode(body)
     except msgspec.ValidationError as e:
         raise RequestError(400, f"invalid request: {e}") from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        # invalid UTF-8 and too-deep nesting escape msgspec as plain Python errors
         raise RequestError(400, f"malformed JSON: {e}") from None
     request.check()
     return request
@@ -118,15 +120,19 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The request body; ``RequestError(413)`` if it is longer than ``limit`` bytes."""
+    """The request body; ``RequestError(413)`` if it is longer than ``limit`` bytes, 499 if
+    the client left before sending all of it."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > limit * _DRAIN_FACTOR:
-            break
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > limit * _DRAIN_FACTOR:
+                break
+    except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
+        raise RequestError(499, "client disconnected before sending its whole body") from None
     if size > limit:
         raise RequestError(413, f"request body is larger than the server limit of {limit} bytes")
     return b"".join(chunks)

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import msgspec
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.requests import Request as HttpRequest
@@ -110,8 +111,9 @@ class PDProxy:
     @staticmethod
     def _parse(raw: bytes) -> dict[str, Any]:
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            # strict JSON (no NaN, no lone surrogates): what the proxy forwards must re-encode
+            body = msgspec.json.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
             raise RequestError(400, f"malformed JSON: {e}") from None
         if not isinstance(body, dict):
             raise RequestError(400, f"request body: expected a JSON object, got {_kind(body)}")

@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "nixl": "kvbridge.bench.nixl",
     "nixl-modes": "kvbridge.bench.nixl_modes",
     "ttft": "kvbridge.bench.ttft",
+    "soak": "kvbridge.bench.soak",
     "gpu": "kvbridge.bench.gpu_suite",
     "pd-gpu": "kvbridge.bench.pd_gpu",
 }

@@ -249,6 +249,8 @@ class KVReader:
         try:
             posted = self._xfers.post(plan, remote, encode_notif("done", [spec.remote_request_id]))
         except TRANSPORT_ERRORS as e:
+            # The producer may have crashed or restarted: handshake afresh next time.
+            remote.stale = True
             self._stats.incr(keys.FAILED_TRANSFERS)
             self._fail(recv, f"posting the READ failed: {e}")
             return

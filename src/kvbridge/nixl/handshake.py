@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_VERSION = 1
 CONNECTOR_VERSION = "kvbridge-nixl/2"  # 2: lease confirmation, host staging
 MAX_REQUEST_BYTES = 64 << 10
+# Messages over this multiple of a limit are dropped by zmq itself (memory bound, no log line).
+_HARD_CAP_FACTOR = 8
 _POLL_MS = 50
 
 
@@ -153,7 +155,9 @@ class HandshakeListener:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        # zmq drops (silently) only what is far over the limit, bounding memory; anything over
+        # the limit itself is refused below with a log line and an error answer.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, _HARD_CAP_FACTOR * MAX_REQUEST_BYTES)
         if ":" in host:
             self._sock.setsockopt(zmq.IPV6, 1)
         try:
@@ -179,8 +183,17 @@ class HandshakeListener:
                     continue
                 identity, *rest = self._sock.recv_multipart()
                 prefix = [b""] if rest[:1] == [b""] else []  # REQ peers add a delimiter
+                size = sum(len(frame) for frame in rest)
                 try:
-                    answer = self._answer(rest[len(prefix) :])
+                    if size > MAX_REQUEST_BYTES:
+                        logger.warning(
+                            "side channel: request of %d bytes is too large (limit %d); refused",
+                            size,
+                            MAX_REQUEST_BYTES,
+                        )
+                        answer = self._error(f"request too large: {size} > {MAX_REQUEST_BYTES}")
+                    else:
+                        answer = self._answer(rest[len(prefix) :])
                 except Exception as e:  # one bad request must never stop the listener
                     logger.exception("side channel: failed to answer a request")
                     answer = self._error(f"internal error: {type(e).__name__}")
@@ -307,7 +320,9 @@ class Handshaker:
         sock = self._ctx.socket(zmq.REQ)
         try:
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, self._max_bytes)
+            # Over the limit but under the hard cap: received, then refused by decode_envelope
+            # with a message that names the size.
+            sock.setsockopt(zmq.MAXMSGSIZE, _HARD_CAP_FACTOR * self._max_bytes)
             if ":" in host:
                 sock.setsockopt(zmq.IPV6, 1)
             sock.connect(tcp_endpoint(host, port))

@@ -22,6 +22,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from kvbridge.bench.nixl_peer import step_worker
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.factory import create_connector
@@ -158,16 +159,6 @@ def _expect(conn: Connection, kind: str) -> Any:
     return payload
 
 
-def _step(worker: NixlWorker, meta: NixlConnectorMetadata, finished: frozenset[str]) -> int:
-    worker.bind_connector_metadata(meta)
-    try:
-        worker.start_load_kv()
-        sending, _ = worker.get_finished(finished)
-    finally:
-        worker.clear_connector_metadata()
-    return len(sending)
-
-
 def _worker(role: str, engine_id: str, side: Side, spec: KVCacheSpec) -> NixlWorker:
     config = nixl_config(role, engine_id, side.kv_buffer_device)
     worker = create_connector(config, KVConnectorRole.WORKER, spec)
@@ -196,7 +187,7 @@ def producer_main(conn: Connection, geo: Geometry, side: Side) -> None:
                 seconds, ended = _hold(worker, rid, list(geo.block_ids))
                 released += ended
                 conn.send(("held", seconds))
-            released += _step(worker, NixlConnectorMetadata(), frozenset())
+            released += step_worker(worker, NixlConnectorMetadata(), frozenset())
         conn.send(("stopped", released))
     except Exception:
         logging.getLogger(__name__).exception("producer failed")
@@ -210,7 +201,7 @@ def _drain(worker: NixlWorker, timeout_s: float = 2.0) -> int:
     ended = 0
     deadline = time.monotonic() + timeout_s
     while worker.leases.num_live and time.monotonic() < deadline:
-        ended += _step(worker, NixlConnectorMetadata(), frozenset())
+        ended += step_worker(worker, NixlConnectorMetadata(), frozenset())
     return ended
 
 
@@ -228,11 +219,11 @@ def _hold(worker: NixlWorker, rid: str, ids: list[int]) -> tuple[float, int]:
     )
     deadline = time.monotonic() + TIMEOUT_S
     start = time.perf_counter()
-    ended = _step(worker, NixlConnectorMetadata(reqs_to_send={rid: send}), frozenset({rid}))
+    ended = step_worker(worker, NixlConnectorMetadata(reqs_to_send={rid: send}), frozenset({rid}))
     while worker.leases.outcome(rid) != "held":
         if time.monotonic() > deadline:
             raise TimeoutError(f"the hold of {rid} never became a live lease")
-        ended += _step(worker, NixlConnectorMetadata(), frozenset())
+        ended += step_worker(worker, NixlConnectorMetadata(), frozenset())
     return time.perf_counter() - start, ended
 
 

@@ -73,7 +73,10 @@ def nixl_config(role: str, engine_id: str, **extra: Any) -> TransferConfig:
     )
 
 
-def _step(worker: KVConnectorWorker, meta: NixlConnectorMetadata, finished: frozenset[str]) -> int:
+def step_worker(
+    worker: KVConnectorWorker, meta: NixlConnectorMetadata, finished: frozenset[str]
+) -> int:
+    """One worker step outside an engine: bind, start loads, poll; returns finished sends."""
     worker.bind_connector_metadata(meta)
     try:
         worker.start_load_kv()
@@ -109,7 +112,7 @@ def producer_main(conn: Connection, layers: int, blocks: int, block_kib: int) ->
                 }
                 finished = frozenset(ids)
                 conn.send(("held", len(ids)))
-            released += _step(worker, meta, finished)
+            released += step_worker(worker, meta, finished)
         conn.send(("stopped", released))
     finally:
         worker.shutdown()

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from kvbridge.connector.base import ConnectorOutput, KVConnectorWorker
+from kvbridge.connector.worker_step import run_worker_step
 from kvbridge.engine.runner import ModelRunner, SeqChunk
 from kvbridge.engine.sampling import SamplingParams, make_generator, sample
 from kvbridge.engine.scheduler import SchedulerOutput, WorkerOutput
@@ -56,23 +57,13 @@ class Worker:
             return WorkerOutput(self._forward(sched), ConnectorOutput())
         if sched.connector_meta is None:
             raise ValueError("Worker.execute: a connector is configured but the step has no meta")
-        connector.bind_connector_metadata(sched.connector_meta)
-        try:
-            connector.start_load_kv()
-            sampled = self._forward(sched)
-            connector.wait_for_save()
-            done = connector.get_finished(sched.step.finished_req_ids)
-            errors = connector.get_block_ids_with_load_errors()
-            worker_meta = connector.build_connector_worker_meta()
-            stats = connector.get_kv_connector_stats()
-        finally:
-            connector.clear_connector_metadata()
-        output = ConnectorOutput(
-            finished_sending=frozenset(done.sending),
-            finished_recving=frozenset(done.recving),
-            invalid_block_ids=frozenset(errors),
-            worker_meta=worker_meta,
-            stats=stats,
+        sampled: dict[str, int] = {}
+
+        def forward() -> None:
+            sampled.update(self._forward(sched))
+
+        output = run_worker_step(
+            connector, sched.connector_meta, sched.step.finished_req_ids, forward
         )
         return WorkerOutput(sampled, output)
 

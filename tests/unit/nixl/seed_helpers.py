@@ -24,6 +24,7 @@ from kvbridge.connector.types import (
     SchedulerStep,
     SimpleRequest,
 )
+from kvbridge.connector.worker_step import run_worker_step
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.request import RequestOutput, RequestStatus
 from kvbridge.nixl.fake import FakeNixlWrapper
@@ -185,22 +186,14 @@ class Composite:
         assert len(meta.metadata) == 2 and isinstance(meta.metadata[0], NixlConnectorMetadata)
         self.metas.append(meta)
         w = self.worker
-        w.bind_connector_metadata(meta)
-        assert [c.metadata for c in w.children] == list(meta.metadata)
-        w.start_load_kv()
-        for name, layer in self.cache.items():
-            w.wait_for_layer_load(name)
-            w.save_kv_layer(name, layer)
-        w.wait_for_save()
-        sending, recving = w.get_finished(finished)
-        out = ConnectorOutput(
-            finished_sending=sending,
-            finished_recving=recving,
-            invalid_block_ids=frozenset(w.get_block_ids_with_load_errors()),
-            worker_meta=w.build_connector_worker_meta(),
-            stats=w.get_kv_connector_stats(),
-        )
-        w.clear_connector_metadata()
+
+        def forward() -> None:
+            assert [c.metadata for c in w.children] == list(meta.metadata)
+            for name, layer in self.cache.items():
+                w.wait_for_layer_load(name)
+                w.save_kv_layer(name, layer)
+
+        out = run_worker_step(w, meta, finished, forward)
         self.sched.update_connector_output(out)
         self.outputs.append(out)
         self.check()

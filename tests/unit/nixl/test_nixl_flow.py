@@ -19,6 +19,7 @@ from kvbridge.connector.base import ConnectorOutput, KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import SchedulerStep, SimpleRequest
+from kvbridge.connector.worker_step import run_worker_step
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.fake import FakeNixlWrapper
 from kvbridge.nixl.scheduler import NixlScheduler
@@ -45,17 +46,7 @@ class Engine:
         )
         self.step_id += 1
         w = self.worker
-        w.bind_connector_metadata(meta)
-        w.start_load_kv()
-        sending, recving = w.get_finished(finished)
-        out = ConnectorOutput(
-            finished_sending=sending,
-            finished_recving=recving,
-            invalid_block_ids=frozenset(w.get_block_ids_with_load_errors()),
-            worker_meta=w.build_connector_worker_meta(),
-            stats=w.get_kv_connector_stats(),
-        )
-        w.clear_connector_metadata()
+        out = run_worker_step(w, meta, finished)
         self.sched.update_connector_output(out)
         if isinstance(out.stats, KVConnectorStats):
             self.stats = out.stats if self.stats is None else self.stats.aggregate(out.stats)

@@ -16,6 +16,7 @@ from kvbridge.connector.types import (
     SchedulerStep,
     SimpleRequest,
 )
+from kvbridge.connector.worker_step import run_worker_step
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 
 BLOCK_SIZE = 4
@@ -97,20 +98,7 @@ class Driver:
         if self.worker is None:
             output = worker_output or ConnectorOutput()
         else:
-            w = self.worker
-            w.bind_connector_metadata(meta)
-            w.start_load_kv()
-            w.wait_for_save()
-            sending, recving = w.get_finished(frozenset())
-            errors = w.get_block_ids_with_load_errors()
-            output = ConnectorOutput(
-                finished_sending=sending,
-                finished_recving=recving,
-                invalid_block_ids=frozenset(errors),
-                worker_meta=w.build_connector_worker_meta(),
-                stats=w.get_kv_connector_stats(),
-            )
-            w.clear_connector_metadata()
+            output = run_worker_step(self.worker, meta)
         self.sched.update_connector_output(output)
         self.check()
         return output

@@ -8,7 +8,8 @@ from typing import Any
 from hypothesis import strategies as st
 
 from kvbridge.connector.types import KVCacheGroupSpec, KVCacheSpec
-from kvbridge.nixl.handshake import NixlAgentMetadata, compat_hash
+from kvbridge.nixl.handshake import compat_hash
+from support.nixl_samples import sample_agent_metadata
 
 FUZZ_EXAMPLES = 1000
 
@@ -23,23 +24,7 @@ SPEC = KVCacheSpec(
     groups=(KVCacheGroupSpec("g0", ("layers.0", "layers.1")),),
 )
 HASH = compat_hash(SPEC)
-METADATA = NixlAgentMetadata(
-    engine_id="prefill",
-    tp_rank=0,
-    agent_metadata=b"agent-bytes",
-    layer_names=["layers.0", "layers.1"],
-    kv_base_addrs=[4096, 8192],
-    block_len=256,
-    block_stride=256,
-    block_size=4,
-    layout="blocks_first",
-    num_blocks=16,
-    dtype="float32",
-    num_layers=2,
-    memory_type="DRAM",
-    device_id=0,
-    kv_buffer_device="cuda",
-)
+METADATA = sample_agent_metadata()
 
 
 def any_values(min_int: int, max_int: int) -> st.SearchStrategy[Any]:

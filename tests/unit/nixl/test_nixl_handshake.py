@@ -20,33 +20,16 @@ from kvbridge.nixl.handshake import (
     HandshakeError,
     HandshakeListener,
     Handshaker,
-    NixlAgentMetadata,
     compat_hash,
     decode_envelope,
     encode_envelope,
 )
+from support.nixl_samples import sample_agent_metadata
 
 HASH = compat_hash(spec())
 
 
-def metadata(engine_id: str = "prefill") -> NixlAgentMetadata:
-    return NixlAgentMetadata(
-        engine_id=engine_id,
-        tp_rank=0,
-        agent_metadata=b"agent-bytes",
-        layer_names=["layers.0", "layers.1"],
-        kv_base_addrs=[4096, 8192],
-        block_len=256,
-        block_stride=256,
-        block_size=4,
-        layout="blocks_first",
-        num_blocks=16,
-        dtype="float32",
-        num_layers=2,
-        memory_type="DRAM",
-        device_id=0,
-        kv_buffer_device="cuda",
-    )
+metadata = sample_agent_metadata
 
 
 @pytest.fixture

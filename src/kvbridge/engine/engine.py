@@ -249,6 +249,11 @@ class LLMEngine:
         events, self._kv_events = self._kv_events, []
         return events
 
+    def take_kv_connector_stats(self) -> Stats | None:
+        """Connector stats accumulated since the last call (both halves), then reset."""
+        stats, self.kv_connector_stats = self.kv_connector_stats, None
+        return stats
+
     def check_integrity(self) -> None:
         """Raise if the block pool, the request queues or the connector's books are inconsistent."""
         self.scheduler.check_integrity()

@@ -283,9 +283,7 @@ class EngineLoop:
         if self.metrics is None:
             return
         engine = self.engine
-        # The server owns the engine, so it takes the accumulated stats as a delta.
-        stats: KVConnectorStats | MultiKVConnectorStats | None = engine.kv_connector_stats
-        engine.kv_connector_stats = None
+        stats: KVConnectorStats | MultiKVConnectorStats | None = engine.take_kv_connector_stats()
         self.metrics.record_connector_stats(stats, name=self.connector_name)
         sched, blocks = engine.scheduler, engine.block_manager
         held = [rid for rid, r in sched.requests.items() if r.is_finished]

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 
 class KVConnectorRole(StrEnum):
+    """Which half of a connector a process builds."""
+
     SCHEDULER = "scheduler"
     WORKER = "worker"
 

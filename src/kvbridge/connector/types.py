@@ -192,6 +192,8 @@ class FinishedTransfers(NamedTuple):
 
 
 class Medium(StrEnum):
+    """Where a KV event's blocks live."""
+
     CPU = "CPU"
     GPU = "GPU"
     REMOTE = "REMOTE"

@@ -16,6 +16,8 @@ Tokens = tuple[int, ...]
 
 
 class Mismatch(NamedTuple):
+    """A request whose served tokens differ from the monolithic engine's."""
+
     record: RequestRecord
     expected: Tokens
 

@@ -104,6 +104,8 @@ class StackPlan:
 
 
 class StackUrls(NamedTuple):
+    """Base URLs of a running prefill server, decode server and proxy."""
+
     prefill: str
     decode: str
     proxy: str

@@ -25,6 +25,8 @@ class DoubleFreeError(RuntimeError):
 
 @dataclass
 class Block:
+    """One KV block: ref count, chained hash and token ids (the collision guard)."""
+
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None
@@ -39,6 +41,8 @@ class ComputedBlocks(NamedTuple):
 
 
 class PrefixCacheStats(NamedTuple):
+    """Prefix-cache lookups and hits, in blocks and tokens."""
+
     queried_tokens: int
     hit_tokens: int
     hit_blocks: int

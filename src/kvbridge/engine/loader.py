@@ -32,6 +32,8 @@ class CheckpointError(ValueError):
 
 
 class LoadedModel(NamedTuple):
+    """A model built from a checkpoint and the config read from it."""
+
     model: LlamaForCausalLM
     config: ModelConfig
 

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 
 class RequestStatus(StrEnum):
+    """Where a request is in its life; finished states carry a finish reason."""
+
     WAITING = "waiting"
     # Blocks allocated; an async connector load fills them across steps.
     WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """Batching limits and the load-failure policy of one scheduler."""
+
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 16
     enable_chunked_prefill: bool = True
@@ -62,6 +64,8 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
+    """One step's plan: chunks to compute, the connector's view and its metadata."""
+
     step: SchedulerStep
     chunks: tuple[ScheduledChunk, ...]
     connector_meta: KVConnectorMetadata | None

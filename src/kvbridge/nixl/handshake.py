@@ -68,6 +68,8 @@ class NixlAgentMetadata(KVConnectorHandshakeMetadata, kw_only=True):
 
 
 class HandshakeRequest(msgspec.Struct, kw_only=True):
+    """Consumer -> producer: who asks, with which protocol version and compat hash."""
+
     version: int
     compat_hash: str
     engine_id: str
@@ -75,6 +77,8 @@ class HandshakeRequest(msgspec.Struct, kw_only=True):
 
 
 class HandshakeEnvelope(msgspec.Struct, kw_only=True):
+    """Producer's answer, decoded first: version and hash, then the payload or an error."""
+
     version: int
     compat_hash: str
     payload: bytes = b""

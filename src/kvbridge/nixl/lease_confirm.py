@@ -36,12 +36,16 @@ Verdict = Literal["held", "done", "released", "expired", "restarted", "refused"]
 
 
 class LeaseQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """Consumer -> producer: were these requests' leases held when the READs ended?"""
+
     seq: int
     engine_id: str  # the producer engine the consumer means
     request_ids: list[str]
 
 
 class LeaseAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """Producer's lease outcome per request id, with its instance id."""
+
     seq: int
     engine_id: str
     instance_id: str  # the producer worker's agent name: changes when it restarts

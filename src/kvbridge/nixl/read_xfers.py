@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 class PostedRead(NamedTuple):
+    """A posted READ: its transfer handle, per-transfer dlists and first state."""
+
     handle: XferHandle
     dlists: list[DlistHandle]  # per-transfer (merged) dlists, released with the handle
     state: XferState  # what ``transfer`` answered

@@ -74,6 +74,8 @@ class _Recv:
 
 @dataclass(frozen=True)
 class ReaderConfig:
+    """Timeouts, heartbeat interval and merging switch of the consumer's reader."""
+
     transfer_timeout_s: float
     heartbeat_interval_s: float
     merge_contiguous_blocks: bool

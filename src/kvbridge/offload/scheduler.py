@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 class JobKind(StrEnum):
+    """Direction of an offload job."""
+
     LOAD = "load"
     STORE = "store"
 

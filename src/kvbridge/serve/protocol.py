@@ -46,6 +46,8 @@ class KVTransferParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """OpenAI-style stream options of a completion request."""
+
     include_usage: bool = False
 
 

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class ServerParts(NamedTuple):
+    """What build_server returns: the app, its engine loop and its metrics."""
+
     app: FastAPI
     loop: EngineLoop
     metrics: ServerMetrics

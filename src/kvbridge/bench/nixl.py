@@ -1,16 +1,22 @@
-"""``kvbridge bench nixl``: the NixlConnector's READ path against raw NIXL, two processes.
+"""``kvbridge bench nixl``: the NixlConnector's READ path against raw NIXL, same memory, same time.
 
 A producer process registers a KV cache with a real ``NixlWorker`` (kv_producer, DRAM) and
 holds each benchmark request under a lease; this process runs a consumer ``NixlWorker``
 built by the connector factory and loads blocks from it through the connector API (metadata
 with a ``RecvSpec``, ``start_load_kv``, ``get_finished``): descriptor planning, READ,
 polling, whatever the connector does after the READ (notification, lease confirmation).
-Each case is timed next to ``run_raw_read`` moving the same bytes in descriptors of the same
-sizes (same count, same adjacency), in the same run.
+
+The baseline is a second NIXL agent in this process (``RawReader``) with its own zeroed copy
+of the cache, attached to the same producer agent: it READs the same producer memory with the
+descriptors the connector plans (``plan_read`` with the case's merge setting), its dlists
+prepared once, outside timing; one raw READ = make transfer + post + poll to DONE + release.
+Connector and raw READs alternate, each timed iteration one of each, the first of the pair
+swapped every iteration (ABBA), so both see the same machine; the paired ratio (median of
+raw_i / connector_i) is the robust number on a busy host.
 
 Cases: block ids contiguous on both sides or every other block (fragmented), with
-``merge_contiguous_blocks`` on and off. A read is timed from ``start_load_kv`` until the
-request is in ``finished_recving``; the first one (it includes the handshake) is dropped.
+``merge_contiguous_blocks`` on and off. A connector read is timed from ``start_load_kv`` until
+the request is in ``finished_recving``; the first pair (it includes the handshake) is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import importlib.metadata
 import statistics
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvbridge.bench.nixl_peer import (
@@ -33,13 +40,13 @@ from kvbridge.bench.nixl_peer import (
     make_spec,
     nixl_config,
 )
+from kvbridge.bench.nixl_raw_reader import RawReader
 from kvbridge.connector.base import KVConnectorRole, KVConnectorWorker
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
-from kvbridge.connector.types import KVCacheSpec
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec
-from kvbridge.nixl.raw_bench import RawReadResult, run_raw_read
+from kvbridge.nixl.transport import LiveCounts
 
 if TYPE_CHECKING:
     import torch
@@ -50,19 +57,13 @@ class Case(NamedTuple):
     merge: bool
 
 
-class RawKey(NamedTuple):
-    """A raw read with the descriptor pattern of a connector case."""
-
-    block_bytes: int
-    num_blocks: int
-    block_ids: tuple[int, ...]
-
-
 class CaseResult(NamedTuple):
-    seconds: tuple[float, ...]  # per timed READ, wall clock
+    seconds: tuple[float, ...]  # per timed connector READ, wall clock
+    raw_seconds: tuple[float, ...]  # per timed raw READ, paired with ``seconds``
     num_descs: int  # descriptors the connector handed NIXL per READ
+    raw_descs: int  # descriptors NIXL counted in the first raw READ
     phase_ms: dict[str, float]  # stats key -> median milliseconds over the timed READs
-    correct: bool  # the bytes read equal the producer's
+    correct: bool  # the bytes read (connector and raw) equal the producer's
 
 
 PHASES = (keys.POST_TIME, keys.XFER_TIME, keys.CONFIRM_TIME)
@@ -71,8 +72,13 @@ PHASES = (keys.POST_TIME, keys.XFER_TIME, keys.CONFIRM_TIME)
 class Row(NamedTuple):
     case: Case
     nbytes: int
-    connector: CaseResult
-    raw: RawReadResult
+    result: CaseResult
+
+
+class RunResult(NamedTuple):
+    rows: list[Row]
+    ok: bool  # bytes correct, every hold released, nothing leaked
+    notes: str
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +86,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--blocks", type=int, default=64, help="blocks per READ (per layer)")
     parser.add_argument("--block-kib", type=int, default=64, help="bytes of one block-layer")
-    parser.add_argument("--iters", type=int, default=30, help="timed READs per case")
+    parser.add_argument("--iters", type=int, default=30, help="timed READ pairs per case")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
     if min(args.layers, args.blocks, args.iters) < 1:
@@ -95,16 +101,16 @@ def block_ids(pattern: str, blocks: int) -> list[int]:
     return list(range(blocks)) if pattern == "contiguous" else list(range(0, 2 * blocks, 2))
 
 
-def raw_key(case: Case, spec: KVCacheSpec, blocks: int) -> RawKey:
-    """Raw blocks with the connector's descriptor sizes and adjacency: a gap separates layers."""
-    layers, block_len = spec.num_layers, spec.block_bytes_per_layer
-    if case.pattern == "contiguous" and case.merge:  # one descriptor per layer
-        return RawKey(blocks * block_len, 2 * layers, tuple(range(0, 2 * layers, 2)))
-    if case.pattern == "contiguous":  # per-block descriptors, adjacent within a layer
-        span = blocks + 1
-        ids = [layer * span + b for layer in range(layers) for b in range(blocks)]
-        return RawKey(block_len, layers * span, tuple(ids))
-    return RawKey(block_len, 2 * layers * blocks, tuple(range(0, 2 * layers * blocks, 2)))
+def raw_first(i: int) -> bool:
+    """ABBA: timed pair ``i`` starts with the raw READ when ``i`` is odd."""
+    return i % 2 == 1
+
+
+def paired_ratio(connector: Sequence[float], raw: Sequence[float]) -> float:
+    """Median of ``raw[i] / connector[i]``: connector speed over raw speed, pair by pair."""
+    if len(connector) != len(raw) or not connector:
+        raise ValueError(f"need as many raw as connector times, got {len(raw)}/{len(connector)}")
+    return statistics.median(r / c for c, r in zip(connector, raw))
 
 
 # -- consumer (this process) -----------------------------------------------------------------
@@ -129,93 +135,115 @@ def _read(worker: KVConnectorWorker, spec: RecvSpec) -> float:
     return seconds
 
 
+def _recv_spec(rid: str, ids: list[int], port: int) -> RecvSpec:
+    return RecvSpec(
+        request_id=rid,
+        local_block_ids=(ids,),
+        remote_engine_id=PRODUCER_ID,
+        remote_host=HOST,
+        remote_port=port,
+        remote_block_ids=(ids,),
+        remote_request_id=rid,
+    )
+
+
 def run_case(
     worker: KVConnectorWorker,
     cache: dict[str, torch.Tensor],
+    raw: RawReader,
     producer: ProducerProcess,
     case: Case,
     iters: int,
     blocks: int,
 ) -> CaseResult:
-    """Time ``iters`` READs through the connector, after one warm-up READ."""
+    """``iters`` pairs of one connector READ and one raw READ (ABBA), after a warm-up pair."""
     import torch
 
     ids = block_ids(case.pattern, blocks)
     tag = f"{case.pattern}-{'merge' if case.merge else 'nomerge'}"
-    rids = [f"{tag}-{i}" for i in range(iters + 1)]
-    producer.hold(rids)
-    for tensor in cache.values():
+    specs = [_recv_spec(f"{tag}-{i}", ids, producer.port) for i in range(iters + 1)]
+    producer.hold([s.request_id for s in specs])
+    for tensor in (*cache.values(), *raw.cache.values()):
         tensor.zero_()
-    seconds = []
-    for rid in rids:
-        spec = RecvSpec(
-            request_id=rid,
-            local_block_ids=(ids,),
-            remote_engine_id=PRODUCER_ID,
-            remote_host=HOST,
-            remote_port=producer.port,
-            remote_block_ids=(ids,),
-            remote_request_id=rid,
-        )
-        seconds.append(_read(worker, spec))
+    mine: list[float] = []
+    theirs: list[float] = []
+    with raw.prepared(
+        specs[0].local_block_ids, specs[0].remote_block_ids, merge=case.merge
+    ) as xfer:
+        _read(worker, specs[0])  # warm-up pair: the connector's handshake, NIXL's first use
+        raw_descs = raw.read(xfer, telemetry=True).nixl_descs
+        for i, spec in enumerate(specs[1:]):
+            if raw_first(i):
+                theirs.append(raw.read(xfer).seconds)
+                mine.append(_read(worker, spec))
+            else:
+                mine.append(_read(worker, spec))
+                theirs.append(raw.read(xfer).seconds)
     stats = worker.get_kv_connector_stats()
     data = stats.data if isinstance(stats, KVConnectorStats) else {}
     descs = data.get(keys.NUM_DESCRIPTORS, [])
-    if not isinstance(descs, list) or len(descs) != len(rids):
+    if not isinstance(descs, list) or len(descs) != len(specs):
         raise RuntimeError(f"connector stats counted {descs!r} descriptor samples")
     phase_ms = {}
     for key in PHASES:
         samples = data.get(key)
-        if isinstance(samples, list) and len(samples) == len(rids):
+        if isinstance(samples, list) and len(samples) == len(specs):
             phase_ms[key] = 1e3 * statistics.median(samples[1:])
     expected = kv_caches(worker.cache_spec, SEED)
-    correct = all(torch.equal(cache[name][ids], want[ids]) for name, want in expected.items())
-    return CaseResult(tuple(seconds[1:]), int(descs[-1]), phase_ms, correct)
-
-
-def _raw(key: RawKey, iters: int) -> RawReadResult:
-    return run_raw_read(
-        key.block_bytes,
-        key.num_blocks,
-        len(key.block_ids),
-        iters,
-        block_ids=key.block_ids,
-        timeout_s=TIMEOUT_S,
+    correct = all(
+        torch.equal(got[name][ids], want[ids])
+        for got in (cache, raw.cache)
+        for name, want in expected.items()
+    )
+    return CaseResult(
+        tuple(mine),
+        tuple(theirs),
+        int(descs[-1]),
+        xfer.num_descs if raw_descs is None else raw_descs,
+        phase_ms,
+        correct,
     )
 
 
-def run(args: argparse.Namespace) -> tuple[list[Row], bool, str]:
-    """Each case through the connector, then its raw baseline right after (shared machines
-    drift; neighbours in time compare best)."""
+def run(args: argparse.Namespace) -> RunResult:
+    """Every case through the connector and raw NIXL, interleaved, against one producer."""
     spec = make_spec(args.layers, args.blocks, args.block_kib)
     nbytes = args.blocks * spec.num_layers * spec.block_bytes_per_layer
     producer = ProducerProcess(args.layers, args.blocks, args.block_kib)
     rows: list[Row] = []
-    correct = True
+    leaked = None
+    expected = 4 * (args.iters + 1)  # every READ's done notification releases one hold
     try:
-        for merge in (True, False):
-            config = nixl_config(
-                "kv_consumer", f"bench-consumer-{merge}", merge_contiguous_blocks=merge
-            )
-            worker = create_connector(config, KVConnectorRole.WORKER, spec)
-            cache = kv_caches(spec, None)
-            try:
-                worker.register_kv_caches(cache)
-                for pattern in ("contiguous", "fragmented"):
-                    case = Case(pattern, merge)
-                    key = raw_key(case, spec, args.blocks)
-                    if len(key.block_ids) * key.block_bytes != nbytes:
-                        raise RuntimeError(f"raw baseline of {case} moves other bytes")
-                    result = run_case(worker, cache, producer, case, args.iters, args.blocks)
-                    correct = correct and result.correct
-                    rows.append(Row(case, nbytes, result, _raw(key, args.iters)))
-            finally:
-                worker.shutdown()
+        raw = RawReader(spec, HOST, producer.port)
+        try:
+            for merge in (True, False):
+                config = nixl_config(
+                    "kv_consumer", f"bench-consumer-{merge}", merge_contiguous_blocks=merge
+                )
+                worker = create_connector(config, KVConnectorRole.WORKER, spec)
+                cache = kv_caches(spec, None)
+                try:
+                    worker.register_kv_caches(cache)
+                    for pattern in ("contiguous", "fragmented"):
+                        case = Case(pattern, merge)
+                        result = run_case(
+                            worker, cache, raw, producer, case, args.iters, args.blocks
+                        )
+                        rows.append(Row(case, nbytes, result))
+                finally:
+                    worker.shutdown()
+        finally:
+            leaked = raw.close()
+        producer.wait_released(expected)
     finally:
         released = producer.stop()
-    expected = 4 * (args.iters + 1)
-    holds = f"producer holds released by done notifications: {released}/{expected}"
-    return rows, correct and released == expected, holds
+    clean = leaked == LiveCounts(0, 0, 0, 0)
+    notes = (
+        f"producer holds released by done notifications: {released}/{expected}; "
+        f"raw reader {'released every NIXL handle' if clean else f'leaked {leaked}'}"
+    )
+    correct = all(row.result.correct for row in rows)
+    return RunResult(rows, correct and released == expected and clean, notes)
 
 
 def _nixl_version() -> str:
@@ -239,67 +267,72 @@ COLUMNS = (
     "NIXL descs (raw)",
     "connector GB/s",
     "raw GB/s",
-    "ratio median",
-    "ratio best",
+    "ratio of medians",
+    "paired ratio",
     "connector ms: READ / post / NIXL xfer / confirm",
 )
 
 
 def _cells(row: Row) -> list[str]:
-    c = row.connector
-    mine = [_gbps(row.nbytes, f(c.seconds)) for f in (statistics.median, min)]
-    raw = [_gbps(row.nbytes, f(row.raw.seconds)) for f in (statistics.median, min)]
-    phases = [1e3 * statistics.median(c.seconds)] + [c.phase_ms.get(k, 0.0) for k in PHASES]
+    r = row.result
+    mine = [_gbps(row.nbytes, f(r.seconds)) for f in (statistics.median, min)]
+    raw = [_gbps(row.nbytes, f(r.raw_seconds)) for f in (statistics.median, min)]
+    phases = [1e3 * statistics.median(r.seconds)] + [r.phase_ms.get(k, 0.0) for k in PHASES]
     return [
         row.case.pattern,
         "on" if row.case.merge else "off",
         f"{row.nbytes / 2**20:.0f}",
-        str(c.num_descs),
-        str(row.raw.nixl_descs_per_iter),
+        str(r.num_descs),
+        str(r.raw_descs),
         f"{mine[0]:.2f} / {mine[1]:.2f}",
         f"{raw[0]:.2f} / {raw[1]:.2f}",
         f"{mine[0] / raw[0]:.2f}",
-        f"{mine[1] / raw[1]:.2f}",
+        f"{paired_ratio(r.seconds, r.raw_seconds):.2f}",
         " / ".join(f"{ms:.1f}" for ms in phases),
     ]
 
 
 def _title(args: argparse.Namespace) -> str:
     return (
-        f"NixlConnector READ vs raw NIXL READ, DRAM, two processes ({_nixl_version()}, UCX): "
-        f"{args.blocks} blocks x {args.layers} layers x {args.block_kib} KiB per READ, "
-        f"{args.iters} READs per case; GB/s as median / best"
+        f"NixlConnector READ vs raw NIXL READ of the same producer memory, DRAM, two processes "
+        f"({_nixl_version()}, UCX): {args.blocks} blocks x {args.layers} layers x "
+        f"{args.block_kib} KiB per READ, {args.iters} interleaved pairs per case; GB/s as "
+        "median / best; paired ratio = median of raw time / connector time per pair"
     )
 
 
-def _caption(correct: bool, holds: str) -> str:
-    return f"bytes read equal the producer's: {'PASS' if correct else 'FAIL'}; {holds}"
+def _caption(result: RunResult) -> str:
+    correct = all(row.result.correct for row in result.rows)
+    return (
+        f"bytes read (connector and raw) equal the producer's: {'PASS' if correct else 'FAIL'}; "
+        f"{result.notes}"
+    )
 
 
-def _table(args: argparse.Namespace, rows: list[Row], correct: bool, holds: str) -> Any:
+def _table(args: argparse.Namespace, result: RunResult) -> Any:
     from rich.table import Table
 
-    table = Table(title=_title(args), caption=_caption(correct, holds))
+    table = Table(title=_title(args), caption=_caption(result))
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in COLUMNS[:2] else "right")
-    for row in rows:
+    for row in result.rows:
         table.add_row(*_cells(row))
     return table
 
 
-def _markdown(args: argparse.Namespace, rows: list[Row], correct: bool, holds: str) -> str:
+def _markdown(args: argparse.Namespace, result: RunResult) -> str:
     lines = [_title(args), "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join([*lines, "", _caption(correct, holds)])
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in result.rows]
+    return "\n".join([*lines, "", _caption(result)])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    rows, correct, holds = run(args)
+    result = run(args)
     if args.markdown:
-        print(_markdown(args, rows, correct, holds))
+        print(_markdown(args, result))
     else:
         from rich.console import Console
 
-        Console(width=200).print(_table(args, rows, correct, holds))
-    return 0 if correct else 1
+        Console(width=200).print(_table(args, result))
+    return 0 if result.ok else 1

@@ -8,6 +8,7 @@ notifications every 50 ms while idle.
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +88,10 @@ def step_worker(
 
 
 def producer_main(conn: Connection, layers: int, blocks: int, block_kib: int) -> None:
-    """Serve a seeded KV cache; hold requests on ``("hold", ids)``; report on ``("stop",)``."""
+    """Serve a seeded KV cache; hold requests on ``("hold", ids)``; report on ``("stop",)``.
+
+    ``("released",)`` steps the worker once more and answers how many holds are released.
+    """
     spec = make_spec(layers, blocks, block_kib)
     worker = create_connector(nixl_config("kv_producer", PRODUCER_ID), KVConnectorRole.WORKER, spec)
     released = 0
@@ -101,6 +105,10 @@ def producer_main(conn: Connection, layers: int, blocks: int, block_kib: int) ->
                 cmd, ids = conn.recv()
                 if cmd == "stop":
                     break
+                if cmd == "released":
+                    released += step_worker(worker, meta, finished)
+                    conn.send(("released", released))
+                    continue
                 meta.reqs_to_send = {
                     rid: SendSpec(
                         request_id=rid,
@@ -151,6 +159,16 @@ class ProducerProcess:
     def hold(self, ids: list[str]) -> None:
         self.conn.send(("hold", ids))
         self._expect("held")
+
+    def wait_released(self, expected: int, timeout_s: float = 5.0) -> int:
+        """How many holds are released, once ``expected`` are or after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.conn.send(("released", []))
+            released: int = self._expect("released")
+            if released >= expected or time.monotonic() > deadline:
+                return released
+            time.sleep(0.01)
 
     def stop(self) -> int:
         """Stop it; returns how many holds the consumer's done notifications released."""

@@ -1,56 +1,78 @@
-"""`kvbridge bench nixl`: each raw baseline moves the connector's bytes in its descriptors."""
+"""`kvbridge bench nixl`: the paired statistic, ABBA order, and one real run at tiny size."""
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import pytest
 
-from kvbridge.bench.nixl import Case, block_ids, raw_key
-from kvbridge.bench.nixl_peer import make_spec
-from kvbridge.nixl.transfers import KVRegions, plan_read
-
-LAYERS, BLOCKS = 3, 5
+from kvbridge.bench import nixl
+from kvbridge.bench.nixl import Case, paired_ratio, raw_first
+from kvbridge.nixl.wrapper import NIXL_PACKAGES
 
 
-def _shape(items: list[tuple[int, int]]) -> list[tuple[int, bool]]:
-    """Per descriptor: its length, and whether it starts where the previous one ended."""
-    out = []
-    for k, (addr, length) in enumerate(items):
-        prev_addr, prev_len = items[k - 1] if k else (-1, 0)
-        out.append((length, k > 0 and prev_addr + prev_len == addr))
-    return out
+def test_paired_ratio_is_the_median_of_raw_over_connector_per_pair() -> None:
+    connector = [1.0, 2.0, 4.0]
+    raw = [0.5, 4.0, 4.0]  # ratios 0.5, 2.0, 1.0
+    assert paired_ratio(connector, raw) == 1.0
+    assert paired_ratio([2.0, 1.0], [1.0, 2.0]) == pytest.approx((0.5 + 2.0) / 2)
 
 
-def _connector_descs(case: Case) -> list[tuple[int, int]]:
-    spec = make_spec(LAYERS, BLOCKS, 64)
-    stride = spec.block_bytes_per_layer
-    layer_bytes = spec.num_blocks * stride
-    regions = KVRegions(
-        layer_names=tuple(f"layers.{i}" for i in range(LAYERS)),
-        base_addrs=tuple((2 * i + 1) * layer_bytes for i in range(LAYERS)),  # apart, as tensors
-        block_len=stride,
-        block_stride=stride,
-        num_blocks=spec.num_blocks,
-        memory_type="DRAM",
-        device_id=0,
-    )
-    ids = block_ids(case.pattern, BLOCKS)
-    plan = plan_read(regions, regions, [list(range(LAYERS))], [ids], [ids], merge=case.merge)
-    if plan.merged:
-        return [(addr, length) for addr, length, _ in plan.remote_items]
-    per_block = regions.block_items()
-    return [(per_block[i][0], per_block[i][1]) for i in plan.remote_indices]
+def test_paired_ratio_ignores_drift_that_hits_both_sides_of_a_pair() -> None:
+    """A slow phase of the machine slows both reads of its pairs: the ratio does not move."""
+    connector = [1.0, 1.0, 10.0, 10.0, 1.0]
+    raw = [0.8 * c for c in connector]
+    assert paired_ratio(connector, raw) == pytest.approx(0.8)
 
 
-@pytest.mark.parametrize(
-    "case", [Case(p, m) for p in ("contiguous", "fragmented") for m in (True, False)]
+@pytest.mark.parametrize(("connector", "raw"), [([1.0], [1.0, 2.0]), ([], [])])
+def test_paired_ratio_needs_one_raw_time_per_connector_time(
+    connector: list[float], raw: list[float]
+) -> None:
+    with pytest.raises(ValueError, match="as many raw as connector"):
+        paired_ratio(connector, raw)
+
+
+def test_abba_alternates_which_read_goes_first() -> None:
+    order = [raw_first(i) for i in range(6)]
+    assert order == [False, True, False, True, False, True]
+    assert sum(order) == len(order) // 2  # each side goes first in half of the pairs
+
+
+def test_block_kib_must_be_a_multiple_of_one_kib_head() -> None:
+    assert nixl._parse(["--block-kib", "1"]).block_kib == 1
+    with pytest.raises(SystemExit):
+        nixl._parse(["--block-kib", "0"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(
+    not any(find_spec(p) for p in NIXL_PACKAGES),
+    reason=f"no NIXL package installed (tried {', '.join(NIXL_PACKAGES)})",
 )
-def test_raw_baseline_has_the_connectors_descriptor_sizes_and_adjacency(case: Case) -> None:
-    spec = make_spec(LAYERS, BLOCKS, 64)
-    key = raw_key(case, spec, BLOCKS)
-    assert all(0 <= b < key.num_blocks for b in key.block_ids)
-    raw = [(b * key.block_bytes, key.block_bytes) for b in key.block_ids]
-    connector = _connector_descs(case)
-    assert _shape(raw) == _shape(connector)
-    assert sum(n for _, n in raw) == LAYERS * BLOCKS * spec.block_bytes_per_layer
-    merged_one_per_layer = case == Case("contiguous", True)
-    assert len(raw) == (LAYERS if merged_one_per_layer else LAYERS * BLOCKS)
+def test_a_tiny_run_reads_the_producers_bytes_both_ways_in_the_connectors_descriptors() -> None:
+    layers, blocks, iters = 2, 4, 3
+    args = nixl._parse(["--layers", "2", "--blocks", "4", "--block-kib", "1", "--iters", "3"])
+    result = nixl.run(args)
+    assert result.ok, result.notes
+    assert f"released by done notifications: {4 * (iters + 1)}/{4 * (iters + 1)}" in result.notes
+    assert "raw reader released every NIXL handle" in result.notes
+    cases = [Case(p, m) for m in (True, False) for p in ("contiguous", "fragmented")]
+    assert [row.case for row in result.rows] == cases
+    for row in result.rows:
+        r = row.result
+        assert r.correct, row.case
+        assert row.nbytes == layers * blocks * 1024
+        assert len(r.seconds) == len(r.raw_seconds) == iters
+        assert min(r.seconds) > 0 and min(r.raw_seconds) > 0
+        assert paired_ratio(r.seconds, r.raw_seconds) > 0
+        assert r.num_descs == (layers if row.case == Case("contiguous", True) else layers * blocks)
+        if row.case.merge:
+            assert r.raw_descs == r.num_descs
+    table = nixl._markdown(args, result).splitlines()
+    assert (
+        sum(line.startswith("| contiguous") or line.startswith("| fragmented") for line in table)
+        == 4
+    )
+    assert table[-1].startswith("bytes read (connector and raw) equal the producer's: PASS")

@@ -36,6 +36,7 @@ from kvbridge.nixl.lease_confirm import (
     LeaseQuery,
     lease_query_handler,
 )
+from kvbridge.nixl.leases import LeaseStatus
 from kvbridge.nixl.metadata import NixlNotif, decode_notif, encode_notif
 from reliability.wire_cases import (
     FUZZ_EXAMPLES,
@@ -51,7 +52,9 @@ PAYLOAD = msgspec.msgpack.encode(METADATA)
 ANSWER = encode_envelope(METADATA, HASH)
 LIMIT = 4096
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None)
-_lease_handler = lease_query_handler("prefill", "prefill-r0-abc", lambda rid: "held")
+_lease_handler = lease_query_handler(
+    "prefill", "prefill-r0-abc", lambda rid: LeaseStatus("held", 1.0)
+)
 
 # Strings that are not UTF-8: msgspec raises UnicodeDecodeError for them, not DecodeError.
 _BAD_UTF8_ENVELOPE = b"\x82\xa7version\x01\xabcompat_hash\xa1\x80"

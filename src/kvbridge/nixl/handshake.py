@@ -31,7 +31,7 @@ from kvbridge.connector.types import KVCacheSpec
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_VERSION = 1
-CONNECTOR_VERSION = "kvbridge-nixl/2"  # 2: lease confirmation, host staging
+CONNECTOR_VERSION = "kvbridge-nixl/3"  # 2: lease confirmation, host staging; 3: held-for
 MAX_REQUEST_BYTES = 64 << 10
 # Messages over this multiple of a limit are dropped by zmq itself (memory bound, no log line).
 _HARD_CAP_FACTOR = 8

@@ -1,11 +1,16 @@
 """Lease confirmation: a consumer asks a producer's side channel what became of leases.
 
 A READ that completes tells the consumer nothing about whether the producer still held the
-blocks while it ran (a lapsed lease frees them for reuse). So, after the READ (and, when the
-producer stages through host memory, before it too), the consumer asks::
+blocks while it ran (a lapsed lease frees them for reuse). So the consumer asks, while the
+READ runs (or, when the producer stages through host memory, before posting it)::
 
-    consumer DEALER  --[b"", b"lease", LeaseQuery(seq, engine_id, request_ids)]-->  producer ROUTER
-    consumer DEALER  <--[b"", LeaseAnswer(seq, engine_id, instance_id, states)]----  producer ROUTER
+    consumer DEALER  --[b"", b"lease", LeaseQuery(seq, sent_at, engine_id, request_ids)]-->
+    consumer DEALER  <--[b"", LeaseAnswer(seq, sent_at, instance_id, states, held_for_s)]--
+
+"held, for at least R more seconds" to a query sent at consumer time ``sent_at`` proves the
+blocks held until ``sent_at + R`` (the producer answered after ``sent_at``, and a live lease
+ends no earlier than its lapse unless this consumer ends it), so a READ seen done before then
+needs no further question; otherwise the consumer asks again after the READ.
 
 The producer's side-channel thread answers from its ``LeaseTable`` (locked), so a worker that
 is slow to step does not delay the answer. Queries are batched per producer, resent when
@@ -17,15 +22,16 @@ question as "restarted".
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 import zmq
 
 from kvbridge.nixl.handshake import tcp_endpoint
-from kvbridge.nixl.leases import LeaseOutcome
+from kvbridge.nixl.leases import LeaseOutcome, LeaseStatus
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ class LeaseQuery(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     engine_id: str  # the producer engine the consumer means
     request_ids: list[str]
+    sent_at: float = 0.0  # the consumer's clock when it sent the query; echoed in the answer
 
 
 class LeaseAnswer(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,6 +57,8 @@ class LeaseAnswer(msgspec.Struct, frozen=True, kw_only=True):
     engine_id: str
     instance_id: str  # the producer worker's agent name: changes when it restarts
     states: dict[str, LeaseOutcome] = msgspec.field(default_factory=dict)
+    held_for_s: dict[str, float] = msgspec.field(default_factory=dict)  # "held": at least so long
+    sent_at: float = 0.0  # the query's
     error: str | None = None
 
 
@@ -58,7 +67,7 @@ _QUERY_DECODER = msgspec.msgpack.Decoder(LeaseQuery)
 
 
 def lease_query_handler(
-    engine_id: str, instance_id: str, outcome: Callable[[str], LeaseOutcome]
+    engine_id: str, instance_id: str, status: Callable[[str], LeaseStatus]
 ) -> Callable[[bytes], bytes]:
     """The producer's answer to a ``LeaseQuery`` payload; never raises."""
 
@@ -76,13 +85,30 @@ def lease_query_handler(
             return encode(
                 seq=query.seq, error=f"{n} request ids in one query (max {MAX_IDS_PER_QUERY})"
             )
-        return encode(seq=query.seq, states={rid: outcome(rid) for rid in query.request_ids})
+        states = {rid: status(rid) for rid in query.request_ids}
+        return encode(
+            seq=query.seq,
+            sent_at=query.sent_at,
+            states={rid: s.outcome for rid, s in states.items()},
+            held_for_s={rid: s.held_for_s for rid, s in states.items() if s.held_for_s is not None},
+        )
 
     def encode(
-        *, seq: int, states: dict[str, LeaseOutcome] | None = None, error: str | None = None
+        *,
+        seq: int,
+        sent_at: float = 0.0,
+        states: dict[str, LeaseOutcome] | None = None,
+        held_for_s: dict[str, float] | None = None,
+        error: str | None = None,
     ) -> bytes:
         answer = LeaseAnswer(
-            seq=seq, engine_id=engine_id, instance_id=instance_id, states=states or {}, error=error
+            seq=seq,
+            engine_id=engine_id,
+            instance_id=instance_id,
+            states=states or {},
+            held_for_s=held_for_s or {},
+            sent_at=sent_at,
+            error=error,
         )
         return msgspec.msgpack.encode(answer)
 
@@ -90,6 +116,15 @@ def lease_query_handler(
 
 
 Endpoint = tuple[str, int]
+
+
+class Settled(NamedTuple):
+    """A question's answer: the verdict, when the answered query was sent (consumer clock), and
+    for "held" until when the blocks are held at least (None when the producer did not say)."""
+
+    verdict: Verdict
+    asked_at: float
+    held_until: float | None = None
 
 
 @dataclass
@@ -137,12 +172,16 @@ class LeaseConfirmer:
     def cancel(self, key: str) -> None:
         self._questions.pop(key, None)
 
+    def is_open(self, key: str) -> bool:
+        return key in self._questions
+
     @property
     def num_open(self) -> int:
         return len(self._questions)
 
     def send_due(self, now: float) -> None:
-        """Send one query per producer for the questions due now."""
+        """Send one query per producer for the questions due now; ``now`` must not be later
+        than the clock's reading at the send (it bounds how long a "held" answer holds)."""
         due: dict[tuple[Endpoint, str], list[_Question]] = {}
         for q in self._questions.values():
             if now >= q.next_send:
@@ -152,15 +191,18 @@ class LeaseConfirmer:
                 batch = questions[i : i + MAX_IDS_PER_QUERY]
                 self._seq += 1
                 query = LeaseQuery(
-                    seq=self._seq, engine_id=engine_id, request_ids=[q.request_id for q in batch]
+                    seq=self._seq,
+                    engine_id=engine_id,
+                    request_ids=[q.request_id for q in batch],
+                    sent_at=now,
                 )
                 self._send(endpoint, msgspec.msgpack.encode(query))
                 for q in batch:
                     q.next_send = now + self._resend_s
 
-    def collect(self, now: float) -> dict[str, Verdict]:
-        """Settled questions (consumer request id -> verdict); they are closed."""
-        settled: dict[str, Verdict] = {}
+    def collect(self, now: float) -> dict[str, Settled]:
+        """Settled questions (consumer request id -> answer); they are closed."""
+        settled: dict[str, Settled] = {}
         for endpoint, sock in list(self._socks.items()):
             while sock.poll(0):
                 try:
@@ -175,7 +217,7 @@ class LeaseConfirmer:
         return settled
 
     def _apply(
-        self, endpoint: Endpoint, answer: LeaseAnswer, now: float, settled: dict[str, Verdict]
+        self, endpoint: Endpoint, answer: LeaseAnswer, now: float, settled: dict[str, Settled]
     ) -> None:
         for key, q in self._questions.items():
             if q.endpoint != endpoint or answer.seq < q.first_seq or key in settled:
@@ -183,17 +225,20 @@ class LeaseConfirmer:
             if answer.error is not None:
                 logger.warning("lease query to %s:%d refused: %s", *endpoint, answer.error)
                 if q.engine_id != answer.engine_id:
-                    settled[key] = "refused"
+                    settled[key] = Settled("refused", answer.sent_at)
                 continue
             state = answer.states.get(q.request_id)
             if state is None:
                 continue
             if answer.instance_id != q.instance_id:
-                settled[key] = "restarted"
+                settled[key] = Settled("restarted", answer.sent_at)
             elif state == "unknown":
                 q.next_send = min(q.next_send, now + self._unknown_retry_s)
             else:
-                settled[key] = state
+                held_for = answer.held_for_s.get(q.request_id, -1.0) if state == "held" else -1.0
+                ok = math.isfinite(held_for) and held_for >= 0
+                until = answer.sent_at + held_for if ok else None
+                settled[key] = Settled(state, answer.sent_at, until)
 
     def _send(self, endpoint: Endpoint, payload: bytes) -> None:
         sock = self._socks.get(endpoint)

@@ -11,11 +11,13 @@ says ``done``/``release``, or when it lapses: no heartbeat for ``lease_duration_
 A consumer's ``done`` may overtake the ``SendSpec`` (it travels through another process);
 such early completions are kept for ``abort_timeout_s`` and applied when the lease starts.
 
-The outcome of the last ``history_size`` ended leases is kept, so a consumer can ask after
-its READ whether the blocks were still held (``outcome``). A lease is "held" exactly until
-the worker hands its id to the engine to free, so "held" seen after a READ ended means the
-READ saw the request's bytes. ``outcome`` is called from the side-channel thread: every
-method takes the table's lock.
+The outcome of the last ``history_size`` ended leases is kept, so a consumer can ask whether
+the blocks were still held when its READ ended (``status``). A lease is "held" exactly until
+the worker hands its id to the engine to free, and a live lease is never freed before its
+``expires_at`` unless the consumer ends it: so "held, for at least R more seconds" answered to
+a question sent at consumer time ``t`` proves the blocks held until ``t + R``, and a READ seen
+done before then saw the request's bytes. ``status`` is called from the side-channel thread:
+every method takes the table's lock.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from kvbridge.nixl.metadata import SendSpec
 
@@ -33,7 +35,17 @@ logger = logging.getLogger(__name__)
 LeaseOutcome = Literal["held", "done", "released", "expired", "unknown"]
 EndKind = Literal["done", "release"]
 DEFAULT_HISTORY = 1 << 16
+MAX_PROMISE_S = 0.5  # a "held for" answer promises at most this long (a READ that takes
+# longer is confirmed after it ends); a worker that shuts down keeps its memory until then
 _ENDED: dict[EndKind, LeaseOutcome] = {"done": "done", "release": "released"}
+
+
+class LeaseStatus(NamedTuple):
+    """A lease's outcome and, while "held", the seconds it is held at least (until its lapse,
+    unless the consumer ends it first): renewals only extend it."""
+
+    outcome: LeaseOutcome
+    held_for_s: float | None = None
 
 
 @dataclass
@@ -43,6 +55,7 @@ class _Lease:
     hard_deadline: float
     num_blocks: int
     renewals: int = 0
+    promised_until: float = float("-inf")  # the latest "held until" answered
 
 
 class LeaseTable:
@@ -138,14 +151,25 @@ class LeaseTable:
 
     def outcome(self, request_id: str) -> LeaseOutcome:
         """What became of the lease on ``request_id``; safe to call from any thread."""
+        return self.status(request_id, None).outcome
+
+    def status(self, request_id: str, now: float | None) -> LeaseStatus:
+        """``outcome`` plus, for a held lease and a ``now``, how long it stays held at least:
+        until it lapses (``expire`` ends it no earlier), at most ``MAX_PROMISE_S``, a promise
+        kept until then even through ``clear`` (see ``promised_until``). Safe from any thread."""
         with self._lock:
-            if request_id in self._leases:
-                return "held"
+            lease = self._leases.get(request_id)
+            if lease is not None:
+                if now is None:
+                    return LeaseStatus("held")
+                held_for = max(0.0, min(lease.expires_at - now, MAX_PROMISE_S))
+                lease.promised_until = max(lease.promised_until, now + held_for)
+                return LeaseStatus("held", held_for)
             ended = self._history.get(request_id)
             if ended is not None:
-                return ended
+                return LeaseStatus(ended)
             early = self._early.get(request_id)
-            return "unknown" if early is None else _ENDED[early[1]]
+            return LeaseStatus("unknown" if early is None else _ENDED[early[1]])
 
     def _remember(self, request_id: str, outcome: LeaseOutcome) -> None:
         self._history[request_id] = outcome
@@ -186,6 +210,14 @@ class LeaseTable:
             for rid, lease in self._leases.items():
                 if not lease.started <= lease.expires_at <= lease.hard_deadline:
                     raise AssertionError(f"LeaseTable: lease of {rid} has inconsistent times")
+
+    def promised_until(self) -> float:
+        """Until when answers promised live leases held (-inf if none): whoever drops them
+        (``clear``) must keep their memory untouched until then."""
+        with self._lock:
+            return max(
+                (lease.promised_until for lease in self._leases.values()), default=float("-inf")
+            )
 
     def clear(self) -> set[str]:
         """Drop everything (shutdown); returns the ids that were still held."""

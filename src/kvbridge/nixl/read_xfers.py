@@ -39,7 +39,7 @@ class ReadXfers:
         self._local_dlist = local_dlist
         self._zombies: list[XferHandle] = []  # handles whose release failed; retried
 
-    def post(self, plan: ReadPlan, remote: RemoteEngine, notif: bytes) -> PostedRead:
+    def post(self, plan: ReadPlan, remote: RemoteEngine, notif: bytes = b"") -> PostedRead:
         """Make and post one READ; raises ``TRANSPORT_ERRORS`` having released what it made."""
         dlists: list[DlistHandle] = []
         handle = None

@@ -4,11 +4,16 @@ Per request, the phases of ``_Recv.phase``::
 
     connect  handshake in the background, attach the remote engine (once per engine)
     gate     (the producer stages through host memory) wait for its lease to be "held"
-    read     one READ, polled: DONE -> confirm, ERR -> fail
-    confirm  ask the producer whether its lease was still held when the READ ended:
+    read     one READ, polled, while asking the producer how long its lease stays held:
+             DONE -> "done" notification, then land if the lease was proven held until
+             the READ was seen done, else confirm; ERR -> fail
+    confirm  ask the producer (again) whether its lease was held when the READ ended:
              "held" or "done" -> land; anything else, or no answer in time -> fail
     land     (this engine stages through host memory) copy host -> cache blocks
     => finished_recving; a failed load also reports its blocks as load errors
+
+The question asked with the READ (or the gate's) usually settles it: its answer "held for at
+least R more seconds" covers the READ, so the confirmation costs no round trip of its own.
 
 Each of connect, gate, read and confirm is bounded by ``transfer_timeout_s`` (connect to
 read from the load's start, confirm from the READ's end). An abort (the request ended) is
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,8 +34,8 @@ from typing import Literal
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.handshake import NixlAgentMetadata
-from kvbridge.nixl.lease_confirm import LeaseConfirmer, Verdict
-from kvbridge.nixl.metadata import RecvSpec, RemoteRelease, encode_notif
+from kvbridge.nixl.lease_confirm import LeaseConfirmer, Settled
+from kvbridge.nixl.metadata import RecvSpec, RemoteRelease
 from kvbridge.nixl.read_stats import record_read
 from kvbridge.nixl.read_xfers import ReadXfers
 from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine, RemoteEngines
@@ -52,6 +58,7 @@ _TIMEOUT_KEYS: dict[Phase, tuple[str, str]] = {
     "read": (keys.FAILED_TRANSFERS, "READ"),
     "confirm": (keys.FAILED_CONFIRMS, "lease confirmation"),
 }
+HELD_MARGIN_S = 0.005  # a "held until" closer than this to the READ's end does not count
 
 
 @dataclass
@@ -67,6 +74,8 @@ class _Recv:
     plan: ReadPlan | None = None
     posted_wall: float = 0.0
     phase_wall: float = 0.0  # perf_counter() when confirm / land began
+    held_until: float | None = None  # the producer holds the blocks at least until (our clock)
+    read_end: float = 0.0  # our clock when the READ was seen done
     landing: CopyHandle | None = None
     aborted: bool = False
     report: bool = True  # an aborted load is still reported in finished_recving when it ends
@@ -96,8 +105,10 @@ class KVReader:
         stats: KVConnectorStats,
         confirmer: LeaseConfirmer,
         staging: HostStaging | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._t = transport
+        self._clock = clock  # the clock of the ``now`` passed to ``add`` and ``poll``
         self._local = local  # the host buffer's blocks when ``staging``
         self._xfers = ReadXfers(transport, local, local_dlist)
         self._group_layers = group_layers
@@ -149,16 +160,29 @@ class KVReader:
             for recv in self._recvs.values():
                 if recv.spec.remote_engine_id == engine_id and recv.phase == "connect":
                     recv.future = None  # handshake afresh
-        verdicts = self.confirmer.collect(now)
+        answers = self.confirmer.collect(now)
+        ready: list[tuple[_Recv, RemoteEngine]] = []  # to post, asking first (one query)
         for recv in list(self._recvs.values()):
+            answer = answers.get(recv.spec.request_id)
             if recv.phase == "connect":
-                self._advance(recv, now)
-            elif recv.phase == "read" and recv.handle is not None:
-                self._on_state(recv, self._xfers.state(recv.handle, recv.spec.request_id), now)
+                remote = self._advance(recv, now)
+                if remote is not None:
+                    ready.append((recv, remote))
+            elif recv.phase == "read":
+                if answer is not None:
+                    self._note(recv, answer)
+                if recv.handle is not None:
+                    self._on_state(recv, self._xfers.state(recv.handle, recv.spec.request_id), now)
             elif recv.phase == "land":
                 self._check_landing(recv, now)
-            elif recv.spec.request_id in verdicts:
-                self._settle(recv, verdicts[recv.spec.request_id], now)
+            elif answer is not None:
+                self._settle(recv, answer, now)
+        if ready:
+            for recv, _ in ready:  # ask before posting: the answer comes while the READs run
+                self._ask(recv, now)
+            self.confirmer.send_due(now)
+            for recv, remote in ready:
+                self._post(recv, remote, now)
         for recv in list(self._recvs.values()):
             if recv.phase != "land" and now > recv.deadline:
                 key, what = _TIMEOUT_KEYS[recv.phase]
@@ -173,22 +197,23 @@ class KVReader:
         self.engines.heartbeat(now, waiting, self._cfg.heartbeat_interval_s)
         self.confirmer.send_due(now)
 
-    def _advance(self, recv: _Recv, now: float) -> None:
+    def _advance(self, recv: _Recv, now: float) -> RemoteEngine | None:
+        """Connect; returns the remote engine once a READ may be posted from it."""
         connecting = self.engines.connect(recv.spec, recv.future)
         recv.future = connecting.future
         if connecting.error is not None:
             self._fail(recv, connecting.error)
-            return
+            return None
         remote = connecting.remote
         if remote is None:
-            return
+            return None
         recv.remote, recv.instance_id = remote, remote.instance_id
         remote.inflight += 1
         if remote.staged:
             recv.phase = "gate"
             self._ask(recv, now)
-        else:
-            self._post(recv, remote, now)
+            return None
+        return remote
 
     def _ask(self, recv: _Recv, now: float) -> None:
         spec = recv.spec
@@ -201,13 +226,32 @@ class KVReader:
             now=now,
         )
 
-    def _settle(self, recv: _Recv, verdict: Verdict, now: float) -> None:
-        rid, engine = recv.spec.remote_request_id, recv.spec.remote_engine_id
-        remote = self.engines.get(engine)
-        if verdict == "restarted" and remote is not None and remote.instance_id == recv.instance_id:
+    def _note(self, recv: _Recv, answer: Settled) -> None:
+        """An answer that came while the READ ran: keep how long it proves the blocks held
+        (any other verdict is left to the question after the READ)."""
+        self._mark_restarted(recv, answer)
+        if answer.verdict == "held" and answer.held_until is not None:
+            recv.held_until = max(recv.held_until or answer.held_until, answer.held_until)
+
+    def _mark_restarted(self, recv: _Recv, answer: Settled) -> None:
+        remote = self.engines.get(recv.spec.remote_engine_id)
+        if (
+            answer.verdict == "restarted"
+            and remote is not None
+            and remote.instance_id == recv.instance_id
+        ):
             remote.stale = True  # its agent is gone: detach once idle, handshake afresh
+
+    def _held_through_read(self, recv: _Recv) -> bool:
+        return recv.held_until is not None and recv.read_end + HELD_MARGIN_S <= recv.held_until
+
+    def _settle(self, recv: _Recv, answer: Settled, now: float) -> None:
+        rid, engine = recv.spec.remote_request_id, recv.spec.remote_engine_id
+        verdict = answer.verdict
+        self._mark_restarted(recv, answer)
         if recv.phase == "gate":
             if verdict == "held" and recv.remote is not None:
+                recv.held_until = answer.held_until
                 if recv.remote.stale:  # another READ failed meanwhile: handshake afresh
                     self._unbind(recv)
                     recv.phase = "connect"
@@ -217,6 +261,11 @@ class KVReader:
             self._stats.incr(keys.FAILED_CONFIRMS)
             self._fail(recv, f"engine {engine} holds no staged blocks for {rid} ({verdict})")
             return
+        if answer.asked_at < recv.read_end and verdict in ("held", "done"):
+            self._note(recv, answer)  # asked while the READ ran
+            if not self._held_through_read(recv):
+                self._ask(recv, now)  # not proof enough: ask again, now that the READ is over
+                return
         self._stats.observe(keys.CONFIRM_TIME, time.perf_counter() - recv.phase_wall)
         if verdict in ("held", "done"):
             self._land(recv, now)
@@ -249,7 +298,7 @@ class KVReader:
         recv.phase, recv.plan = "read", plan
         start = time.perf_counter()
         try:
-            posted = self._xfers.post(plan, remote, encode_notif("done", [spec.remote_request_id]))
+            posted = self._xfers.post(plan, remote)
         except TRANSPORT_ERRORS as e:
             # The producer may have crashed or restarted: handshake afresh next time.
             remote.stale = True
@@ -266,6 +315,7 @@ class KVReader:
 
     def _on_state(self, recv: _Recv, state: XferState, now: float) -> None:
         if state == "DONE":
+            recv.read_end = self._clock()  # the READ ended before this
             self._read_done(recv, now)
         elif state == "ERR":
             if recv.remote is not None:
@@ -287,12 +337,18 @@ class KVReader:
         )
         self._release_transfer(recv)
         self._unbind(recv)
+        self.engines.notify(recv.spec.remote_engine_id, "done", [recv.spec.remote_request_id])
         if recv.aborted:
             self._end(recv)
             return
         recv.phase, recv.phase_wall = "confirm", time.perf_counter()
         recv.deadline = now + self._cfg.transfer_timeout_s
-        self._ask(recv, now)
+        if self._held_through_read(recv):
+            self._stats.incr(keys.CONFIRMS_WITH_READ)
+            self.confirmer.cancel(recv.spec.request_id)
+            self._land(recv, now)
+        elif not self.confirmer.is_open(recv.spec.request_id):
+            self._ask(recv, now)  # else the question asked with the READ is still out
 
     def _land(self, recv: _Recv, now: float) -> None:
         if self._staging is None:
@@ -383,7 +439,7 @@ class KVReader:
                     f"KVReader: engine {remote.engine_id} counts {remote.inflight} users, "
                     f"{users} hold it"
                 )
-        asking = {rid for rid, r in self._recvs.items() if r.phase in ("gate", "confirm")}
+        asking = {rid for rid, r in self._recvs.items() if r.phase in ("gate", "read", "confirm")}
         if self.confirmer.num_open > len(asking):
             raise AssertionError("KVReader: lease questions open for loads that ended")
 

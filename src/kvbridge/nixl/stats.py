@@ -2,7 +2,8 @@
 
 Samples (one value per transfer): ``xfer_time_seconds``, ``post_time_seconds``,
 ``bytes_transferred``, ``num_descriptors``, ``lease_confirm_time_seconds`` (READ seen done to
-the producer's answer), ``stage_in_time_seconds`` (host-staged mode: READ confirmed to blocks
+the producer's answer, when the answer to the question asked with the READ did not already
+cover it), ``stage_in_time_seconds`` (host-staged mode: READ confirmed to blocks
 in the cache). Everything else is a counter.
 """
 
@@ -21,4 +22,5 @@ NOTIFICATIONS_RECEIVED = "num_notifications_received"
 EXPIRED_REQS = "num_kv_expired_reqs"
 FAILED_CONFIRMS = "num_failed_lease_confirms"
 CONFIRM_TIME = "lease_confirm_time_seconds"
+CONFIRMS_WITH_READ = "num_lease_confirms_with_read"  # settled by the question asked with the READ
 STAGE_IN_TIME = "stage_in_time_seconds"

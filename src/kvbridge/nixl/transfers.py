@@ -137,24 +137,26 @@ def plan_read(
         raise ValueError("local and remote KV regions differ in block length or layers")
     if not len(group_layers) == len(local_ids) == len(remote_ids):
         raise ValueError("one list of block ids per KV cache group on both sides is required")
-    runs_per_group = []
+    runs_per_group: list[list[BlockRun]] = []
     for loc, rem in zip(local_ids, remote_ids):
         local.check_blocks(loc, "local")
         remote.check_blocks(rem, "remote")
-        runs = merge_runs(loc, rem)
-        if not merge:
-            runs = [BlockRun(a, b, 1) for a, b in zip(loc, rem)]
-        runs_per_group.append(runs)
+        if len(loc) != len(rem):
+            raise ValueError(f"{len(loc)} local vs {len(rem)} remote block ids in one group")
+        runs_per_group.append(merge_runs(loc, rem) if merge else [])
     pairs = sum(len(layers) * len(ids) for layers, ids in zip(group_layers, local_ids))
     num_bytes = pairs * local.block_len
-    all_single = all(r.length == 1 for runs in runs_per_group for r in runs)
-    if all_single or not (local.mergeable and remote.mergeable):
+    nothing_merges = not merge or all(
+        len(runs) == len(ids) for runs, ids in zip(runs_per_group, local_ids)
+    )
+    if nothing_merges or not (local.mergeable and remote.mergeable):
         li: list[int] = []
         ri: list[int] = []
         for layers, loc, rem in zip(group_layers, local_ids, remote_ids):
-            for layer in layers:
-                li.extend(local.index(layer, b) for b in loc)
-                ri.extend(remote.index(layer, b) for b in rem)
+            for layer in layers:  # indices as ``KVRegions.index``, inlined: a READ has thousands
+                lo, ro = layer * local.num_blocks, layer * remote.num_blocks
+                li.extend([lo + b for b in loc])
+                ri.extend([ro + b for b in rem])
         return ReadPlan(False, li, ri, [], [], num_bytes, pairs)
     litems: list[XferItem] = []
     ritems: list[XferItem] = []

@@ -31,7 +31,7 @@ from kvbridge.nixl.handshake import (
     encode_envelope,
 )
 from kvbridge.nixl.lease_confirm import LEASE_FRAME, LeaseConfirmer, lease_query_handler
-from kvbridge.nixl.leases import LeaseTable
+from kvbridge.nixl.leases import MAX_PROMISE_S, LeaseTable
 from kvbridge.nixl.metadata import NixlConnectorMetadata, NixlWorkerMetadata
 from kvbridge.nixl.producer import LeaseKeeper
 from kvbridge.nixl.reader import KVReader, ReaderConfig
@@ -166,7 +166,9 @@ class NixlWorker(KVConnectorWorker):
                 port = s.side_channel_port + self.rank if s.side_channel_port else 0
                 answer = encode_envelope(md, self.compat_hash)
                 leases = lease_query_handler(
-                    self.config.engine_id, self.agent_name, self.leases.outcome
+                    self.config.engine_id,
+                    self.agent_name,
+                    lambda rid: self.leases.status(rid, self._clock()),
                 )
                 listener = HandshakeListener(
                     s.side_channel_host, port, answer, self.compat_hash, {LEASE_FRAME: leases}
@@ -200,6 +202,7 @@ class NixlWorker(KVConnectorWorker):
                     self.stats,
                     confirmer,
                     staging,
+                    clock=self._clock,
                 )
         except BaseException:
             for part in (listener, handshaker, confirmer):
@@ -310,9 +313,13 @@ class NixlWorker(KVConnectorWorker):
                 part.close()
         if reg.reader is not None:
             reg.reader.close()
+        promise_s = self.leases.promised_until() - self._clock()  # no new answers: listener closed
         held = self.producer.close()
         if held:
             logger.info("shutdown drops %d leases: %s", len(held), sorted(held)[:8])
+        if promise_s > 0:  # a consumer may be reading them, trusting an answer: keep our word
+            logger.info("shutdown waits %.3fs for promised leases to run out", promise_s)
+            time.sleep(min(promise_s, MAX_PROMISE_S))
         if reg.staging is not None:
             reg.staging.shutdown()
         t = reg.transport

@@ -6,6 +6,7 @@ real side channel on 127.0.0.1.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from nixl_helpers import FakeClock, Node, make_node, wait_for
 
 from kvbridge.nixl import stats as keys
+from kvbridge.nixl.leases import MAX_PROMISE_S
 from kvbridge.nixl.metadata import (
     NixlConnectorMetadata,
     NixlWorkerMetadata,
@@ -104,20 +106,62 @@ def failure(node: Node, rid: str) -> str:
     return meta.load_failures[rid]
 
 
-def test_normal_path_confirms_a_batch_with_one_query(producer: Node, consumer: Node) -> None:
+def test_normal_path_confirms_a_batch_with_one_query_asked_with_the_reads(
+    producer: Node, consumer: Node
+) -> None:
     ids = [f"p-{i}" for i in range(3)]
     for rid in ids:
         hold(producer, rid)
     port = producer.worker.side_channel_port
-    read_posted(consumer, producer, *(load(port, f"d-{i}", f"p-{i}") for i in range(3)))
+    consumer.step(NixlConnectorMetadata(reqs_to_recv={
+        f"d-{i}": load(port, f"d-{i}", f"p-{i}").reqs_to_recv[f"d-{i}"] for i in range(3)
+    }))  # fmt: skip
+    wait_for(lambda: consumer.fake.num_live_xfer_handles == 3, poll=consumer.step)
+    confirmer = reader(consumer).confirmer
+    wait_for(lambda: confirmer.num_open == 0, poll=consumer.step)  # answered while reading
+    assert reader(consumer).num_inflight == 3
     consumer.fake.cycles_before_xfer_done = 0
     recving: set[str] = set()
     wait_for(lambda: recving >= {"d-0", "d-1", "d-2"}, poll=lambda: recving.update(_ok(consumer)))
-    assert reader(consumer).confirmer.num_queries == 1
+    assert confirmer.num_queries == 1  # no question after the READs: the answer covered them
     stats = consumer.worker.get_kv_connector_stats()
-    assert stats is not None and len(stats.data[keys.CONFIRM_TIME]) == 3
-    assert keys.FAILED_CONFIRMS not in stats.data
+    assert stats is not None and stats.data[keys.CONFIRMS_WITH_READ] == 3
+    assert keys.CONFIRM_TIME not in stats.data and keys.FAILED_CONFIRMS not in stats.data
     consumer.worker.check_integrity()
+
+
+def test_a_read_that_outlasts_the_promise_is_confirmed_after_it_ends(
+    producer: Node, consumer: Node, clock: FakeClock
+) -> None:
+    hold(producer)
+    read_posted(consumer, producer)
+    confirmer = reader(consumer).confirmer
+    wait_for(lambda: confirmer.num_open == 0, poll=consumer.step)
+    clock.advance(MAX_PROMISE_S)  # the READ ends later than the answer promised
+    consumer.fake.cycles_before_xfer_done = 0
+    _, _, errors = step_until(consumer, "d-1")
+    assert errors == set() and confirmer.num_queries == 2
+    stats = consumer.worker.get_kv_connector_stats()
+    assert stats is not None and len(stats.data[keys.CONFIRM_TIME]) == 1
+    assert keys.CONFIRMS_WITH_READ not in stats.data
+
+
+@pytest.mark.parametrize("end", ["live", "done"])
+def test_shutdown_keeps_the_memory_a_consumer_was_promised(
+    producer: Node, consumer: Node, end: str
+) -> None:
+    hold(producer)
+    read_posted(consumer, producer)
+    wait_for(lambda: reader(consumer).confirmer.num_open == 0, poll=consumer.step)
+    if end == "done":  # the consumer said it is finished: nothing left to keep
+        producer.worker.leases.complete("p-1", now=0.0)
+    start = time.monotonic()
+    producer.worker.shutdown()
+    waited = time.monotonic() - start
+    if end == "live":
+        assert waited >= 0.9 * MAX_PROMISE_S
+    else:
+        assert waited < 0.5 * MAX_PROMISE_S
 
 
 def _ok(node: Node) -> frozenset[str]:
@@ -160,7 +204,9 @@ def test_restarted_producer_fails_the_load_at_once(clock: FakeClock, consumer: N
     hold(first)
     port = first.worker.side_channel_port
     read_posted(consumer, first)
+    wait_for(lambda: reader(consumer).confirmer.num_open == 0, poll=consumer.step)  # "held"
     first.worker.shutdown()
+    clock.advance(1.0)  # past what the first instance promised: the READ must be confirmed
     second = make_node("kv_producer", "prefill", clock, side_channel_port=port)
     try:
         assert second.worker.side_channel_port == port

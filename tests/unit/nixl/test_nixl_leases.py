@@ -16,10 +16,11 @@ from kvbridge.nixl.lease_confirm import (
     LeaseAnswer,
     LeaseConfirmer,
     LeaseQuery,
+    Settled,
     Verdict,
     lease_query_handler,
 )
-from kvbridge.nixl.leases import LeaseTable
+from kvbridge.nixl.leases import MAX_PROMISE_S, LeaseStatus, LeaseTable
 from kvbridge.nixl.metadata import SendSpec, decode_notif
 
 HASH = compat_hash(spec())
@@ -104,14 +105,20 @@ def test_outcome_from_another_thread_never_sees_a_lease_in_between_states() -> N
 def test_handler_answers_typed_states_and_refuses_what_it_cannot_answer() -> None:
     table = LeaseTable()
     table.start(send("a"), now=0.0)
-    handle = lease_query_handler("prefill", "inst-1", table.outcome)
+    table.renew("a", now=10.0, lease_duration_s=30.0)  # held until 40
+    handle = lease_query_handler("prefill", "inst-1", lambda rid: table.status(rid, 12.5))
 
     def ask(query: object) -> LeaseAnswer:
         return msgspec.msgpack.decode(handle(msgspec.msgpack.encode(query)), type=LeaseAnswer)
 
-    answer = ask(LeaseQuery(seq=7, engine_id="prefill", request_ids=["a", "b"]))
+    answer = ask(LeaseQuery(seq=7, engine_id="prefill", request_ids=["a", "b"], sent_at=3.25))
     assert answer == LeaseAnswer(
-        seq=7, engine_id="prefill", instance_id="inst-1", states={"a": "held", "b": "unknown"}
+        seq=7,
+        engine_id="prefill",
+        instance_id="inst-1",
+        states={"a": "held", "b": "unknown"},
+        held_for_s={"a": MAX_PROMISE_S},  # only a held lease says how long: 27.5 s, capped
+        sent_at=3.25,  # echoed: the consumer's clock, not the producer's
     )
     wrong = ask(LeaseQuery(seq=8, engine_id="other", request_ids=["a"]))
     assert wrong.states == {} and "not 'other'" in (wrong.error or "")
@@ -134,12 +141,13 @@ class Producer:
     def __init__(self, instance: str = "inst-1", port: int = 0) -> None:
         self.table = LeaseTable()
         self.calls = 0
+        self.now = 0.0  # the producer's clock
 
-        def outcome(rid: str) -> str:
+        def status(rid: str) -> LeaseStatus:
             self.calls += 1
-            return self.table.outcome(rid)
+            return self.table.status(rid, self.now)
 
-        handler = lease_query_handler("prefill", instance, outcome)  # type: ignore[arg-type]
+        handler = lease_query_handler("prefill", instance, status)
         self.listener = HandshakeListener("127.0.0.1", port, b"", HASH, {LEASE_FRAME: handler})
 
 
@@ -157,10 +165,10 @@ def confirmer() -> Iterator[LeaseConfirmer]:
     c.close()
 
 
-def settle(
+def settle_answers(
     c: LeaseConfirmer, clock: list[float], expect: int, tick: Callable[[], None] | None = None
-) -> dict[str, Verdict]:
-    out: dict[str, Verdict] = {}
+) -> dict[str, Settled]:
+    out: dict[str, Settled] = {}
 
     def poll() -> None:
         out.update(c.collect(clock[0]))
@@ -170,6 +178,57 @@ def settle(
 
     wait_for(lambda: len(out) >= expect, poll=poll)
     return out
+
+
+def settle(
+    c: LeaseConfirmer, clock: list[float], expect: int, tick: Callable[[], None] | None = None
+) -> dict[str, Verdict]:
+    return {key: a.verdict for key, a in settle_answers(c, clock, expect, tick).items()}
+
+
+def test_a_held_answer_says_until_when_in_the_consumers_clock(
+    producer: Producer, confirmer: LeaseConfirmer
+) -> None:
+    producer.table.start(send("p", lease_s=30.0), now=100.0)  # producer clock: held until 130
+    endpoint = ("127.0.0.1", producer.listener.port)
+    for now, until in ((104.0, 7.0 + MAX_PROMISE_S), (129.75, 7.25)):  # capped, or the lapse
+        producer.now = now
+        confirmer.ask(
+            "d", endpoint, engine_id="prefill", instance_id="inst-1", request_id="p", now=7
+        )
+        answers = settle_answers(confirmer, [7.0], expect=1)  # consumer clock: sent at 7
+        assert answers == {"d": Settled("held", asked_at=7.0, held_until=until)}
+    assert producer.table.promised_until() == 130.0  # the furthest promise: up to the lapse
+    producer.table.complete("p", now=105.0)
+    confirmer.ask("e", endpoint, engine_id="prefill", instance_id="inst-1", request_id="p", now=8)
+    assert settle_answers(confirmer, [8.0], expect=1) == {"e": Settled("done", 8.0, None)}
+
+
+@pytest.mark.parametrize("held_for", [-1.0, float("nan"), float("inf")])
+def test_a_held_answer_with_a_nonsense_duration_proves_nothing(
+    confirmer: LeaseConfirmer, held_for: float
+) -> None:
+    def lying(payload: bytes) -> bytes:
+        query = msgspec.msgpack.decode(payload, type=LeaseQuery)
+        answer = LeaseAnswer(
+            seq=query.seq,
+            engine_id="prefill",
+            instance_id="inst-1",
+            states={"p": "held"},
+            held_for_s={"p": held_for},
+            sent_at=query.sent_at,
+        )
+        return msgspec.msgpack.encode(answer)
+
+    listener = HandshakeListener("127.0.0.1", 0, b"", HASH, {LEASE_FRAME: lying})
+    try:
+        endpoint = ("127.0.0.1", listener.port)
+        confirmer.ask(
+            "d", endpoint, engine_id="prefill", instance_id="inst-1", request_id="p", now=1
+        )
+        assert settle_answers(confirmer, [1.0], expect=1) == {"d": Settled("held", 1.0, None)}
+    finally:
+        listener.close()
 
 
 def test_questions_to_one_producer_go_out_as_one_query(

@@ -212,7 +212,7 @@ def run_mode(
     args: argparse.Namespace,
     mode: str,
     prompts: dict[int, list[list[int]]],
-    mono: dict[tuple[int, int], Completion],
+    mono: dict[tuple[int, int], tuple[Completion, Completion]],
     procs: ProcessSet,
 ) -> list[dict[str, Any]]:
     """One mode's servers (and the monolithic one until ``mono`` holds every prompt's answer);
@@ -224,8 +224,9 @@ def run_mode(
         for n, group in prompts.items():
             samples = []
             for i, prompt in enumerate(group):
-                if urls.mono is not None:
-                    mono[(n, i)] = complete(client, urls.mono, prompt, args.max_tokens)
+                if urls.mono is not None:  # the prompt fresh, then again as a prefix-cache hit
+                    first = complete(client, urls.mono, prompt, args.max_tokens)
+                    mono[(n, i)] = (first, complete(client, urls.mono, prompt, args.max_tokens))
                 before = (metrics_text(client, urls.decode), metrics_text(client, urls.proxy))
                 got = complete(client, urls.proxy, prompt, args.max_tokens)
                 moved = metric_delta(client, urls, before)
@@ -240,21 +241,32 @@ def run_mode(
     return rows
 
 
+def first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Index of the first token where ``a`` and ``b`` differ; -1 if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return -1 if len(a) == len(b) else min(len(a), len(b))
+
+
 def _row(
-    mode: str, n: int, samples: list[tuple[Completion, Completion, dict[str, float]]]
+    mode: str,
+    n: int,
+    samples: list[tuple[Completion, tuple[Completion, Completion], dict[str, float]]],
 ) -> dict[str, Any]:
     med = statistics.median
-    errors = [c.error for got, ref, _ in samples for c in (got, ref) if c.error]
+    errors = [c.error for got, refs, _ in samples for c in (got, *refs) if c.error]
     if errors:
         raise RuntimeError(f"{mode}, {n} tokens: request failed: {errors[0]}")
     moved = {k: med(m[k] for _, _, m in samples) for k in D_KEYS}
+    d, first, hit = ([c.tokens for c in col] for col in zip(*((g, *r) for g, r, _ in samples)))
     read_s = moved["xfer_s"]
     d_side = read_s + moved["confirm_s"] + moved["stage_in_s"]
     return {
         "mode": mode,
         "prompt_tokens": n,
         "kv_mib": moved["bytes"] / 2**20,
-        "ttft_mono_ms": 1e3 * med(ref.ttft_s for _, ref, _ in samples),
+        "ttft_mono_ms": 1e3 * med(ref.ttft_s for _, (ref, _), _ in samples),
         "ttft_disagg_ms": 1e3 * med(got.ttft_s for got, _, _ in samples),
         "prefill_round_trip_ms": 1e3 * moved["prefill_s"],
         "d_ttft_ms": 1e3 * moved["ttft_s"],
@@ -264,9 +276,15 @@ def _row(
         "d_connector_gbps": moved["bytes"] / d_side / 1e9 if d_side > 0 else 0.0,
         "descs": moved["descs"],
         "remote_tokens_ok": all(got.external_tokens == n - 1 for got, _, _ in samples),
-        "same_tokens": sum(got.tokens == ref.tokens for got, ref, _ in samples),
+        "same_tokens": sum(a == b for a, b in zip(d, first)),
+        "same_as_mono_hit": sum(a == b for a, b in zip(d, hit)),
+        "mono_hit_same": sum(a == b for a, b in zip(hit, first)),  # the engine's own stability
+        "first_difference": [first_difference(a, b) for a, b in zip(d, first)],
         "compared": len(samples),
-        "tokens_per_request": len(samples[0][1].tokens),
+        "tokens_per_request": len(first[0]),
+        "d_tokens": [list(t) for t in d],
+        "mono_tokens": [list(t) for t in first],
+        "mono_hit_tokens": [list(t) for t in hit],
     }
 
 
@@ -274,7 +292,8 @@ def _row(
 COLUMNS = (
     *("mode", "prompt", "KV MiB", "TTFT mono ms", "TTFT P/D ms", "P/D / mono"),
     *("P round trip ms", "D TTFT ms", "rest ms", "D READ ms", "D conn ms"),
-    *("READ GB/s", "D conn GB/s", "descs", "remote tokens", "same tokens", "UCX READ lanes"),
+    *("READ GB/s", "D conn GB/s", "descs", "remote tokens"),
+    *("D = mono", "D = mono hit", "mono hit = mono", "UCX READ lanes"),
 )
 
 
@@ -296,6 +315,8 @@ def _cells(r: dict[str, Any]) -> list[str]:
         f"{r['descs']:.0f}",
         "all but last" if r["remote_tokens_ok"] else "NO",
         f"{r['same_tokens']}/{r['compared']} x {r['tokens_per_request']}",
+        f"{r['same_as_mono_hit']}/{r['compared']}",
+        f"{r['mono_hit_same']}/{r['compared']}",
         ", ".join(r["ucx_read_lanes"]) or "-",
     ]
 
@@ -323,7 +344,20 @@ def report(
             console.print(f"{line} ({ratio:.2f}x)", markup=False)
     ok = all(r["remote_tokens_ok"] and r["same_tokens"] == r["compared"] for r in rows)
     console.print(f"D's tokens equal the monolithic engine's, KV read from P: {ok}", markup=False)
+    agree = modes_agree(rows)
+    if agree is not None:
+        console.print(f"D's tokens equal across modes (same KV bytes): {agree}", markup=False)
     return ok and bool(rows)
+
+
+def modes_agree(rows: list[dict[str, Any]]) -> bool | None:
+    """Whether D gave the same tokens for each prompt in every mode (None: one mode only)."""
+    by_len: dict[int, list[list[list[int]]]] = {}
+    for r in rows:
+        by_len.setdefault(r["prompt_tokens"], []).append(r["d_tokens"])
+    if all(len(runs) < 2 for runs in by_len.values()):
+        return None
+    return all(all(run == runs[0] for run in runs) for runs in by_len.values())
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
@@ -337,7 +371,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     if not args.lens:
         raise ValueError(f"--prompt-lens: every length exceeds {args.model}'s {limit} positions")
     prompts = make_prompts(args, model.vocab_size)
-    mono: dict[tuple[int, int], Completion] = {}
+    mono: dict[tuple[int, int], tuple[Completion, Completion]] = {}
     run_dir = Path(tempfile.mkdtemp(prefix="kvbridge-pd-gpu-"))
     rows: list[dict[str, Any]] = []
     for mode in args.mode_list:

@@ -75,11 +75,23 @@ def test_dry_run_both_modes_same_tokens_and_kv_bytes_from_metrics(tmp_path: Path
     block_layer = 2 * 16 * tiny.num_kv_heads * tiny.head_dim * 4  # K and V, float32
     for r in rows:
         assert r["same_tokens"] == r["compared"] == 1 and r["tokens_per_request"] == 8
+        assert r["same_as_mono_hit"] == r["mono_hit_same"] == 1 and r["first_difference"] == [-1]
         assert r["remote_tokens_ok"]
         blocks = math.ceil(r["prompt_tokens"] / 16)
         assert r["kv_mib"] * 2**20 == blocks * tiny.num_layers * block_layer
         assert r["read_ms"] > 0 and r["ttft_disagg_ms"] > 0 and r["ttft_mono_ms"] > 0
         assert r["prefill_round_trip_ms"] > 0 and r["d_ttft_ms"] > 0
         assert r["ucx_read_lanes"]
+    assert pd_gpu.modes_agree(rows) is True
     staged = [r for r in rows if r["mode"] == "staged"]
     assert all(r["d_connector_ms"] > r["read_ms"] for r in staged)  # + confirm + stage-in
+
+
+def test_first_difference_and_mode_agreement_find_the_first_disagreement() -> None:
+    assert pd_gpu.first_difference((1, 2, 3), (1, 2, 3)) == -1
+    assert pd_gpu.first_difference((1, 2, 3), (1, 5, 3)) == 1
+    assert pd_gpu.first_difference((1, 2), (1, 2, 3)) == 2
+    row = {"prompt_tokens": 8, "d_tokens": [[1, 2]]}
+    assert pd_gpu.modes_agree([row]) is None
+    assert pd_gpu.modes_agree([row, {**row, "d_tokens": [[1, 2]]}]) is True
+    assert pd_gpu.modes_agree([row, {**row, "d_tokens": [[1, 3]]}]) is False

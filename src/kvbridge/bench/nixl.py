@@ -4,7 +4,7 @@ A producer process registers a KV cache with a real ``NixlWorker`` (kv_producer,
 holds each benchmark request under a lease; this process runs a consumer ``NixlWorker``
 built by the connector factory and loads blocks from it through the connector API (metadata
 with a ``RecvSpec``, ``start_load_kv``, ``get_finished``): descriptor planning, READ,
-polling, whatever the connector does after the READ (notification, lease confirmation).
+polling, and what the connector does around the READ (the lease question, the done notification).
 
 The baseline is a second NIXL agent in this process (``RawReader``) with its own zeroed copy
 of the cache, attached to the same producer agent: it READs the same producer memory with the
@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from kvbridge.bench.nixl_peer import (
     HOST,
     KV_HEADS,
-    PRODUCER_ID,
     SEED,
     TIMEOUT_S,
     TOKENS_PER_BLOCK,
@@ -39,6 +38,7 @@ from kvbridge.bench.nixl_peer import (
     kv_caches,
     make_spec,
     nixl_config,
+    recv_spec,
 )
 from kvbridge.bench.nixl_raw_reader import RawReader
 from kvbridge.connector.base import KVConnectorRole, KVConnectorWorker
@@ -135,18 +135,6 @@ def _read(worker: KVConnectorWorker, spec: RecvSpec) -> float:
     return seconds
 
 
-def _recv_spec(rid: str, ids: list[int], port: int) -> RecvSpec:
-    return RecvSpec(
-        request_id=rid,
-        local_block_ids=(ids,),
-        remote_engine_id=PRODUCER_ID,
-        remote_host=HOST,
-        remote_port=port,
-        remote_block_ids=(ids,),
-        remote_request_id=rid,
-    )
-
-
 def run_case(
     worker: KVConnectorWorker,
     cache: dict[str, torch.Tensor],
@@ -161,7 +149,7 @@ def run_case(
 
     ids = block_ids(case.pattern, blocks)
     tag = f"{case.pattern}-{'merge' if case.merge else 'nomerge'}"
-    specs = [_recv_spec(f"{tag}-{i}", ids, producer.port) for i in range(iters + 1)]
+    specs = [recv_spec(f"{tag}-{i}", ids, producer.port) for i in range(iters + 1)]
     producer.hold([s.request_id for s in specs])
     for tensor in (*cache.values(), *raw.cache.values()):
         tensor.zero_()

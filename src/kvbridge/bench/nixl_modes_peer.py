@@ -22,14 +22,14 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from kvbridge.bench.nixl_peer import step_worker
+from kvbridge.bench.nixl_peer import recv_spec, step_worker
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec, SendSpec
+from kvbridge.nixl.metadata import NixlConnectorMetadata, SendSpec
 from kvbridge.nixl.remotes import RemoteEngine, memory_type
 from kvbridge.nixl.transfers import plan_read
 from kvbridge.nixl.transport import LOCAL_AGENT
@@ -292,15 +292,7 @@ def _load_one(
         _zero(staging.host_layers)
     conn.send(("hold", rid))
     stage_out_s = _expect(conn, "held")
-    spec = RecvSpec(
-        request_id=rid,
-        local_block_ids=(ids,),
-        remote_engine_id=PRODUCER_ID,
-        remote_host=HOST,
-        remote_port=port,
-        remote_block_ids=(ids,),
-        remote_request_id=rid,
-    )
+    spec = recv_spec(rid, ids, port, PRODUCER_ID)
     deadline = time.monotonic() + TIMEOUT_S
     start = time.perf_counter()
     worker.bind_connector_metadata(NixlConnectorMetadata(reqs_to_recv={rid: spec}))

@@ -16,7 +16,7 @@ from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorRole, KVConnectorWorker
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.types import KVCacheSpec
-from kvbridge.nixl.metadata import NixlConnectorMetadata, SendSpec
+from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec, SendSpec
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,19 @@ def nixl_config(role: str, engine_id: str, **extra: Any) -> TransferConfig:
                 **extra,
             },
         }
+    )
+
+
+def recv_spec(rid: str, ids: list[int], port: int, engine_id: str = PRODUCER_ID) -> RecvSpec:
+    """A load of blocks ``ids`` of a bench producer's request ``rid`` into the same ids."""
+    return RecvSpec(
+        request_id=rid,
+        local_block_ids=(ids,),
+        remote_engine_id=engine_id,
+        remote_host=HOST,
+        remote_port=port,
+        remote_block_ids=(ids,),
+        remote_request_id=rid,
     )
 
 

@@ -18,7 +18,7 @@ least R more seconds" covers the READ, so the confirmation costs no round trip o
 Each of connect, gate, read and confirm is bounded by ``transfer_timeout_s`` (connect to
 read from the load's start, confirm from the READ's end). An abort (the request ended) is
 reported in finished_recving, without load errors, once nothing writes into its blocks.
-Every path releases its transfer handle and per-transfer dlists; a remote whose READ failed
+Every path releases its transfer handle; a remote whose READ failed
 is detached once idle and handshaken afresh (the producer may have restarted).
 """
 
@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from kvbridge.connector.stats import KVConnectorStats
@@ -70,7 +70,6 @@ class _Recv:
     remote: RemoteEngine | None = None  # bound (counted in its inflight) in gate and read
     instance_id: str = ""  # the producer instance read from
     handle: XferHandle | None = None
-    dlists: list[DlistHandle] = field(default_factory=list)  # per-transfer (merged) dlists
     plan: ReadPlan | None = None
     posted_wall: float = 0.0
     phase_wall: float = 0.0  # perf_counter() when confirm / land began
@@ -92,7 +91,7 @@ class ReaderConfig:
 
 
 class KVReader:
-    """Runs in a consumer worker; owns the in-flight loads: their READs, dlists and copies."""
+    """Runs in a consumer worker; owns the in-flight loads: their READs and copies."""
 
     def __init__(
         self,
@@ -110,7 +109,7 @@ class KVReader:
         self._t = transport
         self._clock = clock  # the clock of the ``now`` passed to ``add`` and ``poll``
         self._local = local  # the host buffer's blocks when ``staging``
-        self._xfers = ReadXfers(transport, local, local_dlist)
+        self._xfers = ReadXfers(transport, local_dlist)
         self._group_layers = group_layers
         self.engines = engines
         self._cfg = config
@@ -306,11 +305,7 @@ class KVReader:
             self._fail(recv, f"posting the READ failed: {e}")
             return
         self._stats.observe(keys.POST_TIME, time.perf_counter() - start)
-        recv.handle, recv.dlists, recv.posted_wall = (
-            posted.handle,
-            posted.dlists,
-            posted.posted_wall,
-        )
+        recv.handle, recv.posted_wall = posted.handle, posted.posted_wall
         self._on_state(recv, posted.state, now)
 
     def _on_state(self, recv: _Recv, state: XferState, now: float) -> None:
@@ -411,7 +406,7 @@ class KVReader:
             recv.remote = None
 
     def _release_transfer(self, recv: _Recv) -> None:
-        self._xfers.release(recv.handle, recv.dlists, recv.spec.request_id)
+        self._xfers.release(recv.handle, recv.spec.request_id)
         recv.handle = None
 
     # -- outputs --------------------------------------------------------------------------------

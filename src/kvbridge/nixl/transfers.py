@@ -100,11 +100,11 @@ class KVRegions:
 
 
 class ReadPlan(NamedTuple):
-    """One READ: either indices into the prepared per-block dlists or merged descriptors.
+    """One READ: indices into the per-block dlists prepared once per remote, in run order.
 
-    ``merged`` plans carry ``local_items``/``remote_items`` (one per layer and run) for a
-    per-transfer dlist pair; otherwise ``local_indices``/``remote_indices`` index the dlists
-    prepared once.
+    ``merged`` plans order the indices so that each run of blocks contiguous on both sides is
+    consecutive (NIXL joins consecutive adjacent descriptors into one), and also carry the
+    joined descriptors as ``local_items``/``remote_items`` (one per layer and run).
     """
 
     merged: bool
@@ -160,9 +160,13 @@ def plan_read(
         return ReadPlan(False, li, ri, [], [], num_bytes, pairs)
     litems: list[XferItem] = []
     ritems: list[XferItem] = []
+    li, ri = [], []
     for layers, runs in zip(group_layers, runs_per_group):
         for layer in layers:
+            lo, ro = layer * local.num_blocks, layer * remote.num_blocks
             for run in runs:
                 litems.append(local.run_item(layer, run.local_start, run.length))
                 ritems.append(remote.run_item(layer, run.remote_start, run.length))
-    return ReadPlan(True, [], [], litems, ritems, num_bytes, pairs)
+                li.extend(range(lo + run.local_start, lo + run.local_start + run.length))
+                ri.extend(range(ro + run.remote_start, ro + run.remote_start + run.length))
+    return ReadPlan(True, li, ri, litems, ritems, num_bytes, pairs)

@@ -214,7 +214,8 @@ def test_restarted_producer_fails_the_load_at_once(clock: FakeClock, consumer: N
         _, _, errors = step_until(consumer, "d-1")  # no clock advance: no timeout involved
         assert errors == {2, 3, 4}
         assert "was restarted" in failure(consumer, "d-1")
-        assert reader(consumer).engines.get("prefill") is None  # detached, to handshake afresh
+        detached = lambda: reader(consumer).engines.get("prefill") is None  # noqa: E731
+        wait_for(detached, poll=consumer.step)  # once idle, to handshake afresh
     finally:
         second.worker.shutdown()
 

@@ -112,10 +112,10 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
     assert all(r[1] == frozenset() for r in results[:-1])
     assert results[-1][2] == set()  # no load errors
     ((op, _, local_idx, _, remote_idx, notif), _) = fake.calls_to("make_prepped_xfer")[0]
-    assert op == "READ" and local_idx == remote_idx == [0, 1]  # 3 contiguous blocks x 2 layers
-    (local_items, _), _ = fake.calls_to("get_xfer_descs")[-2]
-    base = consumer.cache["layers.0"].data_ptr()
-    assert local_items[0] == (base + 2 * LAYER_BLOCK_BYTES, 3 * LAYER_BLOCK_BYTES, 0)
+    n = consumer.worker.cache_spec.num_blocks  # per-block dlists: index = layer * n + block
+    assert op == "READ" and local_idx == [2, 3, 4, n + 2, n + 3, n + 4]
+    assert remote_idx == [5, 6, 7, n + 5, n + 6, n + 7]  # each run consecutive: NIXL joins it
+    assert len(fake.calls_to("prep_xfer_dlist")) == 2  # the cache's and the remote's, once
     assert notif == b""  # the READ carries no notification: NIXL would hold DONE back for it
     sent = [as_tuple(m) for agent, m in fake.sent_notifs if agent == "fake-remote"]
     assert sent[-1] == ("done", ["p-1"])  # sent once the READ was seen done

@@ -394,15 +394,19 @@ class Scheduler:
             bad = self._first_bad_token(request, lo, chunk.start_pos)
             if bad is None:
                 continue
-            if self._load_failed(request, bad, outputs):
+            if self._load_failed(request, bad, lo, outputs):
                 self.running.remove(request)
             else:
                 request.num_computed_tokens = bad
                 rolled_back.add(request.request_id)
         return rolled_back
 
-    def _load_failed(self, request: Request, bad: int, outputs: list[RequestOutput]) -> bool:
-        """Handle a load error at token ``bad``; ``True`` if the request ended (policy fail)."""
+    def _load_failed(
+        self, request: Request, bad: int, loaded_from: int, outputs: list[RequestOutput]
+    ) -> bool:
+        """Handle a load error at token ``bad`` of a load that began at ``loaded_from``; only
+        the tokens before ``bad`` count as external. ``True`` if the request ended (policy fail)."""
+        request.num_external_tokens = min(request.num_external_tokens, max(0, bad - loaded_from))
         logger.warning(
             "KV load failed for %s from token %d (policy %s)",
             request.request_id,
@@ -427,7 +431,7 @@ class Scheduler:
             return
         request = self.requests[rid]
         bad = self._first_bad_token(request, load.start, load.end)
-        if bad is not None and self._load_failed(request, bad, outputs):
+        if bad is not None and self._load_failed(request, bad, load.start, outputs):
             self.waiting.remove(request)
             return
         request.num_computed_tokens = load.end if bad is None else bad

@@ -119,6 +119,10 @@ def freed(p: Node, rid: str = "p-1") -> None:
     wait_for(lambda: rid in p.sent, poll=lambda: p.sent.update(p.step()[0]))  # type: ignore[attr-defined]
 
 
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def host(n: Node) -> list[torch.Tensor]:
     staging = n.worker.registered.staging
     assert staging is not None
@@ -206,8 +210,9 @@ def test_each_group_stages_only_its_own_blocks_on_its_own_layers(
     p_host_before = [t.clone() for t in host(p)]
     hold(p, blocks=([5, 9], [3, 4]))
     assert torch.equal(host(p)[0][[5, 9]], p.cache["layers.0"][[5, 9]])
-    assert torch.equal(host(p)[0][[3, 4]], p_host_before[0][[3, 4]])  # group 1's ids: untouched
-    assert torch.equal(host(p)[1][[5, 9]], p_host_before[1][[5, 9]])
+    # group 1's ids: untouched (compared as bytes: the unwritten buffer may hold NaNs)
+    assert same_bytes(host(p)[0][[3, 4]], p_host_before[0][[3, 4]])
+    assert same_bytes(host(p)[1][[5, 9]], p_host_before[1][[5, 9]])
     d.step(load(p, local=([1, 2], [7, 8]), remote=([5, 9], [3, 4])))
     assert receive(d, p) == set()
     assert torch.equal(d.cache["layers.0"][[1, 2]], p.cache["layers.0"][[5, 9]])

@@ -290,7 +290,8 @@ def test_engine_stores_loaded_blocks_only_after_the_load_and_errors_only_recompu
                     s.before is not None and s.before[0] is not RequestStatus.WAITING_FOR_REMOTE_KVS
                 )
                 assert s.before[1] >= (i + 1) * BS, (i, s)
-        assert out.num_external_tokens == N - 1
+        # A failed READ loaded nothing: every token was recomputed, none counts as external.
+        assert out.num_external_tokens == (N - 1 if outcome == "done" else 0)
         if outcome == "err":
             check_recomputed_then_served_from_cpu(eng, mono, out, hashes)
     finally:

@@ -184,6 +184,8 @@ def test_consumer_does_not_read_before_the_producer_staged_the_blocks(
     p = node("kv_producer", "prefill", fabric.wrapper, clock, buffer="cpu")
     d = node("kv_consumer", "decode", fabric.wrapper, clock, buffer="cpu", seed=1)
     cleanup += [d, p]
+    for t in host(p):  # unwritten host memory may hold anything, even a freed cache's values
+        t.fill_(-7.0)
     assert not torch.equal(host(p)[0][P_BLOCKS], p.cache["layers.0"][P_BLOCKS])  # not staged
     d.step(load(p))  # the params reached the consumer before the SendSpec reached P's worker
     confirmer = d.worker.registered.reader.confirmer  # type: ignore[union-attr]

@@ -261,10 +261,11 @@ class KVReader:
             self._fail(recv, f"engine {engine} holds no staged blocks for {rid} ({verdict})")
             return
         if answer.asked_at < recv.read_end and verdict in ("held", "done"):
-            self._note(recv, answer)  # asked while the READ ran
+            self._note(recv, answer)  # asked with the READ, answered after it ended
             if not self._held_through_read(recv):
                 self._ask(recv, now)  # not proof enough: ask again, now that the READ is over
                 return
+            self._stats.incr(keys.CONFIRMS_WITH_READ)
         self._stats.observe(keys.CONFIRM_TIME, time.perf_counter() - recv.phase_wall)
         if verdict in ("held", "done"):
             self._land(recv, now)

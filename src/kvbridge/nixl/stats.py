@@ -2,8 +2,8 @@
 
 Samples (one value per transfer): ``xfer_time_seconds``, ``post_time_seconds``,
 ``bytes_transferred``, ``num_descriptors``, ``lease_confirm_time_seconds`` (READ seen done to
-the producer's answer, when the answer to the question asked with the READ did not already
-cover it), ``stage_in_time_seconds`` (host-staged mode: READ confirmed to blocks
+the answer that settled it, when no answer had covered the READ by then),
+``stage_in_time_seconds`` (host-staged mode: READ confirmed to blocks
 in the cache). Everything else is a counter.
 """
 

@@ -34,7 +34,6 @@ def record_read(
     if telemetry is not None and telemetry.xfer_duration_us > 0:
         seconds = telemetry.xfer_duration_us / 1e6
     stats.incr(keys.NUM_TRANSFERS)
-    stats.incr(keys.NOTIFICATIONS_SENT)
     stats.observe(keys.XFER_TIME, seconds)
     stats.observe(keys.BYTES, plan.num_bytes)
     stats.observe(keys.NUM_DESCRIPTORS, plan.num_descs)

@@ -75,6 +75,7 @@ class _Recv:
     phase_wall: float = 0.0  # perf_counter() when confirm / land began
     held_until: float | None = None  # the producer holds the blocks at least until (our clock)
     read_end: float = 0.0  # our clock when the READ was seen done
+    asked_after_read: bool = False  # the open question was asked after the READ was seen done
     landing: CopyHandle | None = None
     aborted: bool = False
     report: bool = True  # an aborted load is still reported in finished_recving when it ends
@@ -179,7 +180,7 @@ class KVReader:
         if ready:
             for recv, _ in ready:  # ask before posting: the answer comes while the READs run
                 self._ask(recv, now)
-            self.confirmer.send_due(now)
+            self.confirmer.send_due(max(now, self._clock()))  # stamped as late as is true
             for recv, remote in ready:
                 self._post(recv, remote, now)
         for recv in list(self._recvs.values()):
@@ -207,6 +208,7 @@ class KVReader:
         if remote is None:
             return None
         recv.remote, recv.instance_id = remote, remote.instance_id
+        recv.held_until = None  # a promise binds only the instance that gave it
         remote.inflight += 1
         if remote.staged:
             recv.phase = "gate"
@@ -224,6 +226,12 @@ class KVReader:
             request_id=spec.remote_request_id,
             now=now,
         )
+
+    def _ask_after_read(self, recv: _Recv, now: float) -> None:
+        """Ask afresh (answers to the question asked with the READ no longer count): "held"
+        or "done" then proves the blocks were held when the READ ended."""
+        recv.asked_after_read = True
+        self._ask(recv, now)
 
     def _note(self, recv: _Recv, answer: Settled) -> None:
         """An answer that came while the READ ran: keep how long it proves the blocks held
@@ -260,10 +268,12 @@ class KVReader:
             self._stats.incr(keys.FAILED_CONFIRMS)
             self._fail(recv, f"engine {engine} holds no staged blocks for {rid} ({verdict})")
             return
-        if answer.asked_at < recv.read_end and verdict in ("held", "done"):
+        # "done" proves the blocks held past the READ, whenever asked: this consumer sends it
+        # only once the READ is seen done. "held" asked with the READ needs a promise covering it.
+        if not recv.asked_after_read and verdict == "held":
             self._note(recv, answer)  # asked with the READ, answered after it ended
             if not self._held_through_read(recv):
-                self._ask(recv, now)  # not proof enough: ask again, now that the READ is over
+                self._ask_after_read(recv, now)  # not proof enough: ask now the READ is over
                 return
             self._stats.incr(keys.CONFIRMS_WITH_READ)
         self._stats.observe(keys.CONFIRM_TIME, time.perf_counter() - recv.phase_wall)
@@ -344,7 +354,7 @@ class KVReader:
             self.confirmer.cancel(recv.spec.request_id)
             self._land(recv, now)
         elif not self.confirmer.is_open(recv.spec.request_id):
-            self._ask(recv, now)  # else the question asked with the READ is still out
+            self._ask_after_read(recv, now)  # else the question asked with the READ is still out
 
     def _land(self, recv: _Recv, now: float) -> None:
         if self._staging is None:

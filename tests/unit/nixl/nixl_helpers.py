@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ from kvbridge.config import TransferConfig
 from kvbridge.connector.types import KVCacheGroupSpec, KVCacheSpec, SimpleRequest
 from kvbridge.nixl.fake import FakeNixlWrapper
 from kvbridge.nixl.metadata import NixlConnectorMetadata
+from kvbridge.nixl.transport import LiveCounts
 from kvbridge.nixl.worker import NixlWorker
 
 BLOCK_SIZE = 4
@@ -125,6 +126,13 @@ def make_node(
     cache = kv_caches(s)
     worker.register_kv_caches(cache)
     return Node(worker, holder[0], cache)
+
+
+def serving(node: Node) -> Iterator[Node]:
+    """A fixture body: yield ``node``, then shut it down and check it released everything."""
+    yield node
+    node.worker.shutdown()
+    assert node.worker.leaked == LiveCounts(0, 0, 0, 0)
 
 
 def wait_for(

@@ -7,11 +7,11 @@ real side channel on 127.0.0.1.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from nixl_helpers import FakeClock, Node, make_node, wait_for
+from nixl_helpers import FakeClock, Node, make_node, serving, wait_for
 
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.leases import MAX_PROMISE_S
@@ -23,9 +23,7 @@ from kvbridge.nixl.metadata import (
     decode_notif,
 )
 from kvbridge.nixl.reader import KVReader
-from kvbridge.nixl.transport import LiveCounts
 
-ZERO = LiveCounts(0, 0, 0, 0)
 Step = tuple[frozenset[str], frozenset[str], set[int]]
 
 
@@ -36,18 +34,17 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def producer(clock: FakeClock) -> Iterator[Node]:
-    node = make_node("kv_producer", "prefill", clock)
-    yield node
-    node.worker.shutdown()
-    assert node.worker.leaked == ZERO
+    yield from serving(make_node("kv_producer", "prefill", clock))
 
 
 @pytest.fixture
 def consumer(clock: FakeClock) -> Iterator[Node]:
-    node = make_node("kv_consumer", "decode", clock, cycles=10_000, transfer_timeout_s=100.0)
-    yield node
-    node.worker.shutdown()
-    assert node.worker.leaked == ZERO
+    yield from serving(make_consumer(clock))
+
+
+def make_consumer(clock: Callable[[], float]) -> Node:
+    """A consumer whose READs stay in flight until a test sets ``cycles_before_xfer_done``."""
+    return make_node("kv_consumer", "decode", clock, cycles=10_000, transfer_timeout_s=100.0)
 
 
 def hold(producer: Node, rid: str = "p-1") -> None:

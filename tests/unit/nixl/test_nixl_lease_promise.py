@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import msgspec
 import pytest
-from nixl_helpers import FakeClock, Node, make_node, wait_for
-from test_nixl_lease_confirm import ZERO, hold, load, read_posted, reader, step_until
+from nixl_helpers import FakeClock, Node, make_node, serving, wait_for
+from test_nixl_lease_confirm import hold, load, make_consumer, read_posted, reader, step_until
 
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.lease_confirm import LEASE_FRAME, LeaseAnswer
@@ -41,18 +41,12 @@ def cclock() -> TickingClock:
 
 @pytest.fixture
 def producer(pclock: FakeClock) -> Iterator[Node]:
-    node = make_node("kv_producer", "prefill", pclock)
-    yield node
-    node.worker.shutdown()
-    assert node.worker.leaked == ZERO
+    yield from serving(make_node("kv_producer", "prefill", pclock))
 
 
 @pytest.fixture
 def consumer(cclock: TickingClock) -> Iterator[Node]:
-    node = make_node("kv_consumer", "decode", cclock, cycles=10_000, transfer_timeout_s=100.0)
-    yield node
-    node.worker.shutdown()
-    assert node.worker.leaked == ZERO
+    yield from serving(make_consumer(cclock))
 
 
 def read_outlasting_the_promise(producer: Node, consumer: Node, cclock: TickingClock) -> None:

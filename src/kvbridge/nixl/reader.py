@@ -14,6 +14,7 @@ Per request, the phases of ``_Recv.phase``::
 
 The question asked with the READ (or the gate's) usually settles it: its answer "held for at
 least R more seconds" covers the READ, so the confirmation costs no round trip of its own.
+Which answers prove what is ``LeaseProof``'s to decide.
 
 Each of connect, gate, read and confirm is bounded by ``transfer_timeout_s`` (connect to
 read from the load's start, confirm from the READ's end). An abort (the request ended) is
@@ -28,13 +29,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.handshake import NixlAgentMetadata
 from kvbridge.nixl.lease_confirm import LeaseConfirmer, Settled
+from kvbridge.nixl.lease_proof import LeaseProof
 from kvbridge.nixl.metadata import RecvSpec, RemoteRelease
 from kvbridge.nixl.read_stats import record_read
 from kvbridge.nixl.read_xfers import ReadXfers
@@ -58,7 +60,6 @@ _TIMEOUT_KEYS: dict[Phase, tuple[str, str]] = {
     "read": (keys.FAILED_TRANSFERS, "READ"),
     "confirm": (keys.FAILED_CONFIRMS, "lease confirmation"),
 }
-HELD_MARGIN_S = 0.005  # a "held until" closer than this to the READ's end does not count
 
 
 @dataclass
@@ -73,9 +74,7 @@ class _Recv:
     plan: ReadPlan | None = None
     posted_wall: float = 0.0
     phase_wall: float = 0.0  # perf_counter() when confirm / land began
-    held_until: float | None = None  # the producer holds the blocks at least until (our clock)
-    read_end: float = 0.0  # our clock when the READ was seen done
-    asked_after_read: bool = False  # the open question was asked after the READ was seen done
+    proof: LeaseProof = field(default_factory=LeaseProof)
     landing: CopyHandle | None = None
     aborted: bool = False
     report: bool = True  # an aborted load is still reported in finished_recving when it ends
@@ -170,7 +169,8 @@ class KVReader:
                     ready.append((recv, remote))
             elif recv.phase == "read":
                 if answer is not None:
-                    self._note(recv, answer)
+                    self._mark_restarted(recv, answer)
+                    recv.proof.note(answer)
                 if recv.handle is not None:
                     self._on_state(recv, self._xfers.state(recv.handle, recv.spec.request_id), now)
             elif recv.phase == "land":
@@ -208,7 +208,7 @@ class KVReader:
         if remote is None:
             return None
         recv.remote, recv.instance_id = remote, remote.instance_id
-        recv.held_until = None  # a promise binds only the instance that gave it
+        recv.proof.bind()
         remote.inflight += 1
         if remote.staged:
             recv.phase = "gate"
@@ -228,17 +228,9 @@ class KVReader:
         )
 
     def _ask_after_read(self, recv: _Recv, now: float) -> None:
-        """Ask afresh (answers to the question asked with the READ no longer count): "held"
-        or "done" then proves the blocks were held when the READ ended."""
-        recv.asked_after_read = True
+        """Ask afresh: answers to the question asked with the READ no longer count."""
+        recv.proof.ask_after_read()
         self._ask(recv, now)
-
-    def _note(self, recv: _Recv, answer: Settled) -> None:
-        """An answer that came while the READ ran: keep how long it proves the blocks held
-        (any other verdict is left to the question after the READ)."""
-        self._mark_restarted(recv, answer)
-        if answer.verdict == "held" and answer.held_until is not None:
-            recv.held_until = max(recv.held_until or answer.held_until, answer.held_until)
 
     def _mark_restarted(self, recv: _Recv, answer: Settled) -> None:
         remote = self.engines.get(recv.spec.remote_engine_id)
@@ -249,16 +241,13 @@ class KVReader:
         ):
             remote.stale = True  # its agent is gone: detach once idle, handshake afresh
 
-    def _held_through_read(self, recv: _Recv) -> bool:
-        return recv.held_until is not None and recv.read_end + HELD_MARGIN_S <= recv.held_until
-
     def _settle(self, recv: _Recv, answer: Settled, now: float) -> None:
         rid, engine = recv.spec.remote_request_id, recv.spec.remote_engine_id
         verdict = answer.verdict
         self._mark_restarted(recv, answer)
         if recv.phase == "gate":
             if verdict == "held" and recv.remote is not None:
-                recv.held_until = answer.held_until
+                recv.proof.note(answer)
                 if recv.remote.stale:  # another READ failed meanwhile: handshake afresh
                     self._unbind(recv)
                     recv.phase = "connect"
@@ -268,16 +257,15 @@ class KVReader:
             self._stats.incr(keys.FAILED_CONFIRMS)
             self._fail(recv, f"engine {engine} holds no staged blocks for {rid} ({verdict})")
             return
-        # "done" proves the blocks held past the READ, whenever asked: this consumer sends it
-        # only once the READ is seen done. "held" asked with the READ needs a promise covering it.
-        if not recv.asked_after_read and verdict == "held":
-            self._note(recv, answer)  # asked with the READ, answered after it ended
-            if not self._held_through_read(recv):
-                self._ask_after_read(recv, now)  # not proof enough: ask now the READ is over
-                return
-            self._stats.incr(keys.CONFIRMS_WITH_READ)
+        with_read = verdict == "held" and not recv.proof.asked_after_read
+        decision = recv.proof.judge(answer)
+        if decision == "ask_after_read":  # the promise does not cover the READ
+            self._ask_after_read(recv, now)
+            return
         self._stats.observe(keys.CONFIRM_TIME, time.perf_counter() - recv.phase_wall)
-        if verdict in ("held", "done"):
+        if decision == "land":
+            if with_read:
+                self._stats.incr(keys.CONFIRMS_WITH_READ)
             self._land(recv, now)
             return
         self._stats.incr(keys.FAILED_CONFIRMS)
@@ -321,7 +309,7 @@ class KVReader:
 
     def _on_state(self, recv: _Recv, state: XferState, now: float) -> None:
         if state == "DONE":
-            recv.read_end = self._clock()  # the READ ended before this
+            recv.proof.read_seen_done(self._clock())  # the READ ended before this
             self._read_done(recv, now)
         elif state == "ERR":
             if recv.remote is not None:
@@ -349,7 +337,7 @@ class KVReader:
             return
         recv.phase, recv.phase_wall = "confirm", time.perf_counter()
         recv.deadline = now + self._cfg.transfer_timeout_s
-        if self._held_through_read(recv):
+        if recv.proof.covers_read:
             self._stats.incr(keys.CONFIRMS_WITH_READ)
             self.confirmer.cancel(recv.spec.request_id)
             self._land(recv, now)

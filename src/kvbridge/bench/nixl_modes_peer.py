@@ -372,7 +372,7 @@ def _raw_read(worker: NixlWorker, ids: list[int]) -> RawSample:
             remote.agent_name, t.get_xfer_descs(plan.remote_items, memory_type(remote.regions))
         )
         made.append(far)
-        li = ri = list(range(len(plan.local_items)))
+        li = ri = list(range(plan.num_descs))
     else:
         local, far, li, ri = reg.local_dlist, remote.dlist, plan.local_indices, plan.remote_indices
     deadline = time.monotonic() + TIMEOUT_S

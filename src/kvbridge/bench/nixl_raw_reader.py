@@ -111,7 +111,7 @@ class RawReader:
                 remote = self._prep(
                     self.remote.agent_name, plan.remote_items, self.remote.regions, owned
                 )
-                idx = list(range(len(plan.local_items)))
+                idx = list(range(plan.num_descs))
                 yield PreparedRead(local, idx, remote, idx, tuple(owned), plan.num_descs)
             else:
                 yield PreparedRead(

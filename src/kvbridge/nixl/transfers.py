@@ -14,7 +14,7 @@ bytes (BLOCKS_FIRST: a layer's blocks are back to back)::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvbridge.nixl.transport import XferItem
@@ -99,25 +99,46 @@ class KVRegions:
             raise ValueError(f"{side} block id {bad[0]} outside 0..{self.num_blocks - 1}")
 
 
-class ReadPlan(NamedTuple):
+@dataclass(frozen=True)
+class ReadPlan:
     """One READ: indices into the per-block dlists prepared once per remote, in run order.
 
     ``merged`` plans order the indices so that each run of blocks contiguous on both sides is
-    consecutive (NIXL joins consecutive adjacent descriptors into one), and also carry the
-    joined descriptors as ``local_items``/``remote_items`` (one per layer and run).
+    consecutive (NIXL joins consecutive adjacent descriptors into one). The joined
+    descriptors themselves (``local_items``/``remote_items``, one per layer and run) are
+    built only on demand: the READ does not need them, a baseline that prepares them does.
     """
 
-    merged: bool
     local_indices: list[int]
     remote_indices: list[int]
-    local_items: list[XferItem]
-    remote_items: list[XferItem]
     num_bytes: int
     num_block_layers: int  # (block, layer) pairs moved
+    num_descs: int  # descriptors once NIXL joins the runs (one per block and layer if none)
+    group_runs: tuple[tuple[Sequence[int], list[BlockRun]], ...] = ()  # merged: layers, runs
+    regions: tuple[KVRegions, KVRegions] | None = field(default=None, repr=False)
 
     @property
-    def num_descs(self) -> int:
-        return len(self.local_items) if self.merged else len(self.local_indices)
+    def merged(self) -> bool:
+        return bool(self.group_runs)
+
+    @property
+    def local_items(self) -> list[XferItem]:
+        return self._items(0)
+
+    @property
+    def remote_items(self) -> list[XferItem]:
+        return self._items(1)
+
+    def _items(self, side: int) -> list[XferItem]:
+        if self.regions is None:
+            return []
+        where = self.regions[side]
+        return [
+            where.run_item(layer, run.remote_start if side else run.local_start, run.length)
+            for layers, runs in self.group_runs
+            for layer in layers
+            for run in runs
+        ]
 
 
 def plan_read(
@@ -157,16 +178,14 @@ def plan_read(
                 lo, ro = layer * local.num_blocks, layer * remote.num_blocks
                 li.extend([lo + b for b in loc])
                 ri.extend([ro + b for b in rem])
-        return ReadPlan(False, li, ri, [], [], num_bytes, pairs)
-    litems: list[XferItem] = []
-    ritems: list[XferItem] = []
+        return ReadPlan(li, ri, num_bytes, pairs, len(li))
     li, ri = [], []
     for layers, runs in zip(group_layers, runs_per_group):
         for layer in layers:
             lo, ro = layer * local.num_blocks, layer * remote.num_blocks
             for run in runs:
-                litems.append(local.run_item(layer, run.local_start, run.length))
-                ritems.append(remote.run_item(layer, run.remote_start, run.length))
                 li.extend(range(lo + run.local_start, lo + run.local_start + run.length))
                 ri.extend(range(ro + run.remote_start, ro + run.remote_start + run.length))
-    return ReadPlan(True, li, ri, litems, ritems, num_bytes, pairs)
+    group_runs = tuple(zip(group_layers, runs_per_group))
+    num_descs = sum(len(layers) * len(runs) for layers, runs in group_runs)
+    return ReadPlan(li, ri, num_bytes, pairs, num_descs, group_runs, (local, remote))

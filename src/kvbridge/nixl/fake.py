@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from kvbridge.nixl.transport import (
-    MEMORY_TYPES,
-    XFER_OPS,
     DlistHandle,
     LiveCounts,
     MemoryType,
@@ -26,6 +24,8 @@ from kvbridge.nixl.transport import (
     XferOp,
     XferState,
     XferTelemetry,
+    check_memory_type,
+    check_xfer_op,
     is_local_agent,
 )
 
@@ -232,8 +232,7 @@ class FakeNixlWrapper(NixlTransport):
         remote_indices: Sequence[int],
         notif_msg: bytes = b"",
     ) -> XferHandle:
-        if op not in XFER_OPS:
-            raise ValueError(f"make_prepped_xfer: op must be one of {XFER_OPS}, got {op!r}")
+        check_xfer_op(op)
         local, remote = self._dlist(local_dlist), self._dlist(remote_dlist)
         if not is_local_agent(local.agent_name) or is_local_agent(remote.agent_name):
             raise NixlTransportError(
@@ -344,8 +343,7 @@ class FakeNixlWrapper(NixlTransport):
     def _make_descs(
         self, items: Sequence[RegItem] | Sequence[XferItem], memory_type: MemoryType
     ) -> list[FakeDescriptor]:
-        if memory_type not in MEMORY_TYPES:
-            raise ValueError(f"memory_type must be one of {MEMORY_TYPES}, got {memory_type!r}")
+        check_memory_type(memory_type)
         if not items:
             raise ValueError("descriptor items must not be empty")
         descs = []

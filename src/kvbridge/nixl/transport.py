@@ -68,6 +68,18 @@ class LiveCounts(NamedTuple):
     remote_agents: int
 
 
+def check_memory_type(memory_type: str) -> None:
+    """``ValueError`` unless ``memory_type`` is one NIXL registers (both transports check)."""
+    if memory_type not in MEMORY_TYPES:
+        raise ValueError(f"memory_type must be one of {MEMORY_TYPES}, got {memory_type!r}")
+
+
+def check_xfer_op(op: str) -> None:
+    """``ValueError`` unless ``op`` is a transfer operation."""
+    if op not in XFER_OPS:
+        raise ValueError(f"make_prepped_xfer: op must be one of {XFER_OPS}, got {op!r}")
+
+
 def is_local_agent(agent_name: str) -> bool:
     """True for the names that ``prep_xfer_dlist`` takes for the initiator's own side."""
     return agent_name in ("", LOCAL_AGENT)

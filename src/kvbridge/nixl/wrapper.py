@@ -16,8 +16,6 @@ from types import ModuleType
 from typing import Any, NamedTuple, TypeVar, cast
 
 from kvbridge.nixl.transport import (
-    MEMORY_TYPES,
-    XFER_OPS,
     DlistHandle,
     LiveCounts,
     MemoryType,
@@ -32,6 +30,8 @@ from kvbridge.nixl.transport import (
     XferOp,
     XferState,
     XferTelemetry,
+    check_memory_type,
+    check_xfer_op,
     is_local_agent,
 )
 
@@ -130,7 +130,7 @@ class NixlWrapper(NixlTransport):
 
     # -- memory ----------------------------------------------------------------------------
     def get_reg_descs(self, items: Sequence[RegItem], memory_type: MemoryType) -> RegDescs:
-        _check_memory_type(memory_type)
+        check_memory_type(memory_type)
         if not items:
             raise ValueError("get_reg_descs: items must not be empty")
         rows = [(int(i[0]), int(i[1]), int(i[2]), str(i[3]) if len(i) > 3 else "") for i in items]
@@ -156,7 +156,7 @@ class NixlWrapper(NixlTransport):
 
     # -- descriptor lists ------------------------------------------------------------------
     def get_xfer_descs(self, items: Sequence[XferItem], memory_type: MemoryType) -> XferDescs:
-        _check_memory_type(memory_type)
+        check_memory_type(memory_type)
         if not items:
             raise ValueError("get_xfer_descs: items must not be empty")
         rows = [(int(i[0]), int(i[1]), int(i[2])) for i in items]
@@ -218,8 +218,7 @@ class NixlWrapper(NixlTransport):
         remote_indices: Sequence[int],
         notif_msg: bytes = b"",
     ) -> XferHandle:
-        if op not in XFER_OPS:
-            raise ValueError(f"make_prepped_xfer: op must be one of {XFER_OPS}, got {op!r}")
+        check_xfer_op(op)
         local, remote = self._native_dlist(local_dlist), self._native_dlist(remote_dlist)
         with self._nixl_errors("make_prepped_xfer"):
             native = self._live().make_prepped_xfer(
@@ -327,8 +326,3 @@ class NixlWrapper(NixlTransport):
             yield
         except self._errors as exc:
             raise NixlTransportError(f"{op}: {exc}", _error_code(exc)) from exc
-
-
-def _check_memory_type(memory_type: str) -> None:
-    if memory_type not in MEMORY_TYPES:
-        raise ValueError(f"memory_type must be one of {MEMORY_TYPES}, got {memory_type!r}")

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from kvbridge.offload.copy import CopyBackend, CopyHandle, DoneHandle, plan_runs
+from kvbridge.offload.staging import WIDE_DTYPES, wide_rows
 
-# Widest element types a block row may be viewed as, so the elementwise index_copy_ kernel
-# moves 16 or 8 bytes per element instead of 2 (the bytes are only moved, never converted).
-_WIDE_DTYPES = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
+# On the CPU the elementwise index_copy_ kernel also moves 16-byte elements.
+_CPU_WIDE_DTYPES = (torch.complex128, *WIDE_DTYPES)
 
 
 class CPUCopyBackend(CopyBackend):
@@ -49,19 +49,9 @@ class CPUCopyBackend(CopyBackend):
         if plan.runs:
             index = torch.tensor(plan.other, dtype=torch.int64)
             for gpu, cpu in zip(self.gpu_layers, self.cpu_layers):
-                dst = _wide_rows(gpu)
+                dst = wide_rows(gpu, _CPU_WIDE_DTYPES)
                 for offset, length in plan.runs:
                     start = plan.keyed[offset]
-                    src = _wide_rows(cpu[start : start + length])
+                    src = wide_rows(cpu[start : start + length], _CPU_WIDE_DTYPES)
                     dst.index_copy_(0, index[offset : offset + length], src)
         return DoneHandle()
-
-
-def _wide_rows(blocks: torch.Tensor) -> torch.Tensor:
-    """``blocks`` as ``[num_blocks, row]`` of the widest dtype that divides a block's bytes."""
-    rows = blocks.view(blocks.shape[0], -1)
-    row_bytes = rows.shape[1] * rows.element_size()
-    for dtype in _WIDE_DTYPES:
-        if row_bytes % dtype.itemsize == 0:
-            return rows.view(dtype)
-    return rows

@@ -21,7 +21,7 @@ from kvbridge.offload.copy import CopyPlan
 
 # Element types a block row may be viewed as, widest first: the index kernels then move 8
 # bytes per element instead of 2 (the bytes are only moved, never converted).
-_WIDE_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+WIDE_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 class Segment(NamedTuple):
@@ -158,11 +158,12 @@ def pipelined_load(
                 gpu_rows[seg.layer].index_copy_(0, index[seg.lo : seg.hi], src)
 
 
-def wide_rows(blocks: torch.Tensor) -> torch.Tensor:
-    """``blocks`` as ``[num_blocks, row]`` of the widest dtype that divides a block's bytes."""
+def wide_rows(blocks: torch.Tensor, dtypes: Sequence[torch.dtype] = WIDE_DTYPES) -> torch.Tensor:
+    """``blocks`` as ``[num_blocks, row]`` of the widest of ``dtypes`` (widest first) that
+    divides a block's bytes."""
     rows = blocks.view(blocks.shape[0], -1)
     row_bytes = rows.shape[1] * rows.element_size()
-    for dtype in _WIDE_DTYPES:
+    for dtype in dtypes:
         if row_bytes % dtype.itemsize == 0:
             return rows.view(dtype)
     return rows

@@ -27,24 +27,12 @@ from kvbridge.demo.workload import PromptBuilder, RequestRecord, WorkloadSpec
 from kvbridge.serve.config_file import ProxyConfig, load_serve_config
 from kvbridge.serve.metrics import ServerMetrics
 from kvbridge.serve.tokenizer import ByteTokenizer
+from support.nixl_marks import needs_nixl
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 REPO = Path(__file__).resolve().parents[2]
 TAG_KEY = "KVBRIDGE_DEMO_TEST_TAG"
-
-
-def _nixl_available() -> bool:
-    try:
-        from kvbridge.nixl.wrapper import load_nixl_api
-
-        load_nixl_api()
-    except ImportError:
-        return False
-    return True
-
-
-needs_nixl = pytest.mark.skipif(not _nixl_available(), reason="no NIXL package importable")
 
 
 def _tagged_pids(tag: str) -> list[int]:

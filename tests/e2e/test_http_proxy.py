@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,6 +25,7 @@ from e2e.http_fixtures import (
 from kvbridge.config import TransferConfig
 from kvbridge.serve.http_server import BackgroundServer
 from kvbridge.serve.proxy import build_proxy_app
+from support.nixl_marks import HAVE_NIXL
 
 pytestmark = pytest.mark.e2e
 
@@ -73,16 +73,8 @@ def _multi(role: str) -> dict[str, Any]:
 
 def _pd_configs(kind: str) -> tuple[TransferConfig, TransferConfig]:
     """Producer and consumer configs, or a skip saying which piece is missing."""
-    if importlib.util.find_spec("kvbridge.nixl.connector") is None:
-        pytest.skip("P/D over NIXL: kvbridge.nixl.connector is not built yet")
-    if kind == "multi" and importlib.util.find_spec("kvbridge.offload.connector") is None:
-        pytest.skip("MultiConnector P/D: kvbridge.offload.connector is not built yet")
-    from kvbridge.nixl.wrapper import load_nixl_api
-
-    try:
-        load_nixl_api()
-    except ImportError as e:
-        pytest.skip(f"P/D over NIXL: no NIXL package importable ({e})")
+    if not HAVE_NIXL:
+        pytest.skip("P/D over NIXL: no NIXL package installed")
     make = _nixl if kind == "nixl" else _multi
     producer = TransferConfig.from_dict(make("kv_producer"))
     consumer = TransferConfig.from_dict(make("kv_consumer"))

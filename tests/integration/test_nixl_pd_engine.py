@@ -12,7 +12,6 @@ import multiprocessing as mp
 import random
 import time
 from collections.abc import Iterator
-from importlib.util import find_spec
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -24,15 +23,12 @@ from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.request import RequestOutput
 from kvbridge.engine.sampling import SamplingParams
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.wrapper import NIXL_PACKAGES
+from support.nixl_marks import needs_nixl
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        not any(find_spec(p) for p in NIXL_PACKAGES),
-        reason=f"no NIXL package installed (tried {', '.join(NIXL_PACKAGES)})",
-    ),
+    needs_nixl,
 ]
 
 BS = 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from importlib.util import find_spec
 from multiprocessing.connection import Connection
 
 import msgspec
@@ -20,15 +19,13 @@ from kvbridge.nixl.transport import (
     XferHandle,
     XferState,
 )
-from kvbridge.nixl.wrapper import NIXL_PACKAGES, NixlWrapper
+from kvbridge.nixl.wrapper import NixlWrapper
+from support.nixl_marks import needs_nixl
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(60),
-    pytest.mark.skipif(
-        not any(find_spec(p) for p in NIXL_PACKAGES),
-        reason=f"no NIXL package installed (tried {', '.join(NIXL_PACKAGES)})",
-    ),
+    needs_nixl,
 ]
 
 BLOCK = 64 * 1024

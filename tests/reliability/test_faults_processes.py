@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from importlib.util import find_spec
 from typing import Any
 
 import pytest
@@ -19,18 +18,16 @@ import pytest
 from kvbridge.engine.engine import LLMEngine
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.transport import XferHandle, XferState
-from kvbridge.nixl.wrapper import NIXL_PACKAGES, NixlWrapper
+from kvbridge.nixl.wrapper import NixlWrapper
 from reliability.invariants import ResourceLedger
 from reliability.pd import expected, prompt
 from reliability.procs import SAMPLING, EngineProcess, build_engine, nixl_config
+from support.nixl_marks import needs_nixl
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        not any(find_spec(p) for p in NIXL_PACKAGES),
-        reason=f"no NIXL package installed (tried {', '.join(NIXL_PACKAGES)})",
-    ),
+    needs_nixl,
 ]
 
 TIMEOUT_S = 3.0

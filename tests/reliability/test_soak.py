@@ -9,20 +9,16 @@ requests) is marked slow and runs only with ``KVBRIDGE_SOAK_FULL=1``::
 from __future__ import annotations
 
 import os
-from importlib.util import find_spec
 
 import pytest
 from rich.console import Console
 
 from kvbridge.bench.soak import SoakConfig, SoakResult, _table, run_soak
-from kvbridge.nixl.wrapper import NIXL_PACKAGES
+from support.nixl_marks import needs_nixl
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(
-        not any(find_spec(p) for p in NIXL_PACKAGES),
-        reason=f"no NIXL package installed (tried {', '.join(NIXL_PACKAGES)})",
-    ),
+    needs_nixl,
 ]
 
 

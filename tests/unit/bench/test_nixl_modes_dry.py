@@ -10,19 +10,8 @@ import pytest
 
 from kvbridge.bench import nixl_modes
 from kvbridge.bench.nixl_modes_peer import make_spec
+from support.nixl_marks import needs_nixl
 
-
-def _nixl_available() -> bool:
-    try:
-        from kvbridge.nixl.wrapper import load_nixl_api
-
-        load_nixl_api()
-    except ImportError:
-        return False
-    return True
-
-
-needs_nixl = pytest.mark.skipif(not _nixl_available(), reason="no NIXL package importable")
 CPU_ARGS = ["--device", "cpu", "--tokens", "256", "--layers", "2", "--iters", "2"]
 
 

@@ -11,19 +11,7 @@ import pytest
 from kvbridge.bench import pd_gpu
 from kvbridge.bench.nixl_modes import visible_gpus
 from kvbridge.engine.model_config import NAMED_CONFIGS
-
-
-def _nixl_available() -> bool:
-    try:
-        from kvbridge.nixl.wrapper import load_nixl_api
-
-        load_nixl_api()
-    except ImportError:
-        return False
-    return True
-
-
-needs_nixl = pytest.mark.skipif(not _nixl_available(), reason="no NIXL package importable")
+from support.nixl_marks import needs_nixl
 
 
 def test_serve_configs_put_the_mode_on_the_nixl_child_and_keep_mono_local() -> None:

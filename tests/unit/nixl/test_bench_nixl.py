@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-
 import pytest
 
 from kvbridge.bench import nixl
 from kvbridge.bench.nixl import Case, paired_ratio, raw_first
-from kvbridge.nixl.wrapper import NIXL_PACKAGES
+from support.nixl_marks import needs_nixl
 
 
 def test_paired_ratio_is_the_median_of_raw_over_connector_per_pair() -> None:
@@ -47,10 +45,7 @@ def test_block_kib_must_be_a_multiple_of_one_kib_head() -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(
-    not any(find_spec(p) for p in NIXL_PACKAGES),
-    reason=f"no NIXL package installed (tried {', '.join(NIXL_PACKAGES)})",
-)
+@needs_nixl
 def test_a_tiny_run_reads_the_producers_bytes_both_ways_in_the_connectors_descriptors() -> None:
     layers, blocks, iters = 2, 4, 3
     args = nixl._parse(["--layers", "2", "--blocks", "4", "--block-kib", "1", "--iters", "3"])

@@ -6,7 +6,6 @@ bytes really move and the consumer's ``done`` notification really reaches the pr
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,7 @@ from kvbridge.nixl.fake import FakeNixlWrapper
 from kvbridge.nixl.scheduler import NixlScheduler
 from kvbridge.nixl.transport import LiveCounts, NixlTransport
 from kvbridge.nixl.worker import NixlWorker
-
-HAVE_NIXL = any(importlib.util.find_spec(p) for p in ("nixl", "nixl_cu12", "nixl_cu13"))
+from support.nixl_marks import needs_nixl
 
 
 @dataclass
@@ -94,7 +92,7 @@ WRAPPERS = [
         "nixl",
         marks=[
             pytest.mark.integration,
-            pytest.mark.skipif(not HAVE_NIXL, reason="nixl not installed"),
+            needs_nixl,
         ],
     ),
 ]

@@ -7,7 +7,6 @@ CPU -> CPU; with CUDA the same tests also run on GPU caches.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,8 +22,8 @@ from kvbridge.nixl.metadata import NixlConnectorMetadata, NixlWorkerMetadata, Re
 from kvbridge.nixl.staging import HostStaging
 from kvbridge.nixl.transport import LiveCounts, NixlTransport
 from kvbridge.nixl.worker import NixlWorker
+from support.nixl_marks import needs_nixl
 
-HAVE_NIXL = any(importlib.util.find_spec(p) for p in ("nixl", "nixl_cu12", "nixl_cu13"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ZERO = LiveCounts(0, 0, 0, 0)
 P_BLOCKS, D_BLOCKS = [5, 9, 3], [1, 2, 7]
@@ -245,7 +244,7 @@ def test_failed_copies_fail_the_hold_or_the_load_and_leak_nothing(
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not HAVE_NIXL, reason="nixl not installed")
+@needs_nixl
 @pytest.mark.parametrize("device", DEVICES)
 def test_real_nixl_moves_staged_blocks_between_two_agents(
     clock: FakeClock, cleanup: list[Node], device: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from kvbridge.engine.hashing import BlockHasher
@@ -46,6 +46,15 @@ _FINISH_REASONS: dict[RequestStatus, str] = {
 }
 
 
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities at one generated position (see ``sampling.compute_logprobs``)."""
+
+    token_id: int  # the sampled token
+    logprob: float  # its log-probability
+    rank: int  # 1 + how many tokens were more likely
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) of the most likely, most likely first
+
+
 class Request:
     """A prompt, its generated tokens and its scheduling state; satisfies ``RequestView``.
 
@@ -73,6 +82,7 @@ class Request:
         self.kv_transfer_params = kv_transfer_params
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprobs] = []  # one per output token, if asked for
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # local prefix-cache hit at first schedule
         self.num_external_tokens = 0  # supplied by the connector at first schedule
@@ -119,10 +129,12 @@ class Request:
             return None
         return self.first_token_time - self.arrival_time
 
-    def append_output_token(self, token_id: int) -> None:
+    def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
         self._all_token_ids.append(token_id)
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
@@ -146,7 +158,11 @@ class Request:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What a step returns for one request: every token generated so far, and how it ended."""
+    """What a step returns for one request: every token generated so far, and how it ended.
+
+    ``logprobs`` has one entry per token of ``token_ids`` when the request asked for them
+    (``SamplingParams.logprobs``), else it is ``None``.
+    """
 
     request_id: str
     token_ids: list[int]
@@ -157,6 +173,7 @@ class RequestOutput:
     num_external_tokens: int
     ttft: float | None
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
     @classmethod
     def of(
@@ -172,4 +189,9 @@ class RequestOutput:
             num_external_tokens=request.num_external_tokens,
             ttft=request.ttft,
             error=request.error,
+            logprobs=(
+                list(request.output_logprobs)
+                if request.sampling_params.logprobs is not None
+                else None
+            ),
         )

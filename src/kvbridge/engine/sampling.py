@@ -2,6 +2,7 @@
 
 Random sampling runs on the CPU with a per-request ``torch.Generator`` seeded from
 ``SamplingParams.seed``, so a seed gives the same tokens in any process, on any model device.
+``compute_logprobs`` reports log-probabilities from the same logits ``sample`` drew from.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbridge.engine.request import TokenLogprobs
+
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a uint64
+MAX_LOGPROBS = 20  # most likely tokens reported per position (the OpenAI API's limit)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # report the sampled token's logprob and the top-k (0..20)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -50,6 +55,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", stops)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: must be a bool, got {self.ignore_eos!r}")
+        k = self.logprobs
+        if k is not None and (
+            isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS
+        ):
+            raise ValueError(f"logprobs: must be an int in [0, {MAX_LOGPROBS}] or None, got {k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +103,41 @@ def sample(
         if params[i].top_p < 1.0:
             probs = _top_p(probs, params[i].top_p)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return out
+
+
+def compute_logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], tokens: Sequence[int]
+) -> list[TokenLogprobs | None]:
+    """Per row of ``logits`` ``[n, vocab]``: the log-probability and rank of ``tokens[i]`` and
+    the ``params[i].logprobs`` most likely tokens; ``None`` for rows that did not ask.
+
+    The distribution is the model's raw one, ``log_softmax`` in float32 of the very logits
+    ``sample`` drew from (before temperature and top-p), as vLLM reports by default and as the
+    OpenAI API documents: a greedy and a sampled run of a prompt report the same numbers, and a
+    decode server's can be compared with a monolithic server's. Nothing is recomputed.
+    """
+    n = logits.shape[0]
+    if len(params) != n or len(tokens) != n:
+        raise ValueError(
+            f"compute_logprobs: {n} logit rows, {len(params)} params, {len(tokens)} tokens"
+        )
+    asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * n
+    if not asked:
+        return out
+    logprobs = torch.log_softmax(logits[asked].to(torch.float32), dim=-1)
+    chosen_ids = torch.tensor([tokens[i] for i in asked], device=logprobs.device)
+    chosen = logprobs.gather(1, chosen_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    k = min(max(params[i].logprobs or 0 for i in asked), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
+    top_values_l, top_ids_l = top_values.tolist(), top_ids.tolist()
+    for row, i in enumerate(asked):
+        want = params[i].logprobs or 0
+        top = tuple(zip(top_ids_l[row][:want], top_values_l[row][:want], strict=True))
+        out[i] = TokenLogprobs(tokens[i], chosen_l[row], ranks_l[row], top)
     return out
 
 

@@ -15,7 +15,7 @@ from kvbridge.config import LOAD_FAILURE_POLICIES
 from kvbridge.connector.base import ConnectorOutput, KVConnectorMetadata, KVConnectorScheduler
 from kvbridge.connector.types import FinishedRequest, ScheduledRequest, SchedulerStep
 from kvbridge.engine.block_manager import BlockManager, IntegrityError
-from kvbridge.engine.request import Request, RequestOutput, RequestStatus
+from kvbridge.engine.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ class SchedulerOutput:
 
 
 class WorkerOutput(NamedTuple):
-    """What the worker returns after a step: sampled tokens and the connector's report."""
+    """What the worker returns after a step: sampled tokens (and the logprobs of those that
+    asked for them) and the connector's report."""
 
     sampled_token_ids: dict[str, int]
     connector_output: ConnectorOutput
+    logprobs: Mapping[str, TokenLogprobs] | None = None
 
 
 @dataclass
@@ -338,6 +340,7 @@ class Scheduler:
         """Apply a step's results: connector report, computed tokens, samples, finishes."""
         out = worker.connector_output if worker is not None else ConnectorOutput()
         sampled: Mapping[str, int] = worker.sampled_token_ids if worker is not None else {}
+        logprobs = (worker.logprobs if worker is not None else None) or {}
         if self.connector is not None:
             self.connector.update_connector_output(out)
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -351,7 +354,8 @@ class Scheduler:
             self.block_manager.cache_blocks(request, request.num_computed_tokens)
             if not chunk.sample:
                 continue
-            request.append_output_token(sampled[request.request_id])
+            rid = request.request_id
+            request.append_output_token(sampled[rid], logprobs.get(rid))
             status = request.check_stop(self.config.max_model_len)
             if status is None:
                 outputs.append(RequestOutput.of(request))

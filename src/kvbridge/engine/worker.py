@@ -8,8 +8,9 @@ import torch
 
 from kvbridge.connector.base import ConnectorOutput, KVConnectorWorker
 from kvbridge.connector.worker_step import run_worker_step
+from kvbridge.engine.request import TokenLogprobs
 from kvbridge.engine.runner import ModelRunner, SeqChunk
-from kvbridge.engine.sampling import SamplingParams, make_generator, sample
+from kvbridge.engine.sampling import SamplingParams, compute_logprobs, make_generator, sample
 from kvbridge.engine.scheduler import SchedulerOutput, WorkerOutput
 
 logger = logging.getLogger(__name__)
@@ -53,23 +54,28 @@ class Worker:
         connector = self.connector
         for rid in sched.step.finished_req_ids:
             self._generators.pop(rid, None)
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprobs] = {}  # request id -> logprobs, if it asked
         if connector is None:
-            return WorkerOutput(self._forward(sched), ConnectorOutput())
+            self._forward(sched, sampled, logprobs)
+            return WorkerOutput(sampled, ConnectorOutput(), logprobs)
         if sched.connector_meta is None:
             raise ValueError("Worker.execute: a connector is configured but the step has no meta")
-        sampled: dict[str, int] = {}
 
         def forward() -> None:
-            sampled.update(self._forward(sched))
+            self._forward(sched, sampled, logprobs)
 
         output = run_worker_step(
             connector, sched.connector_meta, sched.step.finished_req_ids, forward
         )
-        return WorkerOutput(sampled, output)
+        return WorkerOutput(sampled, output, logprobs)
 
-    def _forward(self, sched: SchedulerOutput) -> dict[str, int]:
+    def _forward(
+        self, sched: SchedulerOutput, sampled: dict[str, int], logprobs: dict[str, TokenLogprobs]
+    ) -> None:
+        """Forward, sample, and fill ``sampled`` (and ``logprobs``, from the same logits)."""
         if not sched.chunks:
-            return {}
+            return
         seq_chunks = [
             SeqChunk(c.request_id, c.token_ids, c.start_pos, c.block_ids, c.sample)
             for c in sched.chunks
@@ -79,7 +85,11 @@ class Worker:
         params = [r.sampling_params for r in sampling]
         generators = [self._generator(r.request_id, r.sampling_params) for r in sampling]
         tokens = sample(logits, params, generators)
-        return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+        lps = compute_logprobs(logits, params, tokens)
+        for r, token, lp in zip(sampling, tokens, lps, strict=True):
+            sampled[r.request_id] = token
+            if lp is not None:
+                logprobs[r.request_id] = lp
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
         if request_id not in self._generators:

@@ -226,6 +226,8 @@ class KVConnectorBase:
     worker_cls: ClassVar[type[KVConnectorWorker]]
     # The KV layout this connector needs, or None if any works.
     required_kv_layout: ClassVar[KVCacheLayout | None] = None
+    # Whether it moves one dense region per block and layer (``KVCacheLayout.is_block_dense``).
+    needs_block_dense_layout: ClassVar[bool] = False
 
     @classmethod
     def supports_hma(cls, config: TransferConfig | None = None) -> bool:
@@ -243,6 +245,12 @@ class KVConnectorBase:
                 f"kv_connector: {config.kv_connector} does not support hybrid KV caches "
                 f"({spec.num_groups} cache groups); use a single-group model or a connector "
                 "whose scheduler half implements SupportsHMA"
+            )
+        if cls.needs_block_dense_layout and not spec.layout.is_block_dense:
+            raise ConfigError(
+                f"kv_connector: {config.kv_connector} moves each block of a layer as one region; "
+                f"the engine declared {spec.layout.value!r}, which splits it (use a block-first "
+                "layout)"
             )
         required = cls.get_required_kv_layout(config)
         if required is not None and required != spec.layout:

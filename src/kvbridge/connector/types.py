@@ -20,11 +20,24 @@ class KVCacheLayout(StrEnum):
     ``BLOCKS_FIRST``: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` — one block of one
     layer (K and V together) is a single contiguous region, so a block moves as one descriptor.
     ``KV_FIRST``: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (vLLM's flash layout) —
-    K and V of a block are two regions.
+    K and V of a block are two regions. The ``VLLM_*`` layouts are vLLM's (see below); every
+    layout but ``KV_FIRST`` keeps a block-layer in one region (``kvbridge.connector.layout``).
     """
 
     BLOCKS_FIRST = "blocks_first"
     KV_FIRST = "kv_first"
+    # vLLM's per-layer views, logical ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]``
+    # (K and V side by side), named after vLLM's physical orders: heads before tokens (LBHNC),
+    # tokens before heads (LBNHC), and their cross-layer forms with blocks outermost.
+    VLLM_LBHNC = "vllm_lbhnc"
+    VLLM_LBNHC = "vllm_lbnhc"
+    VLLM_BLHNC = "vllm_blhnc"
+    VLLM_BLNHC = "vllm_blnhc"
+
+    @property
+    def is_block_dense(self) -> bool:
+        """Whether one block of one layer is one dense region (all but ``KV_FIRST``)."""
+        return self is not KVCacheLayout.KV_FIRST
 
 
 @dataclass(frozen=True)

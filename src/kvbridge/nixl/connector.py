@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorBase
-from kvbridge.connector.types import KVCacheLayout
 from kvbridge.nixl.scheduler import NixlScheduler
 from kvbridge.nixl.worker import NixlWorker
 
@@ -29,7 +28,7 @@ class NixlConnector(KVConnectorBase):
 
     scheduler_cls = NixlScheduler
     worker_cls = NixlWorker
-    required_kv_layout = KVCacheLayout.BLOCKS_FIRST
+    needs_block_dense_layout = True
 
     @classmethod
     def supports_hma(cls, config: TransferConfig | None = None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvbridge.config import ConfigError
+from kvbridge.connector.layout import block_rows
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.nixl.handshake import NixlAgentMetadata
 from kvbridge.nixl.transfers import KVRegions
@@ -17,12 +18,12 @@ class KVLayers(NamedTuple):
     """The engine's KV tensors in registration order, and which of them each group uses."""
 
     names: tuple[str, ...]
-    tensors: list[torch.Tensor]
+    tensors: list[torch.Tensor]  # ``[num_blocks, block_elems]`` rows of each layer's memory
     group_layers: list[list[int]]  # per KV cache group, indices into ``names``
 
 
 def check_kv_caches(spec: KVCacheSpec, kv_caches: dict[str, torch.Tensor]) -> KVLayers:
-    """Every layer of the spec, BLOCKS_FIRST, contiguous, one device; ConfigError otherwise."""
+    """Every layer of the spec as block rows, all on one device; ConfigError otherwise."""
     names = list(dict.fromkeys(n for g in spec.groups for n in g.layer_names))
     missing = sorted(set(names) - set(kv_caches))
     extra = sorted(set(kv_caches) - set(names))
@@ -31,16 +32,13 @@ def check_kv_caches(spec: KVCacheSpec, kv_caches: dict[str, torch.Tensor]) -> KV
             f"kv_caches: layers {missing or extra} "
             f"{'missing' if missing else 'not in the cache spec'}"
         )
-    want = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    tensors = [kv_caches[n] for n in names]
+    tensors = [block_rows(spec, n, kv_caches[n]) for n in names]
     for name, t in zip(names, tensors):
-        if tuple(t.shape) != want or str(t.dtype).removeprefix("torch.") != spec.dtype:
+        if t.device != tensors[0].device or t.stride(0) != tensors[0].stride(0):
             raise ConfigError(
-                f"kv_caches[{name!r}]: {tuple(t.shape)} {t.dtype}, the cache spec declares "
-                f"{want} {spec.dtype} (blocks_first)"
+                f"kv_caches[{name!r}]: every layer must be on {tensors[0].device} with the same "
+                "block stride"
             )
-        if not t.is_contiguous() or t.device != tensors[0].device:
-            raise ConfigError(f"kv_caches[{name!r}]: must be contiguous and on {tensors[0].device}")
     groups = [[names.index(n) for n in g.layer_names] for g in spec.groups]
     return KVLayers(tuple(names), tensors, groups)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.connector.base import KVConnectorWorker, KVConnectorWorkerMetadata
 from kvbridge.connector.stats import KVConnectorStats
-from kvbridge.connector.types import FinishedTransfers, KVCacheLayout, KVCacheSpec
+from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
 from kvbridge.nixl.handshake import (
     HandshakeListener,
     Handshaker,
@@ -101,9 +101,10 @@ class NixlWorker(KVConnectorWorker):
     ) -> None:
         super().__init__(config, cache_spec)
         self.settings = NixlSettings.from_config(config)
-        if cache_spec.layout is not KVCacheLayout.BLOCKS_FIRST:
+        if not cache_spec.layout.is_block_dense:
             raise ConfigError(
-                f"kv_layout: NixlConnector needs 'blocks_first', got {cache_spec.layout.value!r}"
+                f"kv_layout: NixlConnector needs one region per block and layer, got "
+                f"{cache_spec.layout.value!r}"
             )
         self._factory = transport_factory or make_transport_factory(self.settings)
         self._clock = clock

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from kvbridge.connector.base import KVConnectorBase
-from kvbridge.connector.types import KVCacheLayout
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker
 
@@ -13,9 +12,10 @@ class SimpleCPUOffloadConnector(KVConnectorBase):
 
     Extra config: ``cpu_bytes_to_use`` (server-wide) or ``num_cpu_blocks``,
     ``store_decode_blocks`` (default false), ``block_size`` (must match the engine),
-    ``lazy_offload`` (only false for now). Needs the blocks-first layout and prefix caching.
+    ``lazy_offload`` (only false for now). Needs a layout with one region per block and layer
+    (``KVCacheLayout.is_block_dense``) and prefix caching.
     """
 
     scheduler_cls = CPUOffloadScheduler
     worker_cls = CPUOffloadWorker
-    required_kv_layout = KVCacheLayout.BLOCKS_FIRST
+    needs_block_dense_layout = True

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.connector.base import KVConnectorMetadata, KVConnectorWorker
+from kvbridge.connector.layout import block_rows
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
 from kvbridge.offload.config import parse_offload_config
@@ -61,17 +62,9 @@ class CPUOffloadWorker(KVConnectorWorker):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self.backend is not None:
             raise RuntimeError("CPUOffloadWorker: register_kv_caches called twice")
-        spec = self.cache_spec
-        want = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
         if not kv_caches:
             raise ValueError("CPUOffloadWorker: no KV cache layers registered")
-        for name, tensor in kv_caches.items():
-            if tuple(tensor.shape) != want or not tensor.is_contiguous():
-                raise ValueError(
-                    f"CPUOffloadWorker: layer {name!r} has shape {tuple(tensor.shape)}, expected "
-                    f"a contiguous {want} ([num_blocks, 2, block_size, num_kv_heads, head_dim])"
-                )
-        layers = list(kv_caches.values())
+        layers = [block_rows(self.cache_spec, n, t) for n, t in kv_caches.items()]
         first = layers[0]
         if any(t.dtype != first.dtype or t.device != first.device for t in layers):
             raise ValueError("CPUOffloadWorker: all KV cache layers must share dtype and device")
@@ -88,7 +81,7 @@ class CPUOffloadWorker(KVConnectorWorker):
             self.backend = cls(layers, cpu_layers, copy_strategy=strategy)  # type: ignore[call-arg]
         else:
             self.backend = cls(layers, cpu_layers)
-        self._block_bytes = first[0].numel() * first.element_size() * len(layers)
+        self._block_bytes = self.cache_spec.block_bytes_per_layer * len(layers)
         logger.info(
             "CPU offload: %d blocks (%.2f GiB) for %d layers, %s copy backend",
             self.offload.num_cpu_blocks,

@@ -123,9 +123,10 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def host(n: Node) -> list[torch.Tensor]:
+    """The host mirror of each layer, shaped like the cache (the mirror holds block rows)."""
     staging = n.worker.registered.staging
     assert staging is not None
-    return staging.host_layers
+    return [t.view(n.cache[name].shape) for name, t in zip(n.cache, staging.host_layers)]
 
 
 @pytest.fixture

@@ -379,7 +379,7 @@ def test_shutdown_mid_flight_releases_everything_and_stops_threads(
         ),
         (
             lambda c: c.update({"layers.0": torch.zeros(16, 2, 4, 4, 2).transpose(3, 4)}),
-            "contiguous",
+            "dense run",
         ),
     ],
 )

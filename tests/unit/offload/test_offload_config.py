@@ -81,7 +81,7 @@ def test_small_pool_warns_that_it_churns(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_factory_refuses_kv_first_layout_and_hybrid_caches() -> None:
-    with pytest.raises(ConfigError, match="needs KV layout 'blocks_first'"):
+    with pytest.raises(ConfigError, match="moves each block of a layer as one region"):
         create_connector(config(), KVConnectorRole.SCHEDULER, spec(layout=KVCacheLayout.KV_FIRST))
     groups = (
         KVCacheGroupSpec("full", ("layers.0",)),

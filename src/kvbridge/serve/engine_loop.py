@@ -51,6 +51,7 @@ class RequestHandle:
     loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.monotonic)
     saw_first_token: bool = False
+    stopped: bool = False  # ended by the server (a stop string): counted as a "stop" finish
 
     def push(self, item: StreamItem) -> None:
         """Hand ``item`` to the event loop (called from the engine thread)."""
@@ -79,6 +80,7 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+    stopped: bool
 
 
 @dataclass(frozen=True)
@@ -134,13 +136,17 @@ class EngineLoop:
         prompt_token_ids: list[int],
         params: SamplingParams,
         kv_transfer_params: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        outputs: asyncio.Queue[StreamItem] | None = None,
     ) -> RequestHandle:
-        """Queue a request (call from the event loop); its outputs arrive on the handle."""
+        """Queue a request (call from the event loop); its outputs arrive on the handle's queue
+        (``outputs`` when given: several requests can share one)."""
         handle = RequestHandle(
-            request_id=f"cmpl-{uuid.uuid4().hex}",
+            request_id=request_id or f"cmpl-{uuid.uuid4().hex}",
             num_prompt_tokens=len(prompt_token_ids),
             remote_prefill=bool((kv_transfer_params or {}).get("do_remote_prefill")),
-            queue=asyncio.Queue(),
+            queue=outputs if outputs is not None else asyncio.Queue(),
             loop=asyncio.get_running_loop(),
         )
         with self._lock:
@@ -149,9 +155,10 @@ class EngineLoop:
             self._commands.put(_Add(handle, prompt_token_ids, params, kv_transfer_params))
         return handle
 
-    def abort(self, request_id: str) -> None:
-        """Ask the engine to end a request (client gone); safe from any thread."""
-        self._commands.put(_Abort(request_id))
+    def abort(self, request_id: str, *, stopped: bool = False) -> None:
+        """Ask the engine to end a request (client gone; ``stopped``: the server found a stop
+        string, and the finish counts as a "stop"); safe from any thread."""
+        self._commands.put(_Abort(request_id, stopped))
 
     def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 30.0) -> T:
         """Run ``fn(engine)`` in the engine thread and return its result (blocks the caller:
@@ -210,7 +217,7 @@ class EngineLoop:
             if isinstance(command, _Add):
                 self._add(command)
             elif isinstance(command, _Abort):
-                self._abort(command.request_id)
+                self._abort(command.request_id, command.stopped)
             else:
                 self._call(command)
             try:
@@ -232,9 +239,11 @@ class EngineLoop:
             return
         self._handles[handle.request_id] = handle
 
-    def _abort(self, request_id: str) -> None:
-        if request_id not in self._handles:
+    def _abort(self, request_id: str, stopped: bool) -> None:
+        handle = self._handles.get(request_id)
+        if handle is None:
             return
+        handle.stopped = stopped
         if not self.engine.abort_request(request_id):
             self._handles.pop(request_id, None)  # already finished: no final output will come
 
@@ -270,7 +279,7 @@ class EngineLoop:
             self.metrics.observe_first_token(out.ttft)
         if out.finished:
             self.metrics.observe_finished(
-                finish_reason=out.finish_reason,
+                finish_reason="stop" if handle.stopped else out.finish_reason,
                 num_prompt_tokens=handle.num_prompt_tokens,
                 num_generated=len(out.token_ids),
                 num_cached=out.num_cached_tokens,

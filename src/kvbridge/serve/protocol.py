@@ -1,31 +1,49 @@
-"""Wire types of ``/v1/completions`` (OpenAI format plus ``kv_transfer_params``), via msgspec.
+"""Wire types shared by the OpenAI-style routes, ``/v1/completions``'s request, and errors.
 
 Decoding is strict: unknown fields (top level or inside ``kv_transfer_params``) and wrong types
 are errors whose message names the field, e.g. ``Object contains unknown field `foo` - at
-`$.kv_transfer_params```. The server answers every such error with HTTP 400.
+`$.kv_transfer_params```, and whose ``param`` is that field's path (``kv_transfer_params.foo``).
+The server answers every such error with HTTP 400. Optional OpenAI fields may be ``null``.
+
+Errors have the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: ``type`` is
+``invalid_request_error`` for a 4xx and ``server_error`` for a 5xx; ``code`` is the HTTP status
+(as vLLM sends it; clients read the status from the response).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import msgspec
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+
+logger = logging.getLogger(__name__)
 
 # An oversize body is read (and dropped) up to this many times the limit before the 413 goes
 # out, so the client sees the answer instead of a reset connection.
 _DRAIN_FACTOR = 64
+MAX_N = 16  # choices per request
+DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions without max_tokens (the OpenAI default)
+
+_AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_UNKNOWN = re.compile(r"unknown field `(?P<name>[^`]+)`")
 
 
 class RequestError(Exception):
-    """A request the server refuses; ``status`` is the HTTP code, ``message`` says why."""
+    """A request the server refuses; ``status`` is the HTTP code, ``message`` says why and
+    ``param`` is the offending field's path (``messages[0].role``) when there is one."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param
 
 
 class KVTransferParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -51,32 +69,65 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
-class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
+class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The fields ``/v1/completions`` and ``/v1/chat/completions`` share."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None  # None: 1.0, the OpenAI default
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None  # the text ends before the first one found
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted, unused
+    kv_transfer_params: KVTransferParams | None = None
+
+    @property
+    def num_choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def check_common(self) -> None:
+        """Value checks msgspec's types cannot express; raises ``RequestError`` (400)."""
+        if not 1 <= self.num_choices <= MAX_N:
+            raise RequestError(400, f"n: must be in [1, {MAX_N}], got {self.n}", param="n")
+        kv = self.kv_transfer_params
+        if self.num_choices > 1 and kv is not None and kv.do_remote_decode:
+            raise RequestError(
+                400, "n: must be 1 with kv_transfer_params.do_remote_decode", param="n"
+            )
+        if any(not s for s in self.stop_strings):
+            raise RequestError(400, "stop: stop strings must not be empty", param="stop")
+        if self.kv_transfer_params is not None:
+            _check_block_ids(self.kv_transfer_params.remote_block_ids)
+
+
+class CompletionRequest(GenerationRequest, kw_only=True):
     """Body of ``POST /v1/completions``; ``prompt`` is text or a list of token ids."""
 
     prompt: str | list[int]
-    model: str | None = None
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    kv_transfer_params: KVTransferParams | None = None
+    logprobs: int | None = None  # how many most likely tokens to report per position (0..20)
 
     def check(self) -> None:
         """Value checks msgspec's types cannot express; raises ``RequestError`` (400)."""
-        if self.n != 1:
-            raise RequestError(400, f"n: only n=1 is supported, got {self.n}")
+        self.check_common()
         if isinstance(self.prompt, str) and not self.prompt:
-            raise RequestError(400, "prompt: must not be empty")
+            raise RequestError(400, "prompt: must not be empty", param="prompt")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise RequestError(400, "prompt: the token id list must not be empty")
-        if self.kv_transfer_params is not None:
-            _check_block_ids(self.kv_transfer_params.remote_block_ids)
+            raise RequestError(400, "prompt: the token id list must not be empty", param="prompt")
 
 
 def _check_block_ids(block_ids: list[Any] | None) -> None:
@@ -92,33 +143,65 @@ def _check_block_ids(block_ids: list[Any] | None) -> None:
                 400,
                 "kv_transfer_params.remote_block_ids: expected a list of non-negative ints "
                 "(or one such list per KV cache group)",
+                param="kv_transfer_params.remote_block_ids",
             )
 
 
 _decoder = msgspec.json.Decoder(CompletionRequest)
 
 
-def decode_completion_request(body: bytes) -> CompletionRequest:
-    """Parse and validate a request body; ``RequestError(400)`` names the offending field."""
+def decode_body(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """Parse a body with ``decoder``; ``RequestError(400)`` names the offending field."""
     try:
-        request = _decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise RequestError(400, f"invalid request: {e}") from None
+        raise RequestError(400, f"invalid request: {e}", param=_param(str(e))) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         # invalid UTF-8 and too-deep nesting escape msgspec as plain Python errors
         raise RequestError(400, f"malformed JSON: {e}") from None
+
+
+def decode_completion_request(body: bytes) -> CompletionRequest:
+    """Parse and validate a ``/v1/completions`` body."""
+    request: CompletionRequest = decode_body(_decoder, body)
     request.check()
     return request
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
+def _param(message: str) -> str | None:
+    """``Expected `int`, got `str` - at `$.n``` -> ``n``; unknown fields get their own name."""
+    at = _AT.search(message)
+    path = at.group("path") if at else ""
+    unknown = _UNKNOWN.search(message)
+    if unknown:
+        path = f"{path}.{unknown.group('name')}" if path else unknown.group("name")
+    return path or None
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI-style error object."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status_code=status)
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """The framework's errors (404, 405, uncaught exceptions) in the OpenAI error shape."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HttpRequest, exc: HTTPException) -> Response:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: HttpRequest, exc: Exception) -> Response:
+        logger.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}")
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:

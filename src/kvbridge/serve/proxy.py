@@ -1,11 +1,13 @@
 """PDProxy: the prefill/decode router in front of ``kvbridge serve`` instances (SPEC §3).
 
-Per request: prefill server (round-robin) with ``kv_transfer_params={"do_remote_decode": true}``,
-``max_tokens=1``, ``stream=false``; then decode server (round-robin) with the original request
-plus the ``kv_transfer_params`` the prefill server returned; the decode answer (streamed or not)
-goes back to the client. A prefill that cannot be reached or answers 5xx falls back to the
-decode server computing the prompt itself (no params). A 4xx from either server is passed
-through unchanged; an unreachable decode server is a 502.
+Per ``/v1/completions`` or ``/v1/chat/completions`` request: prefill server (round-robin), same
+route, with ``kv_transfer_params={"do_remote_decode": true}``, ``max_tokens=1``,
+``stream=false`` and none of the fields that only shape the answer (``n``, ``stop``,
+``logprobs``, ...); then decode server (round-robin) with the original request plus the
+``kv_transfer_params`` the prefill server returned; the decode answer (streamed or not) goes
+back to the client. A prefill that cannot be reached or answers 5xx falls back to the decode
+server computing the prompt itself (no params). A 4xx from either server is passed through
+unchanged; an unreachable decode server is a 502. ``/v1/models`` is a decode server's.
 """
 
 from __future__ import annotations
@@ -25,11 +27,22 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvbridge.serve.metrics import CONTENT_TYPE, TTFT_BUCKETS
-from kvbridge.serve.protocol import RequestError, error_body, error_response, read_body
+from kvbridge.serve.protocol import (
+    RequestError,
+    add_error_handlers,
+    error_body,
+    error_response,
+    read_body,
+)
 
 logger = logging.getLogger(__name__)
 
 COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+MODELS = "/v1/models"
+# Fields the prefill request leaves out: they shape the answer, which the decode server gives.
+_ANSWER_ONLY = ("stream_options", "max_completion_tokens", "n", "stop", "logprobs",
+                "top_logprobs")  # fmt: skip
 
 
 def normalise_url(url: str) -> str:
@@ -85,13 +98,14 @@ class PDProxy:
             registry=self.registry,
         )
 
-    async def handle(self, request: HttpRequest) -> Response:
+    async def handle(self, request: HttpRequest, path: str = COMPLETIONS) -> Response:
+        """Route one generation request (``path``: its route) through P, then D."""
         try:
             body = self._parse(await read_body(request, self.max_body_bytes))
         except RequestError as e:
             self.requests.labels(route="rejected").inc()
-            return error_response(e.status, e.message)
-        params, early = await self._prefill_step(body)
+            return error_response(e.status, e.message, e.param)
+        params, early = await self._prefill_step(body, path)
         if early is not None:
             self.requests.labels(route="prefill_error").inc()
             return early
@@ -101,9 +115,9 @@ class PDProxy:
             decode_body["kv_transfer_params"] = params
         url = next(self._decode)
         if body.get("stream") is True:
-            return await self._stream_decode(url, decode_body)
+            return await self._stream_decode(url, path, decode_body)
         try:
-            r = await self.client.post(url + COMPLETIONS, json=decode_body)
+            r = await self.client.post(url + path, json=decode_body)
         except httpx.HTTPError as e:
             return self._unreachable("decode", url, e)
         return _relay(r)
@@ -119,24 +133,26 @@ class PDProxy:
             raise RequestError(400, f"request body: expected a JSON object, got {_kind(body)}")
         if "kv_transfer_params" in body:
             raise RequestError(
-                400, "kv_transfer_params: set by the proxy; send the request without it"
+                400,
+                "kv_transfer_params: set by the proxy; send the request without it",
+                param="kv_transfer_params",
             )
         return body
 
     async def _prefill_step(
-        self, body: dict[str, Any]
+        self, body: dict[str, Any], path: str
     ) -> tuple[dict[str, Any] | None, Response | None]:
         """(params for the decode server, or None for local prefill; or an error to return)."""
         if self._prefill is None:
             return None, None
         url = next(self._prefill)
-        prefill_body = {k: v for k, v in body.items() if k != "stream_options"}
+        prefill_body = {k: v for k, v in body.items() if k not in _ANSWER_ONLY}
         prefill_body.update(
             max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True}
         )
         try:
             with self.prefill_time.time():
-                r = await self.client.post(url + COMPLETIONS, json=prefill_body)
+                r = await self.client.post(url + path, json=prefill_body)
         except httpx.HTTPError as e:
             logger.warning("prefill %s unreachable (%s); decode computes the prompt", url, e)
             self.prefill_failures.inc()
@@ -156,8 +172,8 @@ class PDProxy:
             return None, None
         return params, None
 
-    async def _stream_decode(self, url: str, body: dict[str, Any]) -> Response:
-        upstream_request = self.client.build_request("POST", url + COMPLETIONS, json=body)
+    async def _stream_decode(self, url: str, path: str, body: dict[str, Any]) -> Response:
+        upstream_request = self.client.build_request("POST", url + path, json=body)
         try:
             upstream = await self.client.send(upstream_request, stream=True)
         except httpx.HTTPError as e:
@@ -167,6 +183,14 @@ class PDProxy:
             await upstream.aclose()
             return _relay(upstream)
         return StreamingResponse(_pipe(upstream, url), media_type="text/event-stream")
+
+    async def models(self) -> Response:
+        """A decode server's ``/v1/models`` (P and D serve the same model)."""
+        url = next(self._decode)
+        try:
+            return _relay(await self.client.get(url + MODELS))
+        except httpx.HTTPError as e:
+            return self._unreachable("decode", url, e)
 
     def _unreachable(self, role: str, url: str, error: Exception) -> Response:
         self.requests.labels(route=f"{role}_error").inc()
@@ -223,10 +247,19 @@ def build_proxy_app(
 
     app = FastAPI(title="kvbridge proxy", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.proxy = proxy
+    add_error_handlers(app)
 
     @app.post(COMPLETIONS)
     async def completions(request: HttpRequest) -> Response:
-        return await proxy.handle(request)
+        return await proxy.handle(request, COMPLETIONS)
+
+    @app.post(CHAT)
+    async def chat_completions(request: HttpRequest) -> Response:
+        return await proxy.handle(request, CHAT)
+
+    @app.get(MODELS)
+    async def models() -> Response:
+        return await proxy.models()
 
     @app.get("/health")
     async def health() -> Response:

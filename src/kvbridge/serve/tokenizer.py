@@ -22,6 +22,10 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: list[int]) -> str: ...
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes one token stands for; ``None`` for a token with no text (BOS, EOS)."""
+        ...
+
 
 class ByteTokenizer:
     """Runs in the HTTP server; maps UTF-8 bytes to ids ``offset .. offset+255``.
@@ -54,6 +58,10 @@ class ByteTokenizer:
         data = bytes(t - self.offset for t in token_ids if 0 <= t - self.offset < 256)
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        byte = token_id - self.offset
+        return bytes((byte,)) if 0 <= byte < 256 else None
+
 
 class HFTokenizer:
     """Runs in the HTTP server; wraps a local checkpoint's ``transformers`` tokenizer."""
@@ -63,6 +71,7 @@ class HFTokenizer:
 
         self.path = Path(path)
         self._tok: Any = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self._special_ids = frozenset(self._tok.all_special_ids)
 
     @property
     def name(self) -> str:
@@ -73,6 +82,23 @@ class HFTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self._tok.decode(token_ids, skip_special_tokens=True))
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        if token_id in self._special_ids:
+            return None
+        return str(self._tok.decode([token_id])).encode()
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (``tokenizer_config.json`` or ``chat_template.jinja``)."""
+        template = getattr(self._tok, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation through the checkpoint's template, with the
+        assistant's turn opened; the template's own special tokens only (none added)."""
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self._tok.encode(str(text), add_special_tokens=False))
 
 
 def has_hf_tokenizer(path: str | Path) -> bool:

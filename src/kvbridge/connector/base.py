@@ -127,6 +127,12 @@ class KVConnectorScheduler(ABC):
         """KV cache events since the last call."""
         return []
 
+    def set_xfer_handshake_metadata(  # noqa: B027
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        """Every worker's handshake metadata (rank -> metadata), once, after the workers
+        registered their KV caches and before the first request (vLLM calls it here)."""
+
     def get_kv_connector_stats(self) -> Stats | None:
         return None
 

@@ -9,6 +9,7 @@ from typing import NamedTuple
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import (
     ConnectorOutput,
+    KVConnectorHandshakeMetadata,
     KVConnectorRole,
     KVConnectorScheduler,
     SupportsHMA,
@@ -95,6 +96,11 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
         if num_external_tokens and loader is not None and loader.load_async:
             self._async_loading[req_id] = loader.child
 
+    def loading_child(self, request_id: str) -> str | None:
+        """Name of the child that won the load of ``request_id`` (None: no child matched)."""
+        loader = self._loader.get(request_id)
+        return None if loader is None else self.names[loader.child]
+
     def build_connector_meta(self, step: SchedulerStep) -> MultiConnectorMetadata:
         parts = []
         for i, child in enumerate(self.children):
@@ -165,6 +171,12 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
         return FinishedRequest(delaying > 0, params)
 
     # -- observability and shutdown ---------------------------------------------------------
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        for child in self.children:
+            child.set_xfer_handshake_metadata(metadata)
+
     def take_events(self) -> list[KVCacheEvent]:
         return [event for child in self.children for event in child.take_events()]
 

@@ -125,6 +125,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched_config, self.block_manager, self.scheduler_connector)
         self.worker = Worker(self.runner, self.worker_connector)
+        if self.scheduler_connector is not None and self.worker.handshake is not None:
+            self.scheduler_connector.set_xfer_handshake_metadata({0: self.worker.handshake})
         self._hasher = (
             BlockHasher(config.block_size, config.hash_algo)
             if config.enable_prefix_caching

@@ -6,7 +6,11 @@ import logging
 
 import torch
 
-from kvbridge.connector.base import ConnectorOutput, KVConnectorWorker
+from kvbridge.connector.base import (
+    ConnectorOutput,
+    KVConnectorHandshakeMetadata,
+    KVConnectorWorker,
+)
 from kvbridge.connector.worker_step import run_worker_step
 from kvbridge.engine.request import TokenLogprobs
 from kvbridge.engine.runner import ModelRunner, SeqChunk
@@ -44,11 +48,13 @@ class Worker:
         self.connector = connector
         self._generators: dict[str, torch.Generator | None] = {}  # request id -> generator
         self._hooks = _ConnectorLayerHooks(connector) if connector is not None else None
+        # This worker's handshake metadata, for the scheduler half (None: nothing to tell).
+        self.handshake: KVConnectorHandshakeMetadata | None = None
         if connector is not None:
             connector.register_kv_caches(runner.kv_caches)
-            handshake = connector.get_handshake_metadata()
-            if handshake is not None:
-                connector.set_xfer_handshake_metadata({0: handshake})
+            self.handshake = connector.get_handshake_metadata()
+            if self.handshake is not None:
+                connector.set_xfer_handshake_metadata({0: self.handshake})
 
     def execute(self, sched: SchedulerOutput) -> WorkerOutput:
         connector = self.connector

@@ -65,6 +65,9 @@ class NixlAgentMetadata(KVConnectorHandshakeMetadata, kw_only=True):
     device_id: int
     kv_buffer_device: str  # "cpu": the addresses are a host buffer the producer stages into
     instance_id: str = ""  # the producer worker's agent name; changes when it restarts
+    # Where the producer's side channel listens (told to its own scheduler half at start-up).
+    side_channel_host: str = ""
+    side_channel_port: int = 0
 
 
 class HandshakeRequest(msgspec.Struct, kw_only=True):

@@ -34,6 +34,8 @@ class _WireParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     remote_block_ids: list[Any] | None = None
     remote_request_id: str | None = None
     tp_size: int = 1
+    # vLLM's producer adds its own prefix-cache hit count (for its metrics); read by nobody here.
+    remote_prefill_cached_tokens: int | None = None
 
 
 class RemotePrefill(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,6 +10,7 @@ import msgspec
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import (
     ConnectorOutput,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorScheduler,
     SupportsHMA,
@@ -22,6 +23,7 @@ from kvbridge.connector.types import (
     RequestView,
     SchedulerStep,
 )
+from kvbridge.nixl.handshake import NixlAgentMetadata
 from kvbridge.nixl.metadata import (
     NixlConnectorMetadata,
     NixlWorkerMetadata,
@@ -178,6 +180,14 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
         self._sending.update(self._pending_send)
         self._pending_recv, self._pending_send, self._aborts, self._releases = {}, {}, {}, []
         return meta
+
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        """Learn rank 0's side channel address before any request can finish."""
+        first = metadata.get(0)
+        if isinstance(first, NixlAgentMetadata) and first.side_channel_port:
+            self._host, self._port = first.side_channel_host, first.side_channel_port
 
     def update_connector_output(self, output: ConnectorOutput) -> None:
         self._recving -= output.finished_recving

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.connector.base import KVConnectorWorker, KVConnectorWorkerMetadata
 from kvbridge.connector.stats import KVConnectorStats
@@ -226,7 +228,17 @@ class NixlWorker(KVConnectorWorker):
         )
 
     def get_handshake_metadata(self) -> NixlAgentMetadata | None:
-        return None if self._reg is None else self._reg.agent_metadata
+        """This worker's agent and regions, with its side channel's address once it listens."""
+        if self._reg is None:
+            return None
+        listener = self._reg.listener
+        if listener is None:
+            return self._reg.agent_metadata
+        return msgspec.structs.replace(
+            self._reg.agent_metadata,
+            side_channel_host=listener.host,
+            side_channel_port=listener.port,
+        )
 
     @property
     def side_channel_port(self) -> int | None:

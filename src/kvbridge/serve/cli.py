@@ -23,7 +23,10 @@ address is printed once the server listens."""
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvbridge serve",
-        description="Serve one engine: POST /v1/completions, GET /health, GET /metrics.",
+        description=(
+            "Serve one engine: POST /v1/completions, POST /v1/chat/completions,\n"
+            "GET /v1/models, GET /health, GET /metrics."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

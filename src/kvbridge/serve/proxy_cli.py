@@ -21,7 +21,10 @@ host, port, timeout_s."""
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvbridge proxy",
-        description="Route /v1/completions through prefill and decode servers (P/D).",
+        description=(
+            "Route /v1/completions and /v1/chat/completions through prefill and decode "
+            "servers (P/D)."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -183,6 +184,21 @@ def test_stop_strings_end_the_text_before_them(client: openai.OpenAI, server: Ru
         assert time.monotonic() < deadline, "the stopped requests never finished in the engine"
         time.sleep(0.02)
     assert _finished(server, "abort") == aborts_before
+
+
+def test_client_leaving_a_chat_stream_aborts_every_choice(server: RunningServer):
+    body = {"messages": MESSAGES, "max_tokens": 3000, "ignore_eos": True, "n": 2, "stream": True}
+    before = _finished(server, "abort")
+    with (
+        httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        assert next(r.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 20
+    while _finished(server, "abort") < before + 2:
+        assert time.monotonic() < deadline, "the engine never aborted both choices"
+        time.sleep(0.02)
+    assert metric_value(server.metrics(), "kvbridge:num_requests_in_server") == 0
 
 
 def test_chat_without_max_tokens_fills_the_context(client: openai.OpenAI, server: RunningServer):

@@ -1,5 +1,8 @@
 """Logprobs in the OpenAI API's two shapes, from the engine's ``TokenLogprobs``.
 
+The numbers are the model's raw distribution at each position, before temperature and top-p
+(``sampling.compute_logprobs``), from the very logits the token was sampled from.
+
 A token's text is its bytes decoded as UTF-8; a token that is only part of a character is shown
 as ``bytes:\\xe2\\x82`` (the OpenAI API's form), and a token with no text (BOS, EOS, ids the
 byte tokenizer does not map) as ``token_id:N`` (vLLM's form). Chat entries also carry the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -189,7 +190,7 @@ class GenerationService(ABC):
         body["kv_transfer_params"] = answer.kv_transfer_params()
         return body
 
-    async def _events(self, answer: _Answer, job: Job, step: Step) -> Any:
+    async def _events(self, answer: _Answer, job: Job, step: Step) -> AsyncGenerator[bytes, None]:
         started: set[int] = set()
         while True:
             if isinstance(step, EngineFailure):

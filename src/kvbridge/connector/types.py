@@ -214,19 +214,26 @@ class Medium(StrEnum):
 
 @dataclass(frozen=True)
 class BlockStored:
-    """KV event: blocks with these hashes are now held on ``medium``."""
+    """KV event: blocks with these hashes are now held on ``medium``.
+
+    ``group_idx``: the KV cache group on a hybrid cache (the same tokens are one block per
+    group); None on a single-group cache, as vLLM's events leave it unspecified there.
+    """
 
     block_hashes: tuple[bytes, ...]
     medium: Medium
     block_size: int
+    group_idx: int | None = None
 
 
 @dataclass(frozen=True)
 class BlockRemoved:
-    """KV event: blocks with these hashes are no longer held on ``medium``."""
+    """KV event: blocks with these hashes are no longer held on ``medium`` (``group_idx`` as in
+    ``BlockStored``)."""
 
     block_hashes: tuple[bytes, ...]
     medium: Medium
+    group_idx: int | None = None
 
 
 KVCacheEvent = BlockStored | BlockRemoved

@@ -1,4 +1,4 @@
-"""CPUBlockPool: which CPU block holds which block hash, in LRU order, with ref-count pins."""
+"""CPUBlockPool: which CPU block holds which (group, block hash), in LRU order, with pins."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from kvbridge.connector.types import BlockRemoved, BlockStored, KVCacheEvent, Medium
+
+# (KV cache group, block hash): the same tokens in two groups are two different entries.
+BlockKey = tuple[int, bytes]
 
 
 class StorePlan(NamedTuple):
@@ -25,21 +28,24 @@ class CPUBlockPool:
     """Runs in the scheduler; owns the CPU block ids, their hashes, LRU order and pins.
 
     A block is *free*, *storing* (reserved by ``prepare_store`` until ``complete_store``) or
-    *cached* (indexed by hash). Cached blocks with no pin sit in the LRU and may be evicted;
-    ``prepare_load`` pins cached blocks until ``complete_load``. ``complete_x(success=False)``
-    rolls back: a failed store frees its blocks, a failed or cancelled load drops its pins.
+    *cached* (indexed by its ``BlockKey``). Cached blocks with no pin sit in the LRU and may be
+    evicted; ``prepare_load`` pins cached blocks until ``complete_load``.
+    ``complete_x(success=False)`` rolls back: a failed store frees its blocks, a failed or
+    cancelled load drops its pins. Block ids are shared by all KV cache groups (as the engine's
+    GPU ids are); a block belongs to the one group of its key, and LRU order spans groups.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, num_groups: int = 1) -> None:
         if num_blocks < 1:
             raise ValueError(f"CPUBlockPool: num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_groups = num_groups  # > 1: events name their group
         self._free: list[int] = list(range(num_blocks))  # min-heap: low ids first, runs stay long
-        self._hash_of: list[bytes | None] = [None] * num_blocks  # block id -> hash
+        self._key_of: list[BlockKey | None] = [None] * num_blocks  # block id -> key
         self._refs: list[int] = [0] * num_blocks  # block id -> pins
-        self._cached: dict[bytes, int] = {}  # hash -> block id, stored and readable
-        self._storing: dict[bytes, int] = {}  # hash -> block id, store in flight
+        self._cached: dict[BlockKey, int] = {}  # key -> block id, stored and readable
+        self._storing: dict[BlockKey, int] = {}  # key -> block id, store in flight
         self._lru: OrderedDict[int, None] = OrderedDict()  # unpinned cached ids, oldest first
         self._events: list[KVCacheEvent] = []
 
@@ -65,28 +71,33 @@ class CPUBlockPool:
         """Pins held over all blocks (a block loaded by two requests counts twice)."""
         return sum(self._refs)
 
-    def is_cached(self, block_hash: bytes) -> bool:
-        return block_hash in self._cached
+    def is_cached(self, block_hash: bytes, group: int = 0) -> bool:
+        return (group, block_hash) in self._cached
 
-    def is_storing(self, block_hash: bytes) -> bool:
-        return block_hash in self._storing
+    def is_storing(self, block_hash: bytes, group: int = 0) -> bool:
+        return (group, block_hash) in self._storing
+
+    def cached_block_id(self, block_hash: bytes, group: int = 0) -> int | None:
+        """The CPU block holding ``block_hash`` of ``group``, if cached."""
+        return self._cached.get((group, block_hash))
 
     # -- load -----------------------------------------------------------------------------
-    def lookup(self, hashes: Sequence[bytes]) -> int:
-        """Number of consecutive cached hashes from the start of ``hashes``."""
+    def lookup(self, hashes: Sequence[bytes], group: int = 0) -> int:
+        """Number of consecutive cached hashes of ``group`` from the start of ``hashes``."""
         n = 0
         for h in hashes:
-            if h not in self._cached:
+            if (group, h) not in self._cached:
                 break
             n += 1
         return n
 
-    def prepare_load(self, hashes: Sequence[bytes]) -> list[int]:
-        """Pin the cached blocks of ``hashes`` (all must be cached); returns their block ids."""
-        missing = [h for h in hashes if h not in self._cached]
+    def prepare_load(self, hashes: Sequence[bytes], group: int = 0) -> list[int]:
+        """Pin the cached blocks of ``hashes`` in ``group`` (all must be cached); their ids."""
+        keys = [(group, h) for h in hashes]
+        missing = [k for k in keys if k not in self._cached]
         if missing:
             raise KeyError(f"CPUBlockPool.prepare_load: {len(missing)} hash(es) not cached")
-        ids = [self._cached[h] for h in hashes]
+        ids = [self._cached[k] for k in keys]
         for b in ids:
             self._refs[b] += 1
             self._lru.pop(b, None)
@@ -103,13 +114,15 @@ class CPUBlockPool:
                 self._lru[b] = None
 
     # -- store ----------------------------------------------------------------------------
-    def prepare_store(self, hashes: Sequence[bytes]) -> StorePlan:
-        """Reserve a block for each hash neither cached nor in flight, evicting LRU blocks."""
+    def prepare_store(self, hashes: Sequence[bytes], group: int = 0) -> StorePlan:
+        """Reserve a block for each hash of ``group`` neither cached nor in flight, evicting
+        LRU blocks (of any group)."""
         indices: list[int] = []
         ids: list[int] = []
         cached = in_flight = dropped = 0
-        evicted: list[bytes] = []
-        for i, h in enumerate(hashes):
+        evicted: list[BlockKey] = []
+        for i, block_hash in enumerate(hashes):
+            h = (group, block_hash)
             hit = self._cached.get(h)
             if hit is not None:
                 cached += 1
@@ -123,19 +136,19 @@ class CPUBlockPool:
             if block is None:
                 dropped += 1
                 continue
-            self._hash_of[block] = h
+            self._key_of[block] = h
             self._storing[h] = block
             indices.append(i)
             ids.append(block)
-        if evicted:
-            self._events.append(BlockRemoved(tuple(evicted), Medium.CPU))
+        for g, group_hashes in self._by_group(evicted):
+            self._events.append(BlockRemoved(group_hashes, Medium.CPU, g))
         return StorePlan(indices, ids, cached, in_flight, dropped, len(evicted))
 
     def complete_store(self, block_ids: Sequence[int], success: bool) -> None:
         """Index the written blocks (success) or give them back to the free list (failure)."""
-        stored: list[bytes] = []
+        stored: list[BlockKey] = []
         for b in block_ids:
-            h = self._hash_of[b]
+            h = self._key_of[b]
             if h is None or self._storing.get(h) != b:
                 raise RuntimeError(f"CPUBlockPool.complete_store: block {b} is not being stored")
             del self._storing[h]
@@ -144,22 +157,29 @@ class CPUBlockPool:
                 self._lru[b] = None
                 stored.append(h)
             else:
-                self._hash_of[b] = None
+                self._key_of[b] = None
                 heapq.heappush(self._free, b)
-        if stored:
-            self._events.append(BlockStored(tuple(stored), Medium.CPU, self.block_size))
+        for g, group_hashes in self._by_group(stored):
+            self._events.append(BlockStored(group_hashes, Medium.CPU, self.block_size, g))
 
-    def _allocate(self, evicted: list[bytes]) -> int | None:
+    def _allocate(self, evicted: list[BlockKey]) -> int | None:
         if self._free:
             return heapq.heappop(self._free)
         if not self._lru:
             return None
         block, _ = self._lru.popitem(last=False)
-        h = self._hash_of[block]
+        h = self._key_of[block]
         if h is not None:
             del self._cached[h]
             evicted.append(h)
         return block
+
+    def _by_group(self, keys: list[BlockKey]) -> list[tuple[int | None, tuple[bytes, ...]]]:
+        """Hashes per group, in first-seen order; the group is None on a single-group cache."""
+        groups: dict[int, list[bytes]] = {}
+        for g, block_hash in keys:
+            groups.setdefault(g, []).append(block_hash)
+        return [(g if self.num_groups > 1 else None, tuple(hs)) for g, hs in groups.items()]
 
     # -- events and checks ----------------------------------------------------------------
     def take_events(self) -> list[KVCacheEvent]:
@@ -181,12 +201,12 @@ class CPUBlockPool:
 
         for b in self._free:
             claim(b, "free")
-            if self._hash_of[b] is not None or self._refs[b]:
+            if self._key_of[b] is not None or self._refs[b]:
                 raise RuntimeError(f"CPUBlockPool integrity: free block {b} has a hash or pins")
         for table, state in ((self._storing, "storing"), (self._cached, "cached")):
             for h, b in table.items():
                 claim(b, state)
-                if self._hash_of[b] != h:
+                if self._key_of[b] != h:
                     raise RuntimeError(f"CPUBlockPool integrity: {state} block {b} hash mismatch")
         for b in range(self.num_blocks):
             if b not in seen:

@@ -198,7 +198,7 @@ def test_load_job_targets_blocks_after_local_prefix() -> None:
     drv.step()
     (job,) = drv.metas[-1].loads
     assert job.gpu_block_ids == [10, 11]
-    assert job.cpu_block_ids == [sched.pool._cached[h] for h in req.block_hashes[1:3]]
+    assert job.cpu_block_ids == [sched.pool.cached_block_id(h) for h in req.block_hashes[1:3]]
     assert sched.pool.num_pins == 2
     drv.step(worker_output=done(loads=[job.job_id]))
     assert sched.pool.num_pins == 0

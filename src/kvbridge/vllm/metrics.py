@@ -1,0 +1,48 @@
+"""kvbridge's connector counters on vLLM's ``/metrics`` (``kvbridge:<key>``, label ``connector``).
+
+vLLM aggregates each step's ``KVBridgeStats`` (connector -> key -> value) and hands the data to
+``observe``: counters (ints/floats) become Prometheus counters, samples (lists, e.g. copy
+times) histograms. Metrics are created on first sight of a key and shared by every engine of
+the process (Prometheus' registry is process-wide; the ``engine`` label tells them apart).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] = {}  # metric name -> the one Counter/Histogram of the process
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
+
+
+class KVBridgePromMetrics(KVConnectorPromMetrics):
+    """Exports kvbridge's stats keys; one time series per (engine labels, connector)."""
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = [*self.per_engine_labelvalues[engine_idx]]
+        for connector, values in transfer_stats_data.items():
+            for key, value in values.items():
+                if isinstance(value, list):
+                    histogram = self._metric(key, self._histogram_cls)
+                    child = histogram.labels(*labels, connector)
+                    for sample in value:
+                        child.observe(sample)
+                elif isinstance(value, int | float) and value >= 0:
+                    self._metric(key, self._counter_cls).labels(*labels, connector).inc(value)
+
+    def _metric(self, key: str, cls: Any) -> Any:
+        name = "kvbridge:" + _UNSAFE.sub("_", key)
+        with _lock:
+            metric = _metrics.get(name)
+            if metric is None:
+                metric = cls(
+                    name=name,
+                    documentation=f"kvbridge connector stat {key!r} (see kvbridge's docs)",
+                    labelnames=[*self._labelnames, "connector"],
+                )
+                _metrics[name] = metric
+            return metric

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ def engine(model: Path, kv_transfer_config: dict[str, Any] | None = None) -> Ite
     if kv_transfer_config is not None:
         from vllm.config import KVTransferConfig
 
-        kwargs["kv_transfer_config"] = KVTransferConfig(**json.loads(json.dumps(kv_transfer_config)))
+        kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer_config)
     llm = LLM(
         model=str(model),
         skip_tokenizer_init=True,

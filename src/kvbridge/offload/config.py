@@ -1,10 +1,17 @@
-"""Offload settings: ``kv_connector_extra_config`` of SimpleCPUOffloadConnector, parsed once."""
+"""Offload settings: ``kv_connector_extra_config`` of SimpleCPUOffloadConnector, parsed once.
+
+The keys and their meaning are vLLM's SimpleCPUOffloadConnector's (``cpu_bytes_to_use``,
+``cpu_bytes_to_use_per_rank``, ``lazy_offload``, ``lazy_offload_min_prefix_tokens``,
+``kv_offload_backend``), plus kvbridge's own ``num_cpu_blocks``, ``store_decode_blocks``,
+``block_size`` and ``copy_strategy``. An unknown key is an error that names it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from kvbridge.config import ConfigError, TransferConfig, check_extra_keys
 from kvbridge.connector.types import KVCacheSpec
@@ -14,14 +21,21 @@ logger = logging.getLogger(__name__)
 _WHERE = "SimpleCPUOffloadConnector"
 _KEYS: dict[str, type | tuple[type, ...]] = {
     "cpu_bytes_to_use": (int, float),
+    "cpu_bytes_to_use_per_rank": (int, float),
     "num_cpu_blocks": int,
     "lazy_offload": bool,
+    "lazy_offload_min_prefix_tokens": int,
+    "kv_offload_backend": str,
     "store_decode_blocks": bool,
     "block_size": int,
     "copy_strategy": str,
 }
+# vLLM's default CPU capacity, server-wide (split by world size).
+DEFAULT_CPU_BYTES = 8 << 30
 # CUDA copy strategies (offload/cuda_copy.py); "STORE/LOAD" picks one per direction.
 COPY_STRATEGIES = ("serial", "pipelined", "direct")
+ATTENTION_KINDS = ("full", "sliding_window")
+_GIB = float(1 << 30)
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,7 @@ class CPUPoolSize:
     num_cpu_blocks: int
     capacity: int
     bytes_per_block: int
+    clamped: bool = False  # the bytes held no block; one is used anyway (as vLLM does)
 
     @property
     def total_bytes(self) -> int:
@@ -39,73 +54,118 @@ class CPUPoolSize:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """Validated settings of the CPU tier (identical in the scheduler and every worker)."""
+    """Validated settings of the CPU tier (identical in the scheduler and every worker).
+
+    ``warnings`` are logged once, by the scheduler half, at start-up.
+    """
 
     num_cpu_blocks: int
     block_size: int
     store_decode_blocks: bool = False
     lazy_offload: bool = False
+    lazy_offload_min_prefix_tokens: int = 0
     copy_strategy: str | None = None  # None: the copy backend's default
+    warnings: tuple[str, ...] = ()
+
+
+def cpu_block_bytes(spec: KVCacheSpec) -> int:
+    """Bytes of one CPU block id: one block of the layers of one group.
+
+    A block id belongs to one group at a time (as the engine's GPU ids do), so on a hybrid
+    cache the groups share the CPU memory of a block id, slot by slot; on a single-group cache
+    this is ``spec.block_bytes``.
+    """
+    if spec.num_groups == 1:
+        return spec.block_bytes
+    return spec.block_bytes_per_layer * max(len(g.layer_names) for g in spec.groups)
+
+
+def group_windows(spec: KVCacheSpec) -> tuple[int | None, ...]:
+    """Each group's sliding window in tokens (None: full attention); other kinds are errors."""
+    windows: list[int | None] = []
+    for i, group in enumerate(spec.groups):
+        if group.attention not in ATTENTION_KINDS:
+            raise ConfigError(
+                f"cache_spec.groups[{i}].attention: {group.attention!r} is not one of "
+                f"{', '.join(ATTENTION_KINDS)}; {_WHERE} stores full and sliding-window KV only"
+            )
+        if group.attention == "full":
+            windows.append(None)
+            continue
+        window = group.sliding_window
+        if not isinstance(window, int) or window < 1:
+            raise ConfigError(
+                f"cache_spec.groups[{i}].sliding_window: a sliding-window group needs a "
+                f"positive window in tokens, got {window!r}"
+            )
+        windows.append(window)
+    return tuple(windows)
 
 
 def derive_cpu_config(
     spec: KVCacheSpec,
     *,
     cpu_bytes_to_use: float | None = None,
+    cpu_bytes_to_use_per_rank: float | None = None,
     num_cpu_blocks: int | None = None,
     host_bytes: int | None = None,
 ) -> CPUPoolSize:
-    """Size one worker's CPU pool: cpu_blocks = gpu_blocks * cpu_bytes / gpu_bytes.
+    """Size one worker's CPU pool: cpu_blocks = bytes per rank / bytes of a CPU block.
 
-    ``cpu_bytes_to_use`` is server-wide and split by ``spec.world_size``; without it the
-    capacity is the host's physical memory per worker (``host_bytes`` overrides it in tests).
-    An explicit ``num_cpu_blocks`` must lie in 1..capacity.
+    Bytes per rank: ``cpu_bytes_to_use_per_rank``, else ``cpu_bytes_to_use`` (server-wide)
+    split by ``spec.world_size``, else, with an explicit ``num_cpu_blocks``, the host's
+    physical memory per worker (``host_bytes`` overrides it in tests), else vLLM's default of
+    8 GiB server-wide. An explicit ``num_cpu_blocks`` must lie in 1..capacity; bytes that hold
+    no block give one block (vLLM's ``max(1, ...)``).
     """
-    gpu_bytes = spec.num_blocks * spec.block_bytes
-    if cpu_bytes_to_use is not None:
-        if cpu_bytes_to_use <= 0:
-            raise ConfigError(
-                f"kv_connector_extra_config.cpu_bytes_to_use: must be > 0, got {cpu_bytes_to_use}"
-            )
+    for key, value in (
+        ("cpu_bytes_to_use", cpu_bytes_to_use),
+        ("cpu_bytes_to_use_per_rank", cpu_bytes_to_use_per_rank),
+    ):
+        if value is not None and value <= 0:
+            raise ConfigError(f"kv_connector_extra_config.{key}: must be > 0, got {value}")
+    if cpu_bytes_to_use_per_rank is not None:
+        per_worker = int(cpu_bytes_to_use_per_rank)
+    elif cpu_bytes_to_use is not None:
         per_worker = int(cpu_bytes_to_use) // spec.world_size
-        capacity = spec.num_blocks * per_worker // gpu_bytes
-        if capacity < 1:
-            raise ConfigError(
-                f"kv_connector_extra_config.cpu_bytes_to_use: {int(cpu_bytes_to_use)} bytes over "
-                f"{spec.world_size} worker(s) holds no block of {spec.block_bytes} bytes; "
-                f"give at least {spec.block_bytes * spec.world_size}"
-            )
     elif num_cpu_blocks is not None:
         host = _host_memory_bytes() if host_bytes is None else host_bytes
-        capacity = spec.num_blocks * (host // spec.world_size) // gpu_bytes
+        per_worker = host // spec.world_size
     else:
-        raise ConfigError(
-            "kv_connector_extra_config.cpu_bytes_to_use: required (or num_cpu_blocks) to size "
-            "the CPU pool of SimpleCPUOffloadConnector"
-        )
+        per_worker = DEFAULT_CPU_BYTES // spec.world_size
+    block_bytes = cpu_block_bytes(spec)
+    capacity = per_worker // block_bytes
     if num_cpu_blocks is None:
-        return CPUPoolSize(capacity, capacity, spec.block_bytes)
+        return CPUPoolSize(max(1, capacity), max(1, capacity), block_bytes, clamped=capacity < 1)
     if not 1 <= num_cpu_blocks <= capacity:
         raise ConfigError(
             f"kv_connector_extra_config.num_cpu_blocks: {num_cpu_blocks} is outside 1..{capacity} "
-            f"(the capacity at {spec.block_bytes} bytes per block)"
+            f"(the capacity at {block_bytes} bytes per block)"
         )
-    return CPUPoolSize(num_cpu_blocks, capacity, spec.block_bytes)
+    return CPUPoolSize(num_cpu_blocks, capacity, block_bytes)
 
 
 def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadConfig:
     """Validate ``config.kv_connector_extra_config`` against ``spec``; errors name the key."""
     extra = check_extra_keys(config, _KEYS, where=_WHERE)
-    if extra.get("lazy_offload"):
-        raise ConfigError(
-            "kv_connector_extra_config.lazy_offload: not supported yet (the engine contract has "
-            "no hook before GPU eviction); leave it false to store eagerly"
-        )
+    group_windows(spec)
     block_size = extra.get("block_size")
     if block_size is not None and block_size != spec.block_size:
         raise ConfigError(
             f"kv_connector_extra_config.block_size: {block_size} differs from the engine's "
             f"block size {spec.block_size}; the CPU tier stores whole engine blocks"
+        )
+    backend = extra.get("kv_offload_backend")
+    if backend not in (None, "cpu"):
+        raise ConfigError(
+            f"kv_connector_extra_config.kv_offload_backend: {backend!r}; kvbridge's tier is "
+            "pinned CPU memory only ('cpu')"
+        )
+    min_prefix = extra.get("lazy_offload_min_prefix_tokens")
+    if min_prefix is not None and min_prefix < 0:
+        raise ConfigError(
+            f"kv_connector_extra_config.lazy_offload_min_prefix_tokens: must be >= 0, "
+            f"got {min_prefix}"
         )
     strategy = extra.get("copy_strategy")
     if strategy is not None and (
@@ -118,15 +178,52 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
     size = derive_cpu_config(
         spec,
         cpu_bytes_to_use=extra.get("cpu_bytes_to_use"),
+        cpu_bytes_to_use_per_rank=extra.get("cpu_bytes_to_use_per_rank"),
         num_cpu_blocks=extra.get("num_cpu_blocks"),
     )
+    lazy = bool(extra.get("lazy_offload", False))
     return OffloadConfig(
         num_cpu_blocks=size.num_cpu_blocks,
         block_size=spec.block_size,
         store_decode_blocks=bool(extra.get("store_decode_blocks", False)),
-        lazy_offload=False,
+        lazy_offload=lazy,
+        lazy_offload_min_prefix_tokens=min_prefix or 0,
         copy_strategy=strategy,
+        warnings=_startup_warnings(extra, spec, size, lazy),
     )
+
+
+def _startup_warnings(
+    extra: dict[str, Any], spec: KVCacheSpec, size: CPUPoolSize, lazy: bool
+) -> tuple[str, ...]:
+    out: list[str] = []
+    per_rank = extra.get("cpu_bytes_to_use_per_rank")
+    if per_rank is not None:
+        share = int(extra.get("cpu_bytes_to_use") or DEFAULT_CPU_BYTES) // spec.world_size
+        if int(per_rank) != share:  # as vLLM: warn, then use the per-rank value
+            out.append(
+                f"{_WHERE}: cpu_bytes_to_use_per_rank ({int(per_rank) / _GIB:.2f} GiB) != "
+                f"cpu_bytes_to_use/world_size ({share / _GIB:.2f} GiB); using the per-rank value"
+            )
+    if size.clamped:
+        out.append(
+            f"{_WHERE}: the CPU bytes per rank hold no block of {size.bytes_per_block} bytes; "
+            "using 1 CPU block"
+        )
+    if lazy:
+        out.append(
+            f"{_WHERE}: lazy_offload is accepted but kvbridge stores eagerly (its connector "
+            "contract has no hook before the GPU pool evicts a block): the same blocks reach "
+            "the CPU tier and the same prefixes hit, at the cost of more GPU->CPU copies; "
+            "lazy_offload_min_prefix_tokens has no effect"
+        )
+    return tuple(out)
+
+
+def log_startup_warnings(offload: OffloadConfig) -> None:
+    """Log the config's warnings (once per engine: the scheduler half calls it)."""
+    for message in offload.warnings:
+        logger.warning("%s", message)
 
 
 def warn_if_churning(offload: OffloadConfig, spec: KVCacheSpec) -> bool:

@@ -10,10 +10,20 @@ from kvbridge.offload.worker import CPUOffloadWorker
 class SimpleCPUOffloadConnector(KVConnectorBase):
     """Keeps a CPU copy of full KV blocks so that a prefix hit survives GPU eviction.
 
-    Extra config: ``cpu_bytes_to_use`` (server-wide) or ``num_cpu_blocks``,
+    Extra config, vLLM's keys with vLLM's meaning: ``cpu_bytes_to_use`` (server-wide, split by
+    world size; default 8 GiB), ``cpu_bytes_to_use_per_rank`` (overrides the share; a warning
+    when it differs from it), ``lazy_offload`` and ``lazy_offload_min_prefix_tokens``,
+    ``kv_offload_backend`` (``"cpu"`` only). kvbridge's own: ``num_cpu_blocks``,
     ``store_decode_blocks`` (default false), ``block_size`` (must match the engine),
-    ``lazy_offload`` (only false for now). Needs a layout with one region per block and layer
-    (``KVCacheLayout.is_block_dense``) and prefix caching.
+    ``copy_strategy`` (CUDA). Unknown keys are errors naming the key.
+
+    ``lazy_offload: true`` is accepted with one start-up warning: kvbridge's connector
+    contract has no hook before the GPU pool evicts a block, so blocks are stored eagerly
+    once computed. The same blocks reach the CPU tier and the same prefixes hit; the cost is
+    GPU->CPU copies of blocks the GPU would have kept anyway.
+
+    Needs a layout with one region per block and layer (``KVCacheLayout.is_block_dense``) and
+    prefix caching.
     """
 
     scheduler_cls = CPUOffloadScheduler

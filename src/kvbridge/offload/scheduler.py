@@ -19,7 +19,7 @@ from kvbridge.connector.types import (
     RequestView,
     SchedulerStep,
 )
-from kvbridge.offload.config import parse_offload_config, warn_if_churning
+from kvbridge.offload.config import log_startup_warnings, parse_offload_config, warn_if_churning
 from kvbridge.offload.metadata import CPUOffloadMetadata, CPUOffloadWorkerMetadata, TransferJob
 from kvbridge.offload.pool import CPUBlockPool
 
@@ -71,6 +71,7 @@ class CPUOffloadScheduler(KVConnectorScheduler):
     def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
         super().__init__(config, cache_spec)
         self.offload = parse_offload_config(config, cache_spec)
+        log_startup_warnings(self.offload)
         warn_if_churning(self.offload, cache_spec)
         self.block_size = cache_spec.block_size
         self.pool = CPUBlockPool(self.offload.num_cpu_blocks, self.block_size)

@@ -40,18 +40,40 @@ def test_explicit_num_cpu_blocks_must_fit_capacity() -> None:
 
 def test_pool_sizing_errors_name_the_key() -> None:
     s = spec()
-    with pytest.raises(ConfigError, match="cpu_bytes_to_use: required"):
-        derive_cpu_config(s)
-    with pytest.raises(ConfigError, match="cpu_bytes_to_use: .* holds no block"):
-        derive_cpu_config(s, cpu_bytes_to_use=s.block_bytes - 1)
     with pytest.raises(ConfigError, match="cpu_bytes_to_use: must be > 0"):
         derive_cpu_config(s, cpu_bytes_to_use=-1)
+    with pytest.raises(ConfigError, match="cpu_bytes_to_use_per_rank: must be > 0"):
+        derive_cpu_config(s, cpu_bytes_to_use_per_rank=0)
+
+
+def test_default_is_vllms_8_gib_split_by_world_size() -> None:
+    s = spec(num_blocks=16, world_size=4)
+    size = derive_cpu_config(s)
+    assert size.num_cpu_blocks == (8 << 30) // 4 // s.block_bytes
+    parsed = parse_offload_config(config(num_cpu_blocks=None), s)
+    assert parsed.num_cpu_blocks == size.num_cpu_blocks
+    assert not parsed.lazy_offload and parsed.warnings == ()
+
+
+def test_bytes_below_one_block_give_one_block_as_in_vllm(caplog: pytest.LogCaptureFixture) -> None:
+    s = spec()
+    size = derive_cpu_config(s, cpu_bytes_to_use=s.block_bytes - 1)
+    assert (size.num_cpu_blocks, size.clamped) == (1, True)
+    with caplog.at_level(logging.WARNING, logger="kvbridge.offload.config"):
+        CPUOffloadScheduler(config(num_cpu_blocks=None, cpu_bytes_to_use=1), s)
+    assert "hold no block" in caplog.text
 
 
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
-        ({"lazy_offload": True}, "lazy_offload: not supported yet"),
+        ({"cpu_bytes_to_use_per_rnk": 10}, "cpu_bytes_to_use_per_rnk: unknown key"),
+        ({"lazy_ofload": True}, "lazy_ofload: unknown key"),
+        ({"lazy_offload": 1}, "lazy_offload: expected bool"),
+        ({"lazy_offload_min_prefix_tokens": 1.5}, "lazy_offload_min_prefix_tokens: expected int"),
+        ({"lazy_offload_min_prefix_tokens": -1}, "lazy_offload_min_prefix_tokens: must be >= 0"),
+        ({"cpu_bytes_to_use_per_rank": "1G"}, "cpu_bytes_to_use_per_rank: expected int/float"),
+        ({"kv_offload_backend": "disk"}, "kv_offload_backend: 'disk'"),
         ({"block_size": 16}, "block_size: 16 differs"),
         ({"cpu_byte_to_use": 10}, "cpu_byte_to_use: unknown key"),
         ({"num_cpu_blocks": True}, "num_cpu_blocks: expected a number"),
@@ -124,3 +146,56 @@ def test_copy_strategy_is_validated_and_kept() -> None:
     assert parse_offload_config(ok, spec()).copy_strategy == "direct/pipelined"
     with pytest.raises(ConfigError, match=r"copy_strategy: 'fastest'"):
         parse_offload_config(config(copy_strategy="fastest"), spec())
+
+
+# -- vLLM's keys, vLLM's meaning --------------------------------------------------------------
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_per_rank_bytes_override_the_share_and_warn_when_they_differ(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = spec(num_blocks=16, world_size=2)
+    share = 40 * s.block_bytes
+    agreeing = config(
+        num_cpu_blocks=None, cpu_bytes_to_use=2 * share, cpu_bytes_to_use_per_rank=share
+    )
+    assert parse_offload_config(agreeing, s).warnings == ()
+    per_rank = 24 * s.block_bytes
+    cfg = config(
+        num_cpu_blocks=None, cpu_bytes_to_use=2 * share, cpu_bytes_to_use_per_rank=per_rank
+    )
+    with caplog.at_level(logging.WARNING, logger="kvbridge.offload.config"):
+        sched = CPUOffloadScheduler(cfg, s)
+    assert sched.offload.num_cpu_blocks == 24  # the per-rank value, not the share of 40
+    (message,) = [m for m in _warnings(caplog) if "per_rank" in m]
+    assert "!= cpu_bytes_to_use/world_size" in message
+    # Without cpu_bytes_to_use the share is vLLM's default 8 GiB / world size.
+    alone = parse_offload_config(config(num_cpu_blocks=None, cpu_bytes_to_use_per_rank=per_rank), s)
+    assert alone.num_cpu_blocks == 24 and len(alone.warnings) == 1
+
+
+def test_lazy_offload_is_accepted_with_one_startup_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = spec(num_blocks=8)
+    cfg = config(lazy_offload=True, lazy_offload_min_prefix_tokens=64)
+    with caplog.at_level(logging.WARNING, logger="kvbridge.offload.config"):
+        sched = create_connector(cfg, KVConnectorRole.SCHEDULER, s)
+        create_connector(cfg, KVConnectorRole.WORKER, s).shutdown()  # workers stay quiet
+    assert isinstance(sched, CPUOffloadScheduler)
+    assert sched.offload.lazy_offload and sched.offload.lazy_offload_min_prefix_tokens == 64
+    (message,) = _warnings(caplog)
+    assert "lazy_offload" in message and "stores eagerly" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvbridge.offload.config"):
+        create_connector(config(lazy_offload=False), KVConnectorRole.SCHEDULER, s)
+    assert _warnings(caplog) == []
+
+
+def test_min_prefix_tokens_and_cpu_backend_are_accepted_without_lazy() -> None:
+    parsed = parse_offload_config(
+        config(lazy_offload_min_prefix_tokens=0, kv_offload_backend="cpu"), spec()
+    )
+    assert parsed.lazy_offload_min_prefix_tokens == 0 and parsed.warnings == ()

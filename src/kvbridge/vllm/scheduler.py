@@ -122,14 +122,13 @@ class SchedulerAdapter:
     def update_connector_output(self, out: KVConnectorOutput) -> None:
         meta = out.kv_connector_worker_meta
         stats = out.kv_connector_stats
-        per_child = stats.per_connector() if isinstance(stats, KVBridgeStats) else {}
         self.half.update_connector_output(
             ConnectorOutput(
                 finished_sending=frozenset(out.finished_sending or ()),
                 finished_recving=frozenset(out.finished_recving or ()),
                 invalid_block_ids=frozenset(out.invalid_block_ids or ()),
                 worker_meta=meta.inner if isinstance(meta, KVBridgeWorkerMetadata) else None,
-                stats=per_child.get(self.name),
+                stats=stats.unwrap(self.name) if isinstance(stats, KVBridgeStats) else None,
             )
         )
 

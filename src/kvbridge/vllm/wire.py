@@ -66,6 +66,13 @@ class KVBridgeStats(KVConnectorStats):
     def per_connector(self) -> dict[str, KVBStats]:
         return {name: KVBStats(data=dict(values)) for name, values in self.data.items()}
 
+    def unwrap(self, name: str) -> kvb.Stats | None:
+        """kvbridge's value again: ``name``'s own stats, or per child for a composite."""
+        parts = self.per_connector()
+        if set(parts) == {name}:
+            return parts[name]
+        return MultiKVConnectorStats(per_connector=parts) if parts else None
+
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         mine = self.per_connector()
         for name, values in other.data.items():

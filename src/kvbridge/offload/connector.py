@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorBase
+from kvbridge.connector.types import KVCacheSpec
+from kvbridge.offload.config import group_windows
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker
 
@@ -22,6 +25,14 @@ class SimpleCPUOffloadConnector(KVConnectorBase):
     once computed. The same blocks reach the CPU tier and the same prefixes hit; the cost is
     GPU->CPU copies of blocks the GPU would have kept anyway.
 
+    Hybrid caches (HMA): full-attention and sliding-window groups, each group's blocks stored
+    and loaded for its own layers; a hit needs every full group's blocks after the local
+    prefix and each sliding-window group's blocks inside the window before the hit's end.
+
+    ``request_finished`` returns ``(False, None)`` unless a store still reads the request's
+    GPU blocks: one in flight, or the finish-time flush of blocks that only the last step
+    confirmed (see ``CPUOffloadScheduler``); then ``(True, None)`` until ``finished_sending``.
+
     Needs a layout with one region per block and layer (``KVCacheLayout.is_block_dense``) and
     prefix caching.
     """
@@ -29,3 +40,8 @@ class SimpleCPUOffloadConnector(KVConnectorBase):
     scheduler_cls = CPUOffloadScheduler
     worker_cls = CPUOffloadWorker
     needs_block_dense_layout = True
+
+    @classmethod
+    def check_cache_spec(cls, config: TransferConfig, spec: KVCacheSpec) -> None:
+        super().check_cache_spec(config, spec)
+        group_windows(spec)  # full and sliding-window groups only

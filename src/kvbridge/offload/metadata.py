@@ -8,12 +8,17 @@ from kvbridge.connector.base import KVConnectorMetadata, KVConnectorWorkerMetada
 
 
 class TransferJob(msgspec.Struct, frozen=True, kw_only=True):
-    """One request's blocks to move this step: ``gpu_block_ids[i]`` <-> ``cpu_block_ids[i]``."""
+    """One request's blocks of one KV cache group to move this step.
+
+    ``gpu_block_ids[i]`` <-> ``cpu_block_ids[i]``, copied for the layers of ``group`` only
+    (``KVCacheSpec.groups[group].layer_names``; every layer on a single-group cache).
+    """
 
     job_id: int
     req_id: str
     gpu_block_ids: list[int]
     cpu_block_ids: list[int]
+    group: int = 0
 
     @property
     def num_blocks(self) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kvbridge.config import TransferConfig
-from kvbridge.connector.base import ConnectorOutput, KVConnectorScheduler
+from kvbridge.connector.base import ConnectorOutput, KVConnectorScheduler, SupportsHMA
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import (
     BlockIds,
@@ -19,7 +19,14 @@ from kvbridge.connector.types import (
     RequestView,
     SchedulerStep,
 )
-from kvbridge.offload.config import log_startup_warnings, parse_offload_config, warn_if_churning
+from kvbridge.offload.config import (
+    group_windows,
+    log_startup_warnings,
+    parse_offload_config,
+    warn_if_churning,
+)
+from kvbridge.offload.groups import HitRule
+from kvbridge.offload.matcher import HitMatcher, Match
 from kvbridge.offload.metadata import CPUOffloadMetadata, CPUOffloadWorkerMetadata, TransferJob
 from kvbridge.offload.pool import CPUBlockPool
 
@@ -41,30 +48,31 @@ class _Job:
 
 
 @dataclass
-class _Match:
-    start_block: int  # first block after the locally computed prefix
-    cpu_block_ids: list[int]  # pinned until allocated, or released
-
-
-@dataclass
 class _RequestState:
-    planned_blocks: int = 0  # leading blocks already considered for a store
+    planned_blocks: list[int]  # group -> leading blocks already considered for a store
     confirmed_cap: int = 0  # tokens computed once the request's last scheduled step has run
-    match: _Match | None = None
+    match: Match | None = None
     jobs: set[int] = field(default_factory=set)  # in-flight job ids
     finished: bool = False
 
 
-class CPUOffloadScheduler(KVConnectorScheduler):
+class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
     """Runs in the scheduler; owns the CPU block pool and each request's copy plans.
 
     - Store: a full block is copied GPU->CPU once confirmed computed (never in the step that
       computes it), unless cached or in flight; decode-phase blocks only with
-      ``store_decode_blocks``; a finished request flushes its confirmed prompt blocks and keeps
-      its GPU blocks (``delay_free``) until every store of it is done.
-    - Load: the longest run of consecutive CPU hits after the local prefix, block aligned and
-      never the last token, is pinned and loaded asynchronously into the allocated blocks; the
-      request is reported in ``finished_recving`` when done, even if it was aborted meanwhile.
+      ``store_decode_blocks``.
+    - Finish: blocks confirmed by the request's last step that no step could store yet are
+      flushed. Only such a flush, or a store of the request still in flight, makes
+      ``request_finished`` return ``delay_free=True`` (blocks kept until ``finished_sending``);
+      otherwise it returns ``(False, None)`` and keeps no state of the request.
+    - Load: the longest hit after the local prefix that every group can serve (``HitRule``),
+      block aligned and never the last token, is pinned and loaded asynchronously into the
+      allocated blocks; the request is reported in ``finished_recving`` once every group's
+      load is done, even if it was aborted meanwhile.
+    - Groups (HMA): the pool is keyed by (group, block hash); a job moves one group's blocks,
+      for that group's layers only; a sliding-window group's null block is never stored or
+      loaded into.
     - Pins and reservations are released on completion, failure, preemption or abort.
     """
 
@@ -74,7 +82,15 @@ class CPUOffloadScheduler(KVConnectorScheduler):
         log_startup_warnings(self.offload)
         warn_if_churning(self.offload, cache_spec)
         self.block_size = cache_spec.block_size
-        self.pool = CPUBlockPool(self.offload.num_cpu_blocks, self.block_size)
+        self.num_groups = cache_spec.num_groups
+        self.rule = HitRule(group_windows(cache_spec), self.block_size)
+        self.pool = CPUBlockPool(self.offload.num_cpu_blocks, self.block_size, self.num_groups)
+        self.matcher = HitMatcher(self.pool, self.rule)
+        # group -> bytes one block of the group moves (all layers on a single-group cache)
+        self._group_bytes = [cache_spec.block_bytes]
+        if self.num_groups > 1:
+            per_layer = cache_spec.block_bytes_per_layer
+            self._group_bytes = [per_layer * len(g.layer_names) for g in cache_spec.groups]
         self._requests: dict[str, _RequestState] = {}
         self._jobs: dict[int, _Job] = {}  # job id -> in-flight job
         self._next_job_id = 0
@@ -99,13 +115,13 @@ class CPUOffloadScheduler(KVConnectorScheduler):
             return MatchResult(0, False)
         start = num_computed_tokens // self.block_size
         end = min(len(hashes), (request.num_tokens - 1) // self.block_size)
-        hits = self.pool.lookup(hashes[start:end]) if end > start else 0
-        if hits == 0:
+        if end <= start:
             return MatchResult(0, False)
-        cpu_ids = self.pool.prepare_load(hashes[start : start + hits])
-        state = self._requests.setdefault(request.request_id, _RequestState())
-        state.match = _Match(start, cpu_ids)
-        return MatchResult(hits * self.block_size, True)
+        match = self.matcher.find(hashes, start, end)
+        if match is None:
+            return MatchResult(0, False)
+        self._state(request.request_id).match = match
+        return MatchResult((match.end_block - start) * self.block_size, True)
 
     def update_state_after_alloc(
         self, request: RequestView, block_ids: BlockIds, num_external_tokens: int
@@ -122,18 +138,20 @@ class CPUOffloadScheduler(KVConnectorScheduler):
                 "but SimpleCPUOffloadConnector matched none"
             )
         n, rest = divmod(num_external_tokens, self.block_size)
-        gpu_ids = block_ids[0][match.start_block : match.start_block + n]
-        if rest or n > len(match.cpu_block_ids) or len(gpu_ids) < n:
+        end = match.start_block + n
+        if rest or end > match.end_block or len(block_ids) != self.num_groups:
             raise RuntimeError(
-                f"request {request.request_id}: {num_external_tokens} external tokens do not fit "
-                f"the {len(match.cpu_block_ids)} matched blocks of {self.block_size} tokens"
+                f"request {request.request_id}: {num_external_tokens} external tokens in "
+                f"{len(block_ids)} group(s) do not fit the {match.end_block - match.start_block} "
+                f"matched blocks of {self.block_size} tokens in {self.num_groups} group(s)"
             )
+        loads = self.matcher.take(request, match, block_ids, end)
         state.match = None
-        if n < len(match.cpu_block_ids):
-            self.pool.complete_load(match.cpu_block_ids[n:], success=False)
-        job = self._new_job(JobKind.LOAD, request.request_id, gpu_ids, match.cpu_block_ids[:n])
-        state.jobs.add(job.job_id)
-        self._loads.append(job)
+        jobs = [(g, gpu, cpu) for g, (gpu, cpu) in enumerate(loads) if gpu] or [(0, [], [])]
+        for g, gpu, cpu in jobs:
+            job = self._new_job(JobKind.LOAD, request.request_id, gpu, cpu, g)
+            state.jobs.add(job.job_id)
+            self._loads.append(job)
         self._stats.incr("cpu_hit_tokens", num_external_tokens)
 
     # -- per step -------------------------------------------------------------------------
@@ -142,15 +160,13 @@ class CPUOffloadScheduler(KVConnectorScheduler):
             self._on_preempted(req_id)
         stores = self._flushes
         for sched in step.scheduled:
-            state = self._requests.setdefault(sched.request_id, _RequestState())
+            state = self._state(sched.request_id)
             state.confirmed_cap = max(
                 state.confirmed_cap, sched.num_computed_tokens + sched.num_scheduled_tokens
             )
-            job = self._plan_store(
-                state, sched.request, sched.block_ids[0], sched.num_computed_tokens
+            stores += self._plan_stores(
+                state, sched.request, sched.block_ids, sched.num_computed_tokens
             )
-            if job is not None:
-                stores.append(job)
         meta = CPUOffloadMetadata(
             loads=self._loads, stores=stores, report_when_done=self._report_when_done
         )
@@ -176,31 +192,25 @@ class CPUOffloadScheduler(KVConnectorScheduler):
                 self._complete_job(job_id, ok)
 
     def request_finished(self, request: RequestView, block_ids: list[int]) -> FinishedRequest:
-        req_id = request.request_id
-        state = self._requests.get(req_id)
-        if state is None:
-            return FinishedRequest(False, None)
-        self._release_match(state)
-        confirmed = min(request.num_computed_tokens, state.confirmed_cap)
-        job = self._plan_store(state, request, block_ids, confirmed)
-        if job is not None:
-            self._flushes.append(job)
-        state.finished = True
-        if not state.jobs:
-            del self._requests[req_id]
-            return FinishedRequest(False, None)
-        # An in-flight load needs no delay: the engine keeps a loading request's blocks until
-        # it is reported in finished_recving. A store reads the blocks: keep them until done.
-        if any(self._jobs[j].kind is JobKind.STORE for j in state.jobs):
-            self._report_when_done.append(req_id)
-            return FinishedRequest(True, None)
-        return FinishedRequest(False, None)
+        # Without every group's ids a hybrid cache's finish flushes nothing (it still waits
+        # for its in-flight stores).
+        return self._finish(request, (block_ids,) if self.num_groups == 1 else None)
+
+    def request_finished_all_groups(
+        self, request: RequestView, block_ids: BlockIds
+    ) -> FinishedRequest:
+        return self._finish(request, block_ids)
 
     def take_events(self) -> list[KVCacheEvent]:
         return self.pool.take_events()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         return self._stats.take()
+
+    @property
+    def num_tracked_requests(self) -> int:
+        """Requests this half keeps state for (zero once all have finished and drained)."""
+        return len(self._requests)
 
     def check_integrity(self) -> None:
         """Pool invariants, plus: every pin and reservation belongs to a live job or match."""
@@ -226,11 +236,54 @@ class CPUOffloadScheduler(KVConnectorScheduler):
         owned = {j for s in self._requests.values() for j in s.jobs}
         if owned != set(self._jobs):
             raise RuntimeError("CPUOffloadScheduler integrity: jobs and request states disagree")
+        if any(len(s.planned_blocks) != self.num_groups for s in self._requests.values()):
+            raise RuntimeError("CPUOffloadScheduler integrity: a store cursor per group expected")
 
     # -- helpers --------------------------------------------------------------------------
+    def _state(self, req_id: str) -> _RequestState:
+        state = self._requests.get(req_id)
+        if state is None:
+            state = self._requests[req_id] = _RequestState([0] * self.num_groups)
+        return state
+
+    def _finish(self, request: RequestView, block_ids: BlockIds | None) -> FinishedRequest:
+        req_id = request.request_id
+        state = self._requests.get(req_id)
+        if state is None:
+            return FinishedRequest(False, None)
+        self._release_match(state)
+        if block_ids is not None:
+            confirmed = min(request.num_computed_tokens, state.confirmed_cap)
+            self._flushes += self._plan_stores(state, request, block_ids, confirmed)
+        state.finished = True
+        if not state.jobs:
+            del self._requests[req_id]
+            return FinishedRequest(False, None)
+        # An in-flight load needs no delay: the engine keeps a loading request's blocks until
+        # it is reported in finished_recving. A store reads the blocks: keep them until done.
+        if any(self._jobs[j].kind is JobKind.STORE for j in state.jobs):
+            self._report_when_done.append(req_id)
+            return FinishedRequest(True, None)
+        return FinishedRequest(False, None)
+
+    def _plan_stores(
+        self,
+        state: _RequestState,
+        request: RequestView,
+        block_ids: BlockIds,
+        confirmed_tokens: int,
+    ) -> list[TransferJob]:
+        jobs = []
+        for g, table in zip(range(self.num_groups), block_ids):
+            job = self._plan_store(state, g, request, table, confirmed_tokens)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
     def _plan_store(
         self,
         state: _RequestState,
+        group: int,
         request: RequestView,
         gpu_block_ids: Sequence[int],
         confirmed_tokens: int,
@@ -239,27 +292,32 @@ class CPUOffloadScheduler(KVConnectorScheduler):
         end = min(confirmed_tokens // self.block_size, len(hashes), len(gpu_block_ids))
         if not self.offload.store_decode_blocks:
             end = min(end, request.num_prompt_tokens // self.block_size)
-        start = state.planned_blocks
+        start = state.planned_blocks[group]
         if end <= start:
             return None
-        state.planned_blocks = end
-        plan = self.pool.prepare_store(hashes[start:end])
+        state.planned_blocks[group] = end
+        positions = [i for i in range(start, end) if not self.rule.is_null(group, gpu_block_ids[i])]
+        plan = self.pool.prepare_store([hashes[i] for i in positions], group)
         if plan.num_dropped:
             self._stats.incr("store_drops", plan.num_dropped)
         if plan.num_evicted:
             self._stats.incr("evictions", plan.num_evicted)
         if not plan.block_ids:
             return None
-        gpu_ids = [gpu_block_ids[start + i] for i in plan.indices]
-        job = self._new_job(JobKind.STORE, request.request_id, gpu_ids, plan.block_ids)
+        gpu_ids = [gpu_block_ids[positions[k]] for k in plan.indices]
+        job = self._new_job(JobKind.STORE, request.request_id, gpu_ids, plan.block_ids, group)
         state.jobs.add(job.job_id)
         return job
 
     def _new_job(
-        self, kind: JobKind, req_id: str, gpu_ids: list[int], cpu_ids: list[int]
+        self, kind: JobKind, req_id: str, gpu_ids: list[int], cpu_ids: list[int], group: int
     ) -> TransferJob:
         wire = TransferJob(
-            job_id=self._next_job_id, req_id=req_id, gpu_block_ids=gpu_ids, cpu_block_ids=cpu_ids
+            job_id=self._next_job_id,
+            req_id=req_id,
+            gpu_block_ids=gpu_ids,
+            cpu_block_ids=cpu_ids,
+            group=group,
         )
         self._next_job_id += 1
         self._jobs[wire.job_id] = _Job(kind, wire)
@@ -271,7 +329,7 @@ class CPUOffloadScheduler(KVConnectorScheduler):
             logger.warning("offload job %d reported done but is not in flight", job_id)
             return
         n = job.wire.num_blocks
-        nbytes = n * self.cache_spec.block_bytes
+        nbytes = n * self._group_bytes[job.wire.group]
         if job.kind is JobKind.STORE:
             ok = ok and not job.poisoned
             self.pool.complete_store(job.wire.cpu_block_ids, success=ok)
@@ -292,7 +350,7 @@ class CPUOffloadScheduler(KVConnectorScheduler):
 
     def _release_match(self, state: _RequestState) -> None:
         if state.match is not None:
-            self.pool.complete_load(state.match.cpu_block_ids, success=False)
+            self.matcher.release(state.match)
             state.match = None
 
     def _on_preempted(self, req_id: str) -> None:
@@ -306,7 +364,7 @@ class CPUOffloadScheduler(KVConnectorScheduler):
                 job.poisoned = True
             else:
                 logger.warning("request %s preempted while its CPU load is in flight", req_id)
-        state.planned_blocks = 0
+        state.planned_blocks = [0] * self.num_groups
         state.confirmed_cap = 0
 
     def _warn_no_hashes(self, request: RequestView) -> None:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Batch:
-    """All loads or all stores of one step, launched together."""
+    """All loads or all stores of one group in one step, launched together."""
 
     is_load: bool
     jobs: list[TransferJob]
@@ -34,21 +34,25 @@ class _Batch:
 
 
 class CPUOffloadWorker(KVConnectorWorker):
-    """Runs in a worker; owns the CPU pool tensors, the copy backend and in-flight batches.
+    """Runs in a worker; owns the CPU pool tensors, the copy backends and in-flight batches.
 
-    Loads launch in ``start_load_kv`` and stores in ``wait_for_save`` (after the forward);
-    both complete asynchronously and are polled in ``get_finished``. A finished load reports
-    its request in ``finished_recving`` (failed blocks in ``get_block_ids_with_load_errors``).
-    A request the scheduler listed in ``report_when_done`` is reported once in
-    ``finished_sending`` when none of its stores is in flight.
+    Loads launch in ``start_load_kv`` and stores in ``wait_for_save`` (after the forward),
+    one batch per KV cache group and direction, each through the backend of that group's
+    layers; they complete asynchronously and are polled in ``get_finished``. A request is
+    reported in ``finished_recving`` once all its load jobs ended (failed blocks in
+    ``get_block_ids_with_load_errors``), and, if the scheduler listed it in
+    ``report_when_done``, once in ``finished_sending`` when none of its stores is in flight.
+    On a hybrid cache the groups share the CPU memory of a block id, layer slot by slot (a
+    CPU block belongs to one group at a time, as a GPU block does).
     """
 
     def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
         super().__init__(config, cache_spec)
         self.offload = parse_offload_config(config, cache_spec)
-        self.backend: CopyBackend | None = None
-        self._block_bytes = 0  # one block over all layers of this worker
+        self.backends: list[CopyBackend] = []  # group -> backend over the group's layers
+        self._group_bytes: list[int] = []  # group -> bytes of one block of its layers
         self._inflight: list[_Batch] = []
+        self._req_loads: dict[str, set[int]] = {}  # req id -> launched or pending load ids
         self._req_stores: dict[str, set[int]] = {}  # req id -> launched or pending store ids
         self._report_when_done: set[str] = set()
         self._pending_loads: list[TransferJob] = []  # bound this step, not launched yet
@@ -60,35 +64,80 @@ class CPUOffloadWorker(KVConnectorWorker):
 
     # -- start-up -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        if self.backend is not None:
+        if self.backends:
             raise RuntimeError("CPUOffloadWorker: register_kv_caches called twice")
         if not kv_caches:
             raise ValueError("CPUOffloadWorker: no KV cache layers registered")
-        layers = [block_rows(self.cache_spec, n, t) for n, t in kv_caches.items()]
-        first = layers[0]
-        if any(t.dtype != first.dtype or t.device != first.device for t in layers):
+        rows = {n: block_rows(self.cache_spec, n, t) for n, t in kv_caches.items()}
+        first = next(iter(rows.values()))
+        if any(t.dtype != first.dtype or t.device != first.device for t in rows.values()):
             raise ValueError("CPUOffloadWorker: all KV cache layers must share dtype and device")
+        groups = self._group_layers(rows)
         cls = copy_backend_class(backend_name_for(first.device.type))
-        try:
-            cpu_layers = cls.allocate_cpu_layers(layers, self.offload.num_cpu_blocks)
+        try:  # one CPU tensor per layer slot; slot j serves layer j of every group
+            slots = cls.allocate_cpu_layers(max(groups, key=len), self.offload.num_cpu_blocks)
         except RuntimeError as e:
             raise ConfigError(
                 f"kv_connector_extra_config.cpu_bytes_to_use: cannot allocate "
                 f"{self.offload.num_cpu_blocks} CPU blocks ({e}); lower it"
             ) from e
         strategy = self.offload.copy_strategy
-        if strategy is not None and first.device.type == "cuda":
-            self.backend = cls(layers, cpu_layers, copy_strategy=strategy)  # type: ignore[call-arg]
-        else:
-            self.backend = cls(layers, cpu_layers)
-        self._block_bytes = self.cache_spec.block_bytes_per_layer * len(layers)
+        try:
+            for layers in groups:
+                cpu = slots[: len(layers)]
+                if strategy is not None and first.device.type == "cuda":
+                    self.backends.append(cls(layers, cpu, copy_strategy=strategy))  # type: ignore[call-arg]
+                else:
+                    self.backends.append(cls(layers, cpu))
+        except Exception:
+            self.shutdown()
+            raise
+        per_layer = self.cache_spec.block_bytes_per_layer
+        self._group_bytes = [per_layer * len(layers) for layers in groups]
         logger.info(
-            "CPU offload: %d blocks (%.2f GiB) for %d layers, %s copy backend",
+            "CPU offload: %d blocks (%.2f GiB) for %d layers in %d group(s), %s copy backend",
             self.offload.num_cpu_blocks,
-            self.offload.num_cpu_blocks * self._block_bytes / 2**30,
-            len(layers),
-            type(self.backend).__name__,
+            self.offload.num_cpu_blocks * per_layer * len(slots) / 2**30,
+            len(rows),
+            len(groups),
+            type(self.backends[0]).__name__,
         )
+
+    def _group_layers(self, rows: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each group's layers, in the spec's order (every layer on a single-group cache)."""
+        spec = self.cache_spec
+        if spec.num_groups == 1:
+            return [list(rows.values())]
+        grouped: list[list[torch.Tensor]] = []
+        for i, group in enumerate(spec.groups):
+            missing = [n for n in group.layer_names if n not in rows]
+            if missing or not group.layer_names:
+                raise ConfigError(
+                    f"cache_spec.groups[{i}].layer_names: layer {missing[0] if missing else None!r}"
+                    f" of group {group.name!r} has no registered KV cache"
+                )
+            grouped.append([rows[n] for n in group.layer_names])
+        named = {n for g in spec.groups for n in g.layer_names}
+        stray = [n for n in rows if n not in named]
+        if stray:
+            raise ConfigError(
+                f"kv_caches[{stray[0]!r}]: the layer is in no KV cache group of the cache spec"
+            )
+        return grouped
+
+    @property
+    def backend(self) -> CopyBackend | None:
+        """The copy backend of group 0 (the only one on a single-group cache)."""
+        return self.backends[0] if self.backends else None
+
+    @backend.setter
+    def backend(self, value: CopyBackend | None) -> None:
+        if value is None:
+            self.backends = []
+        elif self.backends:
+            self.backends[0] = value
+        else:
+            self.backends.append(value)
 
     # -- per step -------------------------------------------------------------------------
     def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
@@ -100,6 +149,8 @@ class CPUOffloadWorker(KVConnectorWorker):
         self._report_when_done.update(metadata.report_when_done)
         self._pending_loads = list(metadata.loads)
         self._pending_stores = list(metadata.stores)
+        for job in metadata.loads:
+            self._req_loads.setdefault(job.req_id, set()).add(job.job_id)
         for job in metadata.stores:
             self._req_stores.setdefault(job.req_id, set()).add(job.job_id)
 
@@ -138,9 +189,9 @@ class CPUOffloadWorker(KVConnectorWorker):
                 except Exception:
                     logger.exception("CPU offload: copy failed during shutdown")
         self._inflight = []
-        if self.backend is not None:
-            self.backend.shutdown()
-            self.backend = None
+        backends, self.backends = self.backends, []
+        for backend in backends:
+            backend.shutdown()
 
     @property
     def num_inflight_jobs(self) -> int:
@@ -150,28 +201,35 @@ class CPUOffloadWorker(KVConnectorWorker):
     def _launch_pending(self, *, loads: bool, stores: bool) -> None:
         if loads and self._pending_loads:
             jobs, self._pending_loads = self._pending_loads, []
-            self._launch(jobs, is_load=True)
+            for group_jobs in _by_group(jobs):
+                self._launch(group_jobs, is_load=True)
         if stores and self._pending_stores:
             jobs, self._pending_stores = self._pending_stores, []
-            self._launch(jobs, is_load=False)
+            for group_jobs in _by_group(jobs):
+                self._launch(group_jobs, is_load=False)
 
     def _launch(self, jobs: list[TransferJob], *, is_load: bool) -> None:
+        """Launch jobs of one group as one batch on that group's backend."""
+        group = jobs[0].group
         gpu_ids = [b for job in jobs for b in job.gpu_block_ids]
         cpu_ids = [b for job in jobs for b in job.cpu_block_ids]
         started = time.perf_counter()
         handle: CopyHandle | None = None
+        nbytes = 0
         try:
-            if self.backend is None:
-                raise RuntimeError("CPUOffloadWorker: register_kv_caches was not called")
-            if is_load:
-                handle = self.backend.load(cpu_ids, gpu_ids)
-            else:
-                handle = self.backend.store(gpu_ids, cpu_ids)
+            if not 0 <= group < len(self.backends):
+                raise RuntimeError(
+                    f"CPUOffloadWorker: no copy backend for group {group} (register_kv_caches "
+                    f"registered {len(self.backends)})"
+                )
+            nbytes = len(gpu_ids) * self._group_bytes[group]
+            backend = self.backends[group]
+            handle = backend.load(cpu_ids, gpu_ids) if is_load else backend.store(gpu_ids, cpu_ids)
         except Exception:
             logger.exception(
                 "CPU offload: launching %d %s job(s) failed", len(jobs), _kind(is_load)
             )
-        batch = _Batch(is_load, jobs, handle, started, len(gpu_ids) * self._block_bytes)
+        batch = _Batch(is_load, jobs, handle, started, nbytes)
         if handle is None:
             self._finish(batch, ok=False)
         else:
@@ -201,16 +259,18 @@ class CPUOffloadWorker(KVConnectorWorker):
         else:
             (self._done.completed_stores if ok else self._done.failed_stores).extend(ids)
         for job in batch.jobs:
-            if batch.is_load:
-                self._recving.add(job.req_id)
-                if not ok:
-                    self._load_errors.update(job.gpu_block_ids)
+            if batch.is_load and not ok:
+                self._load_errors.update(job.gpu_block_ids)
+            pending = (self._req_loads if batch.is_load else self._req_stores).get(job.req_id)
+            if pending is not None:
+                pending.discard(job.job_id)
+            if pending:
                 continue
-            stores = self._req_stores.get(job.req_id)
-            if stores is not None:
-                stores.discard(job.job_id)
-                if not stores:
-                    del self._req_stores[job.req_id]
+            if batch.is_load:  # the request's last load job: every group is in place
+                self._req_loads.pop(job.req_id, None)
+                self._recving.add(job.req_id)
+            else:
+                self._req_stores.pop(job.req_id, None)
         direction = "cpu_to_gpu" if batch.is_load else "gpu_to_cpu"
         if ok:
             self._stats.incr(f"{direction}_bytes", batch.nbytes)
@@ -221,3 +281,11 @@ class CPUOffloadWorker(KVConnectorWorker):
 
 def _kind(is_load: bool) -> str:
     return "load" if is_load else "store"
+
+
+def _by_group(jobs: list[TransferJob]) -> list[list[TransferJob]]:
+    """Jobs split by KV cache group, groups in first-seen order."""
+    groups: dict[int, list[TransferJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.group, []).append(job)
+    return list(groups.values())

@@ -25,7 +25,6 @@ from seed_helpers import (
     tiny_engine,
 )
 
-from kvbridge.config import ConfigError
 from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.multi import MultiConnector, MultiWorkerMetadata
@@ -123,14 +122,7 @@ def test_b_without_remote_params_a_cpu_hit_is_won_by_the_cpu_child() -> None:
 @pytest.mark.parametrize("num_groups", [1, 2])
 def test_c_a_plain_request_finishes_with_nothing_and_leaves_no_state(num_groups: int) -> None:
     s = spec(num_groups)
-    if num_groups == 1:
-        c = Composite("kv_both", s=s)
-    else:  # the CPU child has no HMA: refused (SPEC §2); the all-HMA composite runs it
-        cfg = multi_config("kv_both", "decode", nixl_child(), CPU_CHILD)
-        for role in KVConnectorRole:
-            with pytest.raises(ConfigError, match=r"connectors\[1\]: SimpleCPUOffloadConnector"):
-                create_connector(cfg, role, s)
-        c = Composite("kv_both", second=NOOP_CHILD, s=s)
+    c = Composite("kv_both", s=s)  # the CPU child supports HMA: it runs on every group too
     try:
         finishes = {"plain-all-groups": c.sched.request_finished_all_groups}
         if num_groups == 1:
@@ -157,11 +149,11 @@ def test_d_hma_needs_every_child_and_every_child_sees_every_group() -> None:
     with_cpu = multi_config("kv_both", "e", nixl_child(), CPU_CHILD)
     all_hma = multi_config("kv_producer", "prefill", nixl_child(), NOOP_CHILD)
     assert NixlConnector.supports_hma() and NoOpConnector.supports_hma()
-    assert not SimpleCPUOffloadConnector.supports_hma()
-    assert not MultiConnector.supports_hma(with_cpu)
-    assert MultiConnector.supports_hma(all_hma)
-    for role in KVConnectorRole:  # one group is fine for the CPU child
-        create_connector(with_cpu, role, spec(1)).shutdown()
+    assert SimpleCPUOffloadConnector.supports_hma()
+    assert MultiConnector.supports_hma(with_cpu) and MultiConnector.supports_hma(all_hma)
+    for role in KVConnectorRole:  # one group or two: the CPU child has HMA
+        for num_groups in (1, 2):
+            create_connector(with_cpu, role, spec(num_groups)).shutdown()
     c = Composite("kv_producer", "prefill", second=NOOP_CHILD, s=spec(2))
     try:
         c.step()  # the worker announces its side-channel port

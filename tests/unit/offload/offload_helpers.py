@@ -11,6 +11,8 @@ import torch
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import ConnectorOutput, KVConnectorScheduler, KVConnectorWorker
 from kvbridge.connector.types import (
+    BlockIds,
+    KVCacheGroupSpec,
     KVCacheSpec,
     ScheduledRequest,
     SchedulerStep,
@@ -33,6 +35,19 @@ def spec(num_blocks: int = 16, num_layers: int = 2, **kw: Any) -> KVCacheSpec:
     }
     values.update(kw)
     return KVCacheSpec(**values)
+
+
+# Hybrid cache of the HMA tests: a full-attention group of two layers and a sliding-window group
+# of one layer; the token after a hit reads the WINDOW - 1 = 8 tokens before it (2 blocks).
+WINDOW = 9
+HYBRID_GROUPS = (
+    KVCacheGroupSpec("full", ("layers.0", "layers.2")),
+    KVCacheGroupSpec("swa", ("layers.1",), "sliding_window", WINDOW),
+)
+
+
+def hybrid_spec(num_blocks: int = 16) -> KVCacheSpec:
+    return spec(num_blocks=num_blocks, num_layers=3, groups=HYBRID_GROUPS)
 
 
 def config(**extra: Any) -> TransferConfig:
@@ -62,6 +77,12 @@ def scheduled(
     req: SimpleRequest, blocks: list[int], num_computed: int, num_scheduled: int
 ) -> ScheduledRequest:
     return ScheduledRequest(req, (list(blocks),), num_computed, num_scheduled)
+
+
+def scheduled_groups(
+    req: SimpleRequest, blocks: BlockIds, num_computed: int, num_scheduled: int
+) -> ScheduledRequest:
+    return ScheduledRequest(req, tuple(list(b) for b in blocks), num_computed, num_scheduled)
 
 
 class Driver:

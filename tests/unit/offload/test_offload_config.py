@@ -102,15 +102,20 @@ def test_small_pool_warns_that_it_churns(caplog: pytest.LogCaptureFixture) -> No
     assert not warn_if_churning(parse_offload_config(config(num_cpu_blocks=16), s), s)
 
 
-def test_factory_refuses_kv_first_layout_and_hybrid_caches() -> None:
+def test_factory_refuses_kv_first_layout_and_groups_it_cannot_store() -> None:
     with pytest.raises(ConfigError, match="moves each block of a layer as one region"):
         create_connector(config(), KVConnectorRole.SCHEDULER, spec(layout=KVCacheLayout.KV_FIRST))
-    groups = (
+    hybrid = (
         KVCacheGroupSpec("full", ("layers.0",)),
         KVCacheGroupSpec("swa", ("layers.1",), "sliding_window", 8),
     )
-    with pytest.raises(ConfigError, match="does not support hybrid"):
-        create_connector(config(), KVConnectorRole.SCHEDULER, spec(groups=groups))
+    create_connector(config(), KVConnectorRole.SCHEDULER, spec(groups=hybrid)).shutdown()
+    for bad, key in (
+        (KVCacheGroupSpec("ssm", ("layers.1",), "mamba"), r"groups\[1\]\.attention: 'mamba'"),
+        (KVCacheGroupSpec("swa", ("layers.1",), "sliding_window"), r"groups\[1\]\.sliding_window"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            create_connector(config(), KVConnectorRole.SCHEDULER, spec(groups=(hybrid[0], bad)))
 
 
 def test_scheduler_half_imports_and_builds_without_torch() -> None:

@@ -247,6 +247,17 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         return state
 
     def _finish(self, request: RequestView, block_ids: BlockIds | None) -> FinishedRequest:
+        """End a request: flush what only its last step confirmed, then forget or hold it.
+
+        Why the flush: a request that ends in the step that computed its prompt (max_tokens=1,
+        a P/D prefill, an early stop) never has a later step in which those blocks are
+        confirmed. Measured on the reference engine (8 prompts of 40 tokens, block size 4,
+        GPU cache evicted, each prompt asked again; 2026-12-04): max_tokens=1 gets 320 of 320
+        prompt tokens from the CPU tier with the flush, 0 without; the cost is the request's
+        GPU blocks held one more engine step. With max_tokens=6 the flush stores nothing and
+        delays nothing (320 of 320 either way). vLLM flushes the same blocks and pins them in
+        its GPU block pool instead; kvbridge's contract can only keep them by ``delay_free``.
+        """
         req_id = request.request_id
         state = self._requests.get(req_id)
         if state is None:

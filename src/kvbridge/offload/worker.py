@@ -110,11 +110,13 @@ class CPUOffloadWorker(KVConnectorWorker):
             return [list(rows.values())]
         grouped: list[list[torch.Tensor]] = []
         for i, group in enumerate(spec.groups):
+            if not group.layer_names:
+                raise ConfigError(f"cache_spec.groups[{i}].layer_names: group has no layers")
             missing = [n for n in group.layer_names if n not in rows]
-            if missing or not group.layer_names:
+            if missing:
                 raise ConfigError(
-                    f"cache_spec.groups[{i}].layer_names: layer {missing[0] if missing else None!r}"
-                    f" of group {group.name!r} has no registered KV cache"
+                    f"cache_spec.groups[{i}].layer_names: layer {missing[0]!r} of group "
+                    f"{group.name!r} has no registered KV cache"
                 )
             grouped.append([rows[n] for n in group.layer_names])
         named = {n for g in spec.groups for n in g.layer_names}

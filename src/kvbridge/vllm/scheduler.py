@@ -144,9 +144,14 @@ class SchedulerAdapter:
                     lora_id=None,
                     medium=event.medium.value,
                     lora_name=None,
+                    group_idx=event.group_idx,
                 )
             elif isinstance(event, BlockRemoved):
-                yield VllmBlockRemoved(block_hashes=hashes, medium=event.medium.value)  # type: ignore[arg-type]
+                yield VllmBlockRemoved(
+                    block_hashes=hashes,  # type: ignore[arg-type]
+                    medium=event.medium.value,
+                    group_idx=event.group_idx,
+                )
 
     def get_kv_connector_stats(self) -> KVBridgeStats | None:
         return KVBridgeStats.wrap(self.name, self.half.get_kv_connector_stats())

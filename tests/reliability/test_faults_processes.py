@@ -130,17 +130,20 @@ def test_producer_killed_consumer_recomputes_and_stays_up(
     ledger.assert_idle(d)
 
 
-def test_producer_killed_before_the_handshake_then_restarted_serves(
+def test_producer_killed_before_the_handshake_fails_the_load_at_once_then_restarted_serves(
     ledger: ResourceLedger, producers: list[EngineProcess]
 ) -> None:
+    """Its side channel refuses the connection: the load fails at once, not after
+    ``transfer_timeout_s`` (60 s here). Checked against a broken build (the handshake ignoring
+    the refusal): the decode then outlives its deadline and this test fails."""
     p_proc = start_producer(producers)
-    d = consumer(ledger)
+    d = consumer(ledger, transfer_timeout_s=60.0)
     p1 = prompt(3)
     params = p_proc.run("p-3", p1, "prefill", DECODE).kv_transfer_params
     p_proc.kill()
     started = time.monotonic()
     out1 = decode(d, "d-3", p1, params)
-    assert time.monotonic() - started < 2 * TIMEOUT_S  # bounded by transfer_timeout_s
+    assert time.monotonic() - started < 10.0  # a refused connection, not the 60 s timeout
     assert_recomputed_and_up(d, p1, out1, failures=1)
     restarted = start_producer(producers)
     p2 = prompt(4)

@@ -27,6 +27,7 @@ import zmq
 
 from kvbridge.connector.base import KVConnectorHandshakeMetadata
 from kvbridge.connector.types import KVCacheSpec
+from kvbridge.nixl.zmq_links import MONITOR_EVENTS, LinkState, tcp_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,6 @@ def decode_envelope(
         raise HandshakeError(f"malformed agent metadata: {e}") from None
 
 
-def tcp_endpoint(host: str, port: int | str) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
 class HandshakeListener:
     """Runs in a producer worker; owns the side-channel socket and serves its agent metadata."""
 
@@ -252,8 +249,9 @@ class Handshaker:
     """Runs in a consumer worker; fetches producers' metadata in background threads, cached.
 
     ``fetch`` never blocks and never raises: the returned future holds the metadata or a
-    ``HandshakeError``. A failed fetch is retried (with backoff) until ``timeout_s``; the next
-    ``fetch`` after a failure starts afresh (the producer may have restarted).
+    ``HandshakeError``. A side channel that refuses or drops the connection fails the fetch at
+    once (the producer is gone); no answer is retried (with backoff) until ``timeout_s``. The
+    next ``fetch`` after a failure starts afresh (the producer may have restarted).
     """
 
     def __init__(
@@ -274,6 +272,7 @@ class Handshaker:
         self._ctx = zmq.Context()
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="kvbridge-handshake")
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # ``invalidate`` may come from another thread
         # (engine_id, host, port, tp_rank) -> fetch in flight or done
         self._cache: dict[tuple[str, str, int, int], Future[NixlAgentMetadata]] = {}
 
@@ -281,21 +280,23 @@ class Handshaker:
         self, engine_id: str, host: str, port: int, tp_rank: int = 0
     ) -> Future[NixlAgentMetadata]:
         key = (engine_id, host, port, tp_rank)
-        future = self._cache.get(key)
-        if future is not None and not (future.done() and future.exception() is not None):
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None and not (future.done() and future.exception() is not None):
+                return future
+            if self._stop.is_set():
+                future = Future()
+                future.set_exception(HandshakeError("handshake client is shut down"))
+                return future
+            future = self._pool.submit(self._run, key)
+            self._cache[key] = future
             return future
-        if self._stop.is_set():
-            future = Future()
-            future.set_exception(HandshakeError("handshake client is shut down"))
-            return future
-        future = self._pool.submit(self._run, key)
-        self._cache[key] = future
-        return future
 
     def invalidate(self, engine_id: str) -> None:
-        """Forget cached answers of ``engine_id`` (after a transfer error, say)."""
-        for key in [k for k in self._cache if k[0] == engine_id]:
-            del self._cache[key]
+        """Forget cached answers of ``engine_id`` (after a transfer error, say); any thread."""
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == engine_id]:
+                del self._cache[key]
 
     def _run(self, key: tuple[str, str, int, int]) -> NixlAgentMetadata:
         engine_id, host, port, tp_rank = key
@@ -325,6 +326,7 @@ class Handshaker:
 
     def _attempt(self, host: str, port: int, tp_rank: int, timeout_s: float) -> NixlAgentMetadata:
         sock = self._ctx.socket(zmq.REQ)
+        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
         try:
             sock.setsockopt(zmq.LINGER, 0)
             # Over the limit but under the hard cap: received, then refused by decode_envelope
@@ -340,12 +342,10 @@ class Handshaker:
                 tp_rank=tp_rank,
             )
             sock.send(msgspec.msgpack.encode(request))
-            end = time.monotonic() + timeout_s
-            while not sock.poll(_POLL_MS):
-                if self._stop.is_set() or time.monotonic() >= end:
-                    raise HandshakeError(f"{host}:{port} did not answer", retriable=True)
-            answer = sock.recv()
+            answer = self._await_answer(sock, monitor, LinkState(host, port), timeout_s)
         finally:
+            sock.disable_monitor()
+            monitor.close()
             sock.close()
         return decode_envelope(
             answer,
@@ -354,11 +354,31 @@ class Handshaker:
             enforce_compat=self._enforce,
         )
 
+    def _await_answer(
+        self, sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes], link: LinkState, timeout_s: float
+    ) -> bytes:
+        """The answer; ``HandshakeError`` at once if the side channel refuses or drops us (the
+        producer is gone: a retry cannot help), retriable after ``timeout_s`` of silence."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        end = time.monotonic() + timeout_s
+        while True:
+            ready = dict(poller.poll(_POLL_MS))
+            if sock in ready:
+                return sock.recv()
+            gone = link.drain(monitor) if monitor in ready else None
+            if gone is not None:
+                raise HandshakeError(f"{gone}: the producer is gone")
+            if self._stop.is_set() or time.monotonic() >= end:
+                raise HandshakeError(f"{link.where} did not answer", retriable=True)
+
     def close(self) -> None:
         """Cancel pending fetches and join the threads; idempotent."""
         if self._stop.is_set():
             return
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
         self._ctx.term()

@@ -30,8 +30,8 @@ from typing import Literal, NamedTuple
 import msgspec
 import zmq
 
-from kvbridge.nixl.handshake import tcp_endpoint
 from kvbridge.nixl.leases import LeaseOutcome, LeaseStatus
+from kvbridge.nixl.zmq_links import tcp_endpoint
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nixl_helpers import spec
+from nixl_helpers import silent_port, spec
 
 from kvbridge.nixl.handshake import (
     HANDSHAKE_VERSION,
@@ -136,16 +136,20 @@ def test_wrong_engine_at_the_address_is_refused(listener: HandshakeListener) -> 
     assert isinstance(error, HandshakeError) and "serves engine 'prefill'" in str(error)
 
 
-def test_unreachable_producer_fails_within_the_timeout_and_retry_starts_afresh() -> None:
+def test_refused_connection_fails_at_once_and_a_retry_starts_afresh() -> None:
+    """Nobody listens (the producer exited): the fetch fails at once, not after ``timeout_s``.
+
+    Checked against a broken build (``_await_answer`` ignoring the monitor): this test then
+    fails, the error arriving only after the 60 s timeout."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave: nobody listens there
-    hs = client(timeout_s=0.3)
+    hs = client(timeout_s=60.0)
     try:
         first = hs.fetch("prefill", "127.0.0.1", port)
-        error = first.exception(timeout=5)
-        assert isinstance(error, HandshakeError) and error.retriable
-        assert "within 0.3s" in str(error)
+        error = first.exception(timeout=10)  # far below the 60 s timeout
+        assert isinstance(error, HandshakeError) and not error.retriable
+        assert "refused the connection" in str(error)
         srv = HandshakeListener("127.0.0.1", port, encode_envelope(metadata(), HASH), HASH)
         try:
             second = hs.fetch("prefill", "127.0.0.1", port)
@@ -157,11 +161,60 @@ def test_unreachable_producer_fails_within_the_timeout_and_retry_starts_afresh()
         hs.close()
 
 
+@pytest.mark.parametrize("how", ["accepts and closes", "zmq listener exits mid-request"])
+def test_side_channel_dropping_the_connection_fails_at_once(how: str) -> None:
+    """The producer exits with our request in its side channel: failed at once (a broken build
+    that ignores the monitor fails this test, as the refused case)."""
+    ctx = zmq.Context()
+    with socket.socket() as raw:
+        raw.bind(("127.0.0.1", 0))
+        raw.listen()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        port = raw.getsockname()[1]
+        if how != "accepts and closes":
+            raw.close()
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+
+        def drop() -> None:
+            if how == "accepts and closes":
+                conn, _ = raw.accept()
+                conn.close()
+            else:
+                router.recv_multipart()  # the request came: exit without answering
+            router.close()
+
+        dropper = threading.Thread(target=drop)
+        dropper.start()
+        hs = client(timeout_s=60.0)
+        try:
+            error = hs.fetch("prefill", "127.0.0.1", port).exception(timeout=10)
+        finally:
+            hs.close()
+            dropper.join(5)
+            ctx.term()
+    assert isinstance(error, HandshakeError) and not error.retriable
+    assert "closed the connection" in str(error)
+
+
+def test_silent_side_channel_fails_within_the_timeout_as_retriable() -> None:
+    """A socket that accepts and never answers (a wedged producer) is waited for."""
+    with silent_port() as port:
+        hs = client(timeout_s=0.3)
+        try:
+            error = hs.fetch("prefill", "127.0.0.1", port).exception(timeout=5)
+        finally:
+            hs.close()
+    assert isinstance(error, HandshakeError) and error.retriable
+    assert "within 0.3s" in str(error)
+
+
 def test_close_stops_pending_fetches_and_threads() -> None:
     before = {t.name for t in threading.enumerate()}
     hs = client(timeout_s=60)
-    future = hs.fetch("prefill", "127.0.0.1", 1)  # nobody there: retries until closed
-    hs.close()
+    with silent_port() as port:
+        future = hs.fetch("prefill", "127.0.0.1", port)  # no answer: waits until closed
+        hs.close()
     assert future.done()
     leftover = {t.name for t in threading.enumerate()} - before
     assert not any(name.startswith("kvbridge-handshake") for name in leftover)

@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 import torch
-from nixl_helpers import FakeClock, Node, config, kv_caches, make_node, spec, wait_for
+from nixl_helpers import (
+    FakeClock,
+    Node,
+    config,
+    kv_caches,
+    make_node,
+    silent_port,
+    spec,
+    wait_for,
+)
 
 from kvbridge.config import ConfigError
 from kvbridge.nixl import stats as keys
@@ -81,10 +90,14 @@ def hold(producer: Node, rid: str = "p-1", blocks: int = 3) -> None:
 
 
 def run_until(
-    node: Node, done: Any, finished: frozenset[str] = frozenset()
+    node: Node,
+    done: Any,
+    finished: frozenset[str] = frozenset(),
+    meta: NixlConnectorMetadata | None = None,
 ) -> list[tuple[Any, ...]]:
-    """Step ``node`` (real time, for the background handshake) until ``done(results)``."""
-    results: list[tuple[Any, ...]] = []
+    """Step ``node`` (real time, for the background handshake), the first step with ``meta``,
+    until ``done(results)``."""
+    results: list[tuple[Any, ...]] = [] if meta is None else [node.step(meta)]
     wait_for(lambda: done(results), poll=lambda: results.append(node.step(finished=finished)))
     return results
 
@@ -132,8 +145,11 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
 def test_scattered_blocks_read_through_the_prepared_lists(nodes: tuple[Node, Node]) -> None:
     producer, consumer = nodes
     hold(producer)
-    consumer.step(recv(producer.worker.side_channel_port, local=[9, 2, 4], remote=[1, 8, 3]))
-    run_until(consumer, got_recving("d-1"))
+    run_until(
+        consumer,
+        got_recving("d-1"),
+        meta=recv(producer.worker.side_channel_port, local=[9, 2, 4], remote=[1, 8, 3]),
+    )
     ((_, _, local_idx, _, remote_idx, _), _) = consumer.fake.calls_to("make_prepped_xfer")[0]
     n = spec().num_blocks
     assert local_idx == [9, 2, 4, n + 9, n + 2, n + 4]
@@ -146,8 +162,7 @@ def test_err_marks_load_errors_and_finishes_receiving(
 ) -> None:
     producer, consumer = nodes
     consumer.fake.fail_next_xfers(1, on_post=on_post)
-    consumer.step(recv(producer.worker.side_channel_port))
-    results = run_until(consumer, got_recving("d-1"))
+    results = run_until(consumer, got_recving("d-1"), meta=recv(producer.worker.side_channel_port))
     assert results[-1][2] == {2, 3, 4}
     meta = consumer.worker.build_connector_worker_meta()
     assert isinstance(meta, NixlWorkerMetadata) and "ERR" in meta.load_failures["d-1"]
@@ -158,8 +173,11 @@ def test_err_marks_load_errors_and_finishes_receiving(
     assert ("release", ["p-1"]) in released  # the producer may free at once
     # The failed engine is detached once idle and handshaken afresh for the next request.
     hold(producer, "p-2")
-    consumer.step(recv(producer.worker.side_channel_port, rid="d-2", remote_rid="p-2"))
-    run_until(consumer, got_recving("d-2"))
+    run_until(
+        consumer,
+        got_recving("d-2"),
+        meta=recv(producer.worker.side_channel_port, rid="d-2", remote_rid="p-2"),
+    )
     assert len(consumer.fake.calls_to("remove_remote_agent")) == 1
     reg = producer.worker.registered
     assert reg.listener is not None and reg.listener.num_served == 2
@@ -171,8 +189,7 @@ def test_unreachable_producer_fails_the_load_not_the_engine(clock: FakeClock) ->
         dead_port = s.getsockname()[1]
     consumer = make_node("kv_consumer", "decode", clock, transfer_timeout_s=0.3)
     try:
-        consumer.step(recv(dead_port))
-        results = run_until(consumer, got_recving("d-1"))
+        results = run_until(consumer, got_recving("d-1"), meta=recv(dead_port))
         assert results[-1][2] == {2, 3, 4}
         meta = consumer.worker.build_connector_worker_meta()
         assert isinstance(meta, NixlWorkerMetadata) and "handshake" in meta.load_failures["d-1"]
@@ -185,8 +202,9 @@ def test_incompatible_producer_is_refused_and_the_load_fails(clock: FakeClock) -
     producer = make_node("kv_producer", "prefill", clock, s=spec(head_dim=8))
     consumer = make_node("kv_consumer", "decode", clock)
     try:
-        consumer.step(recv(producer.worker.side_channel_port))
-        results = run_until(consumer, got_recving("d-1"))
+        results = run_until(
+            consumer, got_recving("d-1"), meta=recv(producer.worker.side_channel_port)
+        )
         assert results[-1][2] == {2, 3, 4}
         meta = consumer.worker.build_connector_worker_meta()
         assert isinstance(meta, NixlWorkerMetadata)
@@ -217,8 +235,8 @@ def test_stuck_read_times_out_sends_heartbeats_meanwhile_and_releases_its_handle
 
 def test_bad_remote_block_ids_fail_the_load(nodes: tuple[Node, Node]) -> None:
     producer, consumer = nodes
-    consumer.step(recv(producer.worker.side_channel_port, remote=[5, 6, 99]))
-    results = run_until(consumer, got_recving("d-1"))
+    meta = recv(producer.worker.side_channel_port, remote=[5, 6, 99])
+    results = run_until(consumer, got_recving("d-1"), meta=meta)
     assert results[-1][2] == {2, 3, 4}
     assert consumer.fake.calls_to("make_prepped_xfer") == []
 
@@ -254,11 +272,12 @@ def test_abort_before_the_handshake_ends_at_once_and_preemption_stays_silent(
 ) -> None:
     consumer = make_node("kv_consumer", "decode", clock)
     try:
-        consumer.step(recv(1, rid="d-1"))  # nobody listens on port 1: handshake pending
-        consumer.step(recv(1, rid="d-2"))
-        aborts = NixlConnectorMetadata(reqs_aborted={"d-1": True, "d-2": False})
-        assert consumer.step(aborts) == (frozenset(), frozenset({"d-1"}), set())
-        assert consumer.worker.num_inflight_loads == 0
+        with silent_port() as port:  # a producer that never answers: the handshake is pending
+            consumer.step(recv(port, rid="d-1"))
+            consumer.step(recv(port, rid="d-2"))
+            aborts = NixlConnectorMetadata(reqs_aborted={"d-1": True, "d-2": False})
+            assert consumer.step(aborts) == (frozenset(), frozenset({"d-1"}), set())
+            assert consumer.worker.num_inflight_loads == 0
     finally:
         consumer.worker.shutdown()
     assert consumer.worker.leaked == ZERO

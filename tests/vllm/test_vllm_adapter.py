@@ -142,3 +142,18 @@ class _Cfg:
     def __init__(self, layout: str | None) -> None:
         self.kv_cache_layout = layout
         self.cache_config = self
+
+
+def test_metadata_crosses_vllms_pickling_as_codec_bytes() -> None:
+    import pickle
+
+    from kvbridge.connector.multi import MultiConnectorMetadata
+    from kvbridge.offload.metadata import CPUOffloadMetadata, TransferJob
+    from kvbridge.vllm.wire import KVBridgeMetadata
+
+    job = TransferJob(job_id=1, req_id="a", gpu_block_ids=[1], cpu_block_ids=[2])
+    meta = KVBridgeMetadata(MultiConnectorMetadata(metadata=(CPUOffloadMetadata(loads=[job]),)))
+    payload = pickle.dumps(meta)
+    assert b"TransferJob" not in payload  # kvbridge's classes travel as codec names, not pickles
+    back = pickle.loads(payload)
+    assert back == meta and type(back.inner.metadata[0]) is CPUOffloadMetadata

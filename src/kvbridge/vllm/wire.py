@@ -1,7 +1,8 @@
 """What crosses vLLM's process boundaries for a kvbridge connector: metadata and stats.
 
-vLLM ships these objects between its scheduler, workers and front end itself; each one wraps
-kvbridge's own (msgspec) value untouched, so the kvbridge halves see exactly what they built.
+vLLM ships these objects between its scheduler, workers and front end itself (pickled); each
+one wraps kvbridge's own msgspec value untouched, and pickles it as kvbridge's metadata codec
+bytes, so what crosses the process boundary is typed msgpack, decoded to known classes only.
 """
 
 from __future__ import annotations
@@ -17,29 +18,46 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvbridge.connector import base as kvb
+from kvbridge.connector.codec import decode_metadata, encode_metadata
 from kvbridge.connector.stats import KVConnectorStats as KVBStats
 from kvbridge.connector.stats import MultiKVConnectorStats
 
 
+class _CodecPickled:
+    """Pickles ``inner`` through kvbridge's metadata codec."""
+
+    inner: Any
+    _kind: type
+
+    def __getstate__(self) -> bytes:
+        return encode_metadata(self.inner)
+
+    def __setstate__(self, state: bytes) -> None:
+        self.inner = decode_metadata(state, self._kind)
+
+
 @dataclass
-class KVBridgeMetadata(KVConnectorMetadata):
+class KVBridgeMetadata(_CodecPickled, KVConnectorMetadata):
     """Scheduler -> workers, one step: the kvbridge scheduler half's metadata."""
 
     inner: kvb.KVConnectorMetadata
+    _kind = kvb.KVConnectorMetadata
 
 
 @dataclass
-class KVBridgeHandshake(KVConnectorHandshakeMetadata):
+class KVBridgeHandshake(_CodecPickled, KVConnectorHandshakeMetadata):
     """Worker -> its scheduler, once at start-up: the kvbridge worker half's handshake."""
 
     inner: kvb.KVConnectorHandshakeMetadata
+    _kind = kvb.KVConnectorHandshakeMetadata
 
 
 @dataclass
-class KVBridgeWorkerMetadata(KVConnectorWorkerMetadata):
+class KVBridgeWorkerMetadata(_CodecPickled, KVConnectorWorkerMetadata):
     """Worker -> scheduler, one step: the kvbridge worker half's metadata (one worker)."""
 
     inner: kvb.KVConnectorWorkerMetadata
+    _kind = kvb.KVConnectorWorkerMetadata
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         raise RuntimeError(

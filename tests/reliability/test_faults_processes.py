@@ -2,9 +2,11 @@
 
 Producer killed: before the handshake, between handshake and READ, or with the READ in
 flight -> the consumer reports a load error, recomputes the prompt (greedy tokens equal a
-monolithic run), stays up, and a restarted producer gets a new handshake. Consumer killed
-mid-READ with the producer holding blocks for it -> the producer frees them at the lease
-expiry. (The hard cap, ``abort_timeout_s``, under live heartbeats: test_faults_nixl.py.)
+monolithic run), stays up, and a restarted producer gets a new handshake. Producer killed
+while the consumer idles -> the consumer releases its agent and dlist at once, and the
+restarted producer serves the next load. Consumer killed mid-READ with the producer holding
+blocks for it -> the producer frees them at the lease expiry. (The hard cap,
+``abort_timeout_s``, under live heartbeats: test_faults_nixl.py.)
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import pytest
 from kvbridge.engine.engine import LLMEngine
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.transport import XferHandle, XferState
+from kvbridge.nixl.worker import NixlWorker
 from kvbridge.nixl.wrapper import NixlWrapper
-from reliability.invariants import ResourceLedger
+from reliability.invariants import ResourceLedger, parts, transport_of, wait_until
 from reliability.pd import expected, prompt
 from reliability.procs import SAMPLING, EngineProcess, build_engine, nixl_config
 from support.nixl_marks import needs_nixl
@@ -75,8 +78,8 @@ def producers() -> Iterator[list[EngineProcess]]:
             assert proc.close() == 0
 
 
-def start_producer(producers: list[EngineProcess]) -> EngineProcess:
-    producers.append(EngineProcess("kv_producer", "prefill", EXTRA))
+def start_producer(producers: list[EngineProcess], port: int = 0) -> EngineProcess:
+    producers.append(EngineProcess("kv_producer", "prefill", {**EXTRA, "side_channel_port": port}))
     return producers[-1]
 
 
@@ -150,6 +153,40 @@ def test_producer_killed_before_the_handshake_fails_the_load_at_once_then_restar
     out2 = decode(d, "d-4", p2, restarted.run("p-4", p2, "prefill", DECODE).kv_transfer_params)
     assert out2.token_ids == expected(p2)
     assert counter(d, keys.NUM_TRANSFERS) == 1  # a new handshake, then a READ that worked
+    assert_drained(restarted)
+    ledger.assert_idle(d)
+
+
+def test_producer_killed_while_the_consumer_idles_is_released_and_its_restart_serves(
+    ledger: ResourceLedger, producers: list[EngineProcess]
+) -> None:
+    """vLLM #58063: the consumer kept a dead producer's agent and memory registrations until a
+    new engine handshook. Here its closed side channel detaches them while the consumer does
+    nothing (no step), and the producer restarted under the same engine id and port serves the
+    next load with a fresh handshake (not a READ from the dead agent, then a recompute).
+    Checked against a broken build (the consumer not watching its producers): the release
+    never comes and this test fails."""
+    p_proc = start_producer(producers)
+    d = consumer(ledger)
+    (worker,) = parts(d, NixlWorker)
+    transport = transport_of(worker)
+    p1 = prompt(20)
+    params = p_proc.run("p-20", p1, "prefill", DECODE).kv_transfer_params
+    assert params is not None
+    assert decode(d, "d-20", p1, params).token_ids == expected(p1)
+    assert transport.num_remote_agents == 1 and transport.num_live_dlist_handles == 2
+    p_proc.kill()
+    wait_until(
+        lambda: transport.live_counts()[1:] == (1, transport.num_registered_regions, 0),
+        timeout_s=10.0,
+        what="the dead producer's agent and dlist released by an idle consumer",
+    )
+    restarted = start_producer(producers, port=params["remote_port"])
+    p2 = prompt(21)
+    params2 = restarted.run("p-21", p2, "prefill", DECODE).kv_transfer_params
+    assert params2 is not None and params2["remote_port"] == params["remote_port"]
+    assert decode(d, "d-21", p2, params2).token_ids == expected(p2)
+    assert counter(d, keys.NUM_TRANSFERS) == 2 and load_failures(d) == 0
     assert_drained(restarted)
     ledger.assert_idle(d)
 

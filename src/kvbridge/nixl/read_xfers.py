@@ -28,12 +28,17 @@ class PostedRead(NamedTuple):
 
 
 class ReadXfers:
-    """Runs in a consumer worker; owns READ handles whose release failed, until it succeeds."""
+    """Runs in a consumer worker; owns READ handles whose release failed, until it succeeds.
+
+    Such a READ may still be in flight: it keeps its remote engine bound (not detached) until
+    its handle is released.
+    """
 
     def __init__(self, transport: NixlTransport, local_dlist: DlistHandle):
         self._t = transport
         self._local_dlist = local_dlist
-        self._zombies: list[XferHandle] = []  # handles whose release failed; retried
+        # handles whose release failed, retried; with the remote engine each keeps bound
+        self._zombies: list[tuple[XferHandle, RemoteEngine | None]] = []
 
     def post(self, plan: ReadPlan, remote: RemoteEngine, notif: bytes = b"") -> PostedRead:
         """Make and post one READ over the dlists prepared once (no per-READ dlist: preparing
@@ -52,7 +57,8 @@ class ReadXfers:
             posted_wall = time.perf_counter()
             state = self._t.transfer(handle)
         except TRANSPORT_ERRORS:
-            self.release(handle, "a READ that failed to post")
+            if handle is not None:  # not in flight (its post failed): it binds nothing
+                self.release(handle, None)
             raise
         return PostedRead(handle, state, posted_wall)
 
@@ -64,19 +70,26 @@ class ReadXfers:
             logger.warning("checking the READ of %s failed: %s", what, e)
             return "ERR"
 
-    def release(self, handle: XferHandle | None, what: str) -> None:
-        """Release a READ's handle (cancelling it if in flight)."""
-        if handle is not None:
-            self._release_xfer(handle)
-
-    def _release_xfer(self, handle: XferHandle) -> None:
+    def release(self, handle: XferHandle, remote: RemoteEngine | None) -> bool:
+        """Release a READ's handle (cancelling it if in flight); False if that failed: the
+        handle is retried and keeps ``remote`` bound meanwhile."""
         try:
             self._t.release_xfer_handle(handle)
         except NixlTransportError as e:
             logger.error("releasing transfer %s failed (%s); will retry", handle, e)
-            self._zombies.append(handle)
+            self._zombies.append((handle, remote))
+            return False
+        return True
 
-    def retry_zombies(self) -> None:
+    def retry_zombies(self) -> list[RemoteEngine]:
+        """Retry the failed releases; the remote engines of those that succeeded (to unbind)."""
         zombies, self._zombies = self._zombies, []
-        for handle in zombies:
-            self._release_xfer(handle)
+        freed = []
+        for handle, remote in zombies:
+            if self.release(handle, remote) and remote is not None:
+                freed.append(remote)
+        return freed
+
+    def bound(self, remote: RemoteEngine) -> int:
+        """How many unreleased handles keep ``remote`` bound."""
+        return sum(1 for _, r in self._zombies if r is remote)

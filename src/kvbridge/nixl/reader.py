@@ -154,7 +154,9 @@ class KVReader:
 
     # -- progress -------------------------------------------------------------------------------
     def poll(self, now: float) -> None:
-        self._xfers.retry_zombies()
+        for freed in self._xfers.retry_zombies():
+            self.engines.unbind(freed)
+        self._fail_gone()
         for engine_id in self.engines.detach_idle_stale():
             for recv in self._recvs.values():
                 if recv.spec.remote_engine_id == engine_id and recv.phase == "connect":
@@ -197,6 +199,19 @@ class KVReader:
         self.engines.heartbeat(now, waiting, self._cfg.heartbeat_interval_s)
         self.confirmer.send_due(now)
 
+    def _fail_gone(self) -> None:
+        """Fail at once the loads that read (or confirm with) a producer instance found gone;
+        loads still connecting to its engine handshake afresh."""
+        for (engine_id, instance_id), why in self.engines.take_gone().items():
+            for recv in list(self._recvs.values()):
+                if recv.spec.remote_engine_id != engine_id or recv.aborted:
+                    continue
+                if recv.phase == "connect":
+                    recv.future = None
+                elif recv.phase != "land" and recv.instance_id == instance_id:
+                    self._stats.incr(_TIMEOUT_KEYS[recv.phase][0])
+                    self._fail(recv, f"engine {engine_id} is gone ({why})")
+
     def _advance(self, recv: _Recv, now: float) -> RemoteEngine | None:
         """Connect; returns the remote engine once a READ may be posted from it."""
         connecting = self.engines.connect(recv.spec, recv.future)
@@ -207,9 +222,8 @@ class KVReader:
         remote = connecting.remote
         if remote is None:
             return None
-        recv.remote, recv.instance_id = remote, remote.instance_id
+        recv.remote, recv.instance_id = remote, remote.instance_id  # bound by ``connect``
         recv.proof.bind()
-        remote.inflight += 1
         if remote.staged:
             recv.phase = "gate"
             self._ask(recv, now)
@@ -401,12 +415,13 @@ class KVReader:
 
     def _unbind(self, recv: _Recv) -> None:
         if recv.remote is not None:
-            recv.remote.inflight -= 1
+            self.engines.unbind(recv.remote)
             recv.remote = None
 
     def _release_transfer(self, recv: _Recv) -> None:
-        self._xfers.release(recv.handle, recv.spec.request_id)
-        recv.handle = None
+        handle, recv.handle = recv.handle, None
+        if handle is not None and not self._xfers.release(handle, recv.remote):
+            recv.remote = None  # the unreleased handle keeps the remote bound
 
     # -- outputs --------------------------------------------------------------------------------
     def take_recving(self) -> set[str]:
@@ -428,6 +443,7 @@ class KVReader:
     def check_integrity(self) -> None:
         for remote in self.engines:
             users = sum(1 for r in self._recvs.values() if r.remote is remote)
+            users += self._xfers.bound(remote)
             if users != remote.inflight:
                 raise AssertionError(
                     f"KVReader: engine {remote.engine_id} counts {remote.inflight} users, "
@@ -447,7 +463,8 @@ class KVReader:
                     logger.error("a landing copy of %s failed: %s", recv.spec.request_id, e)
             recv.aborted = True
             self._end(recv)
-        self._xfers.retry_zombies()
+        for remote in self._xfers.retry_zombies():
+            self.engines.unbind(remote)
         self.confirmer.close()
         self.engines.close()
         self._recving.clear()

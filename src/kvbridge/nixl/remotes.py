@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -13,6 +14,7 @@ from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.handshake import HandshakeError, Handshaker, NixlAgentMetadata
 from kvbridge.nixl.metadata import NotifKind, RecvSpec, encode_notif
+from kvbridge.nixl.peer_watch import PeerWatch
 from kvbridge.nixl.transfers import KVRegions
 from kvbridge.nixl.transport import (
     DlistHandle,
@@ -39,18 +41,33 @@ class RemoteEngine:
     stale: bool = False  # a READ failed: detach once idle, handshake again
     instance_id: str = ""  # the producer worker instance (its agent name)
     staged: bool = False  # it serves a host buffer: ask for its lease before reading
+    gone: str | None = None  # why its side channel is gone (it exited): never notify it again
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.engine_id, self.instance_id
 
 
 class Connecting(NamedTuple):
     """Where a load stands on its way to a usable remote engine: at most one field is set."""
 
-    remote: RemoteEngine | None  # attached and usable now
+    remote: RemoteEngine | None  # attached, usable, and bound to the load (``unbind`` it)
     future: Future[NixlAgentMetadata] | None  # handshake still running
     error: str | None  # handshake or attach failed
 
 
 class RemoteEngines:
-    """Runs in a consumer worker; owns the loaded producer agents and their prepared dlists."""
+    """Runs in a consumer worker; owns the loaded producer agents and their prepared dlists.
+
+    - A load binds its engine (``connect``) until its transfer handle is released (``unbind``);
+      an engine is detached only when no load binds it, never under a transfer in flight.
+    - A stale engine (a READ failed) is detached once idle and handshaken afresh.
+    - With ``watch_peers`` (a ``PeerWatch``), an engine whose side channel drops the connection
+      (the producer exited) is gone: detached at once if idle, even while the worker does
+      nothing else (the watch's thread does it), else once idle; ``take_gone`` tells the
+      reader to fail its loads.
+    - Every method may run while the watch thread detaches: the table is locked.
+    """
 
     def __init__(
         self,
@@ -59,16 +76,23 @@ class RemoteEngines:
         handshaker: Handshaker,
         stats: KVConnectorStats,
         tp_rank: int = 0,
+        *,
+        watch_peers: bool = False,
     ) -> None:
         self._t = transport
         self._local = local
         self._handshaker = handshaker
         self._stats = stats
         self._tp_rank = tp_rank
+        self._watch = PeerWatch(self.on_lost) if watch_peers else None
+        self._lock = threading.RLock()
         self._engines: dict[str, RemoteEngine] = {}  # engine id -> attached producer
+        self._gone: dict[tuple[str, str], str] = {}  # (engine id, instance id) -> why, unread
+        self._closed = False
 
     def get(self, engine_id: str) -> RemoteEngine | None:
-        return self._engines.get(engine_id)
+        with self._lock:
+            return self._engines.get(engine_id)
 
     def fetch(self, engine_id: str, host: str, port: int) -> Future[NixlAgentMetadata]:
         """Start (or join) the background handshake; worker rank r talks to the producer's r."""
@@ -77,6 +101,20 @@ class RemoteEngines:
 
     def connect(self, spec: RecvSpec, future: Future[NixlAgentMetadata] | None) -> Connecting:
         """Advance a load towards its producer: handshake in the background, then attach."""
+        with self._lock:
+            connecting = self._connect(spec, future)
+            if connecting.remote is not None:
+                connecting.remote.inflight += 1
+            return connecting
+
+    def unbind(self, remote: RemoteEngine) -> None:
+        """A load no longer uses ``remote`` (no transfer of it is in flight)."""
+        with self._lock:
+            remote.inflight -= 1
+            if remote.gone is not None and remote.inflight == 0:
+                self._detach_stale(remote)
+
+    def _connect(self, spec: RecvSpec, future: Future[NixlAgentMetadata] | None) -> Connecting:
         remote = self._engines.get(spec.remote_engine_id)
         if remote is not None:  # a stale one is detached once idle, then handshaken afresh
             return Connecting(None if remote.stale else remote, None, None)
@@ -94,7 +132,8 @@ class RemoteEngines:
                 f"handshake with engine {spec.remote_engine_id} at {where} failed: {error}",
             )
         try:
-            return Connecting(self.attach(future.result()), None, None)
+            endpoint = self.endpoint(spec.remote_host, spec.remote_port)
+            return Connecting(self.attach(future.result(), endpoint), None, None)
         except TRANSPORT_ERRORS as e:
             self._stats.incr(keys.FAILED_HANDSHAKES)
             return Connecting(None, None, f"cannot attach engine {spec.remote_engine_id}: {e}")
@@ -103,8 +142,11 @@ class RemoteEngines:
         """The side channel of this worker's rank of a producer whose rank 0 is at host:port."""
         return host, port + self._tp_rank
 
-    def attach(self, md: NixlAgentMetadata) -> RemoteEngine:
-        """Load the producer's agent and prepare its per-block dlist; raises TRANSPORT_ERRORS."""
+    def attach(
+        self, md: NixlAgentMetadata, endpoint: tuple[str, int] | None = None
+    ) -> RemoteEngine:
+        """Load the producer's agent and prepare its per-block dlist, and watch its side channel
+        at ``endpoint`` (if given); raises TRANSPORT_ERRORS."""
         regions = KVRegions(
             layer_names=tuple(md.layer_names),
             base_addrs=tuple(md.kv_base_addrs),
@@ -121,36 +163,46 @@ class RemoteEngines:
                 f"producer blocks are {regions.block_len} bytes per layer, ours "
                 f"{self._local.block_len}"
             )
-        agent = self._t.add_remote_agent(md.agent_metadata)
-        try:
-            descs = self._t.get_xfer_descs(regions.block_items(), memory_type(regions))
-            dlist = self._t.prep_xfer_dlist(agent, descs)
-        except TRANSPORT_ERRORS:
-            self._t.remove_remote_agent(agent)
-            raise
-        engine = RemoteEngine(
-            md.engine_id,
-            agent,
-            regions,
-            dlist,
-            instance_id=md.instance_id,
-            staged=md.kv_buffer_device == "cpu",
-        )
-        self._engines[md.engine_id] = engine
+        with self._lock:
+            if self._closed:
+                raise NixlTransportError("attach: the consumer is shutting down", "CLOSED")
+            agent = self._t.add_remote_agent(md.agent_metadata)
+            try:
+                descs = self._t.get_xfer_descs(regions.block_items(), memory_type(regions))
+                dlist = self._t.prep_xfer_dlist(agent, descs)
+            except TRANSPORT_ERRORS:
+                self._t.remove_remote_agent(agent)
+                raise
+            engine = RemoteEngine(
+                md.engine_id,
+                agent,
+                regions,
+                dlist,
+                instance_id=md.instance_id,
+                staged=md.kv_buffer_device == "cpu",
+            )
+            self._engines[md.engine_id] = engine
+            if self._watch is not None and endpoint is not None:
+                self._watch.watch(engine.key, *endpoint)
         logger.info("attached engine %s (agent %s, %d blocks)", md.engine_id, agent, md.num_blocks)
         return engine
 
     def notify(self, engine_id: str, kind: NotifKind, request_ids: list[str]) -> bool:
-        """Send a notification to an attached producer; False if not attached or it failed."""
-        engine = self._engines.get(engine_id)
-        if engine is None:
-            return False
-        try:
-            self._t.send_notif(engine.agent_name, encode_notif(kind, request_ids))
-        except NixlTransportError as e:
+        """Send a notification to an attached producer; False if not attached, gone or failed."""
+        with self._lock:
+            engine = self._engines.get(engine_id)
+            if engine is None or engine.gone is not None:
+                return False
+            try:
+                self._t.send_notif(engine.agent_name, encode_notif(kind, request_ids))
+            except NixlTransportError as e:
+                error: NixlTransportError | None = e
+            else:
+                error = None
+        if error is not None:
             self._stats.incr(keys.FAILED_NOTIFICATIONS)
             logger.warning(
-                "notifying engine %s (%s %s) failed: %s", engine_id, kind, request_ids, e
+                "notifying engine %s (%s %s) failed: %s", engine_id, kind, request_ids, error
             )
             return False
         self._stats.incr(keys.NOTIFICATIONS_SENT)
@@ -159,7 +211,7 @@ class RemoteEngines:
     def heartbeat(self, now: float, waiting: dict[str, list[str]], interval_s: float) -> None:
         """Renew the producers' leases on ``waiting`` (engine id -> their request ids)."""
         for engine_id, ids in waiting.items():
-            engine = self._engines.get(engine_id)
+            engine = self.get(engine_id)
             if engine is None or engine.stale or now - engine.last_heartbeat < interval_s:
                 continue
             engine.last_heartbeat = now
@@ -167,14 +219,46 @@ class RemoteEngines:
 
     def detach_idle_stale(self) -> list[str]:
         """Detach stale engines nobody reads from; returns their ids (to be handshaken afresh)."""
-        gone = [e for e in self._engines.values() if e.stale and e.inflight == 0]
-        for engine in gone:
-            self._detach(engine)
-            self._handshaker.invalidate(engine.engine_id)
-        return [e.engine_id for e in gone]
+        with self._lock:
+            idle = [e for e in self._engines.values() if e.stale and e.inflight == 0]
+            for engine in idle:
+                self._detach_stale(engine)
+        return [e.engine_id for e in idle]
+
+    def take_gone(self) -> dict[tuple[str, str], str]:
+        """Producer instances found gone since the last call: (engine id, instance id) -> why."""
+        with self._lock:
+            out, self._gone = self._gone, {}
+            return out
+
+    def on_lost(self, key: Hashable, reason: str) -> None:
+        """``PeerWatch``'s callback (its thread): the side channel of ``key``'s instance is gone."""
+        with self._lock:
+            engine = None if not isinstance(key, tuple) else self._engines.get(key[0])
+            if self._closed or engine is None or engine.key != key:
+                return  # detached already, or another instance attached since
+            engine.stale, engine.gone = True, reason
+            self._gone[engine.key] = reason
+            busy = engine.inflight
+            if not busy:
+                self._detach_stale(engine)
+        logger.warning(
+            "engine %s (%s) is gone: %s; %s",
+            key[0],
+            key[1],
+            reason,
+            f"detaching it once {busy} loads end" if busy else "detached it",
+        )
+
+    def _detach_stale(self, engine: RemoteEngine) -> None:
+        self._detach(engine)
+        self._handshaker.invalidate(engine.engine_id)
 
     def _detach(self, engine: RemoteEngine) -> None:
+        """Release the engine's dlist and agent (the table's lock is held)."""
         del self._engines[engine.engine_id]
+        if self._watch is not None:
+            self._watch.unwatch(engine.key)
         try:
             self._t.release_dlist_handle(engine.dlist)
         except NixlTransportError as e:
@@ -185,14 +269,21 @@ class RemoteEngines:
             logger.error("removing agent %s failed: %s", engine.agent_name, e)
 
     def __len__(self) -> int:
-        return len(self._engines)
+        with self._lock:
+            return len(self._engines)
 
     def __iter__(self) -> Iterator[RemoteEngine]:
-        return iter(list(self._engines.values()))
+        with self._lock:
+            return iter(list(self._engines.values()))
 
     def close(self) -> None:
-        for engine in list(self._engines.values()):
-            self._detach(engine)
+        """Stop watching, then detach every engine; idempotent."""
+        if self._watch is not None:
+            self._watch.close()  # first: its thread may be waiting for the lock
+        with self._lock:
+            self._closed = True
+            for engine in list(self._engines.values()):
+                self._detach(engine)
 
 
 def memory_type(regions: KVRegions) -> MemoryType:

@@ -194,7 +194,9 @@ class NixlWorker(KVConnectorWorker):
                     s.merge_contiguous_blocks,
                     s.slow_transfer_s,
                 )
-                engines = RemoteEngines(transport, regions, handshaker, self.stats, self.rank)
+                engines = RemoteEngines(
+                    transport, regions, handshaker, self.stats, self.rank, watch_peers=True
+                )
                 reader = KVReader(
                     transport,
                     regions,

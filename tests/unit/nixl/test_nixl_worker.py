@@ -19,14 +19,13 @@ from nixl_helpers import (
     spec,
     wait_for,
 )
+from worker_steps import as_tuple, got_recving, hold, recv, run_until, send
 
 from kvbridge.config import ConfigError
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.metadata import (
     NixlConnectorMetadata,
     NixlWorkerMetadata,
-    RecvSpec,
-    SendSpec,
     decode_notif,
     encode_notif,
 )
@@ -51,64 +50,6 @@ def nodes(clock: FakeClock, request: pytest.FixtureRequest) -> Iterator[tuple[No
     for node in (consumer, producer):
         node.worker.shutdown()
         assert node.worker.leaked == ZERO
-
-
-def recv(
-    port: int | None,
-    rid: str = "d-1",
-    local: list[int] | None = None,
-    remote: list[int] | None = None,
-    **over: Any,
-) -> NixlConnectorMetadata:
-    spec_ = RecvSpec(
-        request_id=rid,
-        local_block_ids=(local or [2, 3, 4],),
-        remote_engine_id=over.pop("engine", "prefill"),
-        remote_host="127.0.0.1",
-        remote_port=port or 1,
-        remote_block_ids=(remote or [5, 6, 7],),
-        remote_request_id=over.pop("remote_rid", "p-1"),
-        **over,
-    )
-    return NixlConnectorMetadata(reqs_to_recv={rid: spec_})
-
-
-def send(rid: str = "p-1", blocks: int = 3) -> NixlConnectorMetadata:
-    return NixlConnectorMetadata(
-        reqs_to_send={
-            rid: SendSpec(
-                request_id=rid, num_blocks=blocks, lease_duration_s=30.0, abort_timeout_s=60.0
-            )
-        }
-    )
-
-
-def hold(producer: Node, rid: str = "p-1", blocks: int = 3) -> None:
-    """The producer holds ``rid``'s blocks under a lease (its scheduler said it finished)."""
-    producer.step(send(rid, blocks), finished=frozenset({rid}))
-    assert producer.worker.leases.outcome(rid) == "held"
-
-
-def run_until(
-    node: Node,
-    done: Any,
-    finished: frozenset[str] = frozenset(),
-    meta: NixlConnectorMetadata | None = None,
-) -> list[tuple[Any, ...]]:
-    """Step ``node`` (real time, for the background handshake), the first step with ``meta``,
-    until ``done(results)``."""
-    results: list[tuple[Any, ...]] = [] if meta is None else [node.step(meta)]
-    wait_for(lambda: done(results), poll=lambda: results.append(node.step(finished=finished)))
-    return results
-
-
-def as_tuple(payload: bytes) -> tuple[str, list[str]]:
-    notif = decode_notif(payload)
-    return notif.kind, notif.request_ids
-
-
-def got_recving(rid: str) -> Any:
-    return lambda results: any(rid in r[1] for r in results)
 
 
 # -- consumer ----------------------------------------------------------------------------------

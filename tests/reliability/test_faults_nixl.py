@@ -164,6 +164,42 @@ def test_heartbeats_cannot_hold_blocks_past_abort_timeout(ledger: ResourceLedger
     ledger.assert_all_idle()
 
 
+def test_derived_heartbeats_keep_a_short_lease_alive_through_a_long_read(
+    ledger: ResourceLedger,
+) -> None:
+    """Only ``kv_lease_duration_s`` is set (1.5 s; once refused against the 5 s default
+    heartbeat): the consumer beats every 0.5 s, derived from the lease the producer announced,
+    and a READ lasting 2.5 leases still lands. Checked against a broken build (the derived
+    heartbeat fixed at 5 s): the lease lapses mid-READ and this test fails."""
+    lease = {"kv_lease_duration_s": 1.5, "heartbeat_interval_s": None}
+    timeouts = {"abort_timeout_s": 20.0, "transfer_timeout_s": 10.0}
+    fabric = FaultyFabric()
+    pd = PD(fabric, **lease, **timeouts)
+    ledger.track(pd.p)
+    ledger.track(pd.d)
+    consumer = fabric.agent_of("decode")
+    consumer.cycles_before_xfer_done = 10**9  # the READ runs until released below
+    p = prompt(13)
+    params = pd.prefill("p-13", p)
+    pd.d.add_request(p, GREEDY, "d-13", params)
+    start, out = time.monotonic(), None
+    while out is None:
+        elapsed = time.monotonic() - start
+        assert elapsed < 15, "the load never ended"
+        if elapsed > 2.5 * lease["kv_lease_duration_s"]:
+            consumer.cycles_before_xfer_done = 0
+        out = next((o for o in pd.d.step() if o.finished), None)
+        pd.p.step()
+        time.sleep(0.002)
+    assert out.token_ids == expected(p) and out.error is None
+    assert counter(pd.d, keys.NUM_TRANSFERS) == 1 and failures(pd.d) == 0
+    assert counter(pd.d, keys.FAILED_CONFIRMS) == 0
+    assert counter(pd.p, keys.EXPIRED_REQS) == 0
+    assert counter(pd.p, keys.NOTIFICATIONS_RECEIVED) >= 6  # heartbeats, then "done"
+    pd.wait_producer_free(timeout_s=5)
+    ledger.assert_all_idle()
+
+
 def test_client_abort_mid_read_holds_blocks_until_the_read_ends(ledger: ResourceLedger) -> None:
     fabric = FaultyFabric()
     pd = PD(fabric)

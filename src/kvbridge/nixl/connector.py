@@ -11,8 +11,10 @@ from kvbridge.nixl.worker import NixlWorker
 class NixlConnector(KVConnectorBase):
     """Producer engines hold finished prompts' blocks; consumer engines READ them over NIXL.
 
-    Extra config (``kv_connector_extra_config``, all optional): ``kv_lease_duration_s`` (30),
-    ``heartbeat_interval_s`` (5), ``abort_timeout_s`` (480), ``transfer_timeout_s`` (30),
+    Extra config (``kv_connector_extra_config``, all optional): ``kv_lease_duration_s`` (30;
+    the producer announces it at the handshake), ``heartbeat_interval_s`` (unset: a third of
+    each producer's announced lease, at most 5; set: refused at the handshake with a producer
+    whose lease is not longer), ``abort_timeout_s`` (480), ``transfer_timeout_s`` (30),
     ``side_channel_host`` (``kv_ip``), ``side_channel_port`` (``kv_port``; 0 picks a free port),
     ``backends`` (["UCX"]), ``nixl_wrapper`` ("nixl" | "fake" | a callable agent_name ->
     NixlTransport), ``merge_contiguous_blocks`` (true), ``num_threads`` (2, handshake threads),

@@ -69,6 +69,9 @@ class NixlAgentMetadata(KVConnectorHandshakeMetadata, kw_only=True):
     # Where the producer's side channel listens (told to its own scheduler half at start-up).
     side_channel_host: str = ""
     side_channel_port: int = 0
+    # How long the producer holds blocks without a heartbeat (0: not announced, an older one);
+    # a consumer derives its heartbeat interval from it, or checks its configured one against it.
+    kv_lease_duration_s: float = 0.0
 
 
 class HandshakeRequest(msgspec.Struct, kw_only=True):

@@ -82,10 +82,9 @@ class _Recv:
 
 @dataclass(frozen=True)
 class ReaderConfig:
-    """Timeouts, heartbeat interval and merging switch of the consumer's reader."""
+    """Timeout and merging switch of the consumer's reader."""
 
     transfer_timeout_s: float
-    heartbeat_interval_s: float
     merge_contiguous_blocks: bool
     slow_transfer_s: float
 
@@ -196,7 +195,7 @@ class KVReader:
         for recv in self._recvs.values():
             if recv.remote is not None and not recv.aborted:
                 waiting.setdefault(recv.remote.engine_id, []).append(recv.spec.remote_request_id)
-        self.engines.heartbeat(now, waiting, self._cfg.heartbeat_interval_s)
+        self.engines.heartbeat(now, waiting)
         self.confirmer.send_due(now)
 
     def _fail_gone(self) -> None:

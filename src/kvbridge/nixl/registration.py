@@ -66,6 +66,7 @@ def agent_metadata(
     spec: KVCacheSpec,
     regions: KVRegions,
     kv_buffer_device: str,
+    lease_duration_s: float = 0.0,
 ) -> NixlAgentMetadata:
     """What a producer serves on its side channel: its agent and the regions it registered."""
     return NixlAgentMetadata(
@@ -85,4 +86,5 @@ def agent_metadata(
         device_id=regions.device_id,
         kv_buffer_device=kv_buffer_device,
         instance_id=instance_id,
+        kv_lease_duration_s=lease_duration_s,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -15,6 +15,7 @@ from kvbridge.nixl import stats as keys
 from kvbridge.nixl.handshake import HandshakeError, Handshaker, NixlAgentMetadata
 from kvbridge.nixl.metadata import NotifKind, RecvSpec, encode_notif
 from kvbridge.nixl.peer_watch import PeerWatch
+from kvbridge.nixl.settings import DEFAULT_HEARTBEAT_S
 from kvbridge.nixl.transfers import KVRegions
 from kvbridge.nixl.transport import (
     DlistHandle,
@@ -42,6 +43,7 @@ class RemoteEngine:
     instance_id: str = ""  # the producer worker instance (its agent name)
     staged: bool = False  # it serves a host buffer: ask for its lease before reading
     gone: str | None = None  # why its side channel is gone (it exited): never notify it again
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S  # renew its leases this often
 
     @property
     def key(self) -> tuple[str, str]:
@@ -78,6 +80,7 @@ class RemoteEngines:
         tp_rank: int = 0,
         *,
         watch_peers: bool = False,
+        heartbeat_for: Callable[[float], float] = lambda lease_s: DEFAULT_HEARTBEAT_S,
     ) -> None:
         self._t = transport
         self._local = local
@@ -85,6 +88,7 @@ class RemoteEngines:
         self._stats = stats
         self._tp_rank = tp_rank
         self._watch = PeerWatch(self.on_lost) if watch_peers else None
+        self._heartbeat_for = heartbeat_for  # producer's lease -> heartbeat (ValueError: refuse)
         self._lock = threading.RLock()
         self._engines: dict[str, RemoteEngine] = {}  # engine id -> attached producer
         self._gone: dict[tuple[str, str], str] = {}  # (engine id, instance id) -> why, unread
@@ -131,9 +135,15 @@ class RemoteEngines:
                 None,
                 f"handshake with engine {spec.remote_engine_id} at {where} failed: {error}",
             )
+        md = future.result()
+        try:
+            beat = self._heartbeat_for(md.kv_lease_duration_s)
+        except ValueError as e:
+            self._stats.incr(keys.FAILED_HANDSHAKES)
+            return Connecting(None, None, f"engine {spec.remote_engine_id} refused: {e}")
         try:
             endpoint = self.endpoint(spec.remote_host, spec.remote_port)
-            return Connecting(self.attach(future.result(), endpoint), None, None)
+            return Connecting(self.attach(md, endpoint, beat), None, None)
         except TRANSPORT_ERRORS as e:
             self._stats.incr(keys.FAILED_HANDSHAKES)
             return Connecting(None, None, f"cannot attach engine {spec.remote_engine_id}: {e}")
@@ -143,7 +153,10 @@ class RemoteEngines:
         return host, port + self._tp_rank
 
     def attach(
-        self, md: NixlAgentMetadata, endpoint: tuple[str, int] | None = None
+        self,
+        md: NixlAgentMetadata,
+        endpoint: tuple[str, int] | None = None,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     ) -> RemoteEngine:
         """Load the producer's agent and prepare its per-block dlist, and watch its side channel
         at ``endpoint`` (if given); raises TRANSPORT_ERRORS."""
@@ -180,11 +193,18 @@ class RemoteEngines:
                 dlist,
                 instance_id=md.instance_id,
                 staged=md.kv_buffer_device == "cpu",
+                heartbeat_s=heartbeat_s,
             )
             self._engines[md.engine_id] = engine
             if self._watch is not None and endpoint is not None:
                 self._watch.watch(engine.key, *endpoint)
-        logger.info("attached engine %s (agent %s, %d blocks)", md.engine_id, agent, md.num_blocks)
+        logger.info(
+            "attached engine %s (agent %s, %d blocks, heartbeat every %.3gs)",
+            md.engine_id,
+            agent,
+            md.num_blocks,
+            heartbeat_s,
+        )
         return engine
 
     def notify(self, engine_id: str, kind: NotifKind, request_ids: list[str]) -> bool:
@@ -208,11 +228,12 @@ class RemoteEngines:
         self._stats.incr(keys.NOTIFICATIONS_SENT)
         return True
 
-    def heartbeat(self, now: float, waiting: dict[str, list[str]], interval_s: float) -> None:
-        """Renew the producers' leases on ``waiting`` (engine id -> their request ids)."""
+    def heartbeat(self, now: float, waiting: dict[str, list[str]]) -> None:
+        """Renew the producers' leases on ``waiting`` (engine id -> their request ids), each at
+        its own interval."""
         for engine_id, ids in waiting.items():
             engine = self.get(engine_id)
-            if engine is None or engine.stale or now - engine.last_heartbeat < interval_s:
+            if engine is None or engine.stale or now - engine.last_heartbeat < engine.heartbeat_s:
                 continue
             engine.last_heartbeat = now
             self.notify(engine_id, "heartbeat", ids)

@@ -32,14 +32,21 @@ _ALIASES: dict[str, str] = {
     "kv_lease_duration": "kv_lease_duration_s",
 }
 WRAPPER_NAMES = ("nixl", "fake")
+DEFAULT_HEARTBEAT_S = 5.0
+BEATS_PER_LEASE = 3  # a derived heartbeat renews a lease this many times per lease duration
 
 
 @dataclass(frozen=True)
 class NixlSettings:
-    """Lease, timeout, side-channel and transport settings shared by both halves."""
+    """Lease, timeout, side-channel and transport settings shared by both halves.
+
+    ``kv_lease_duration_s`` is the producer's; the producer announces it at the handshake.
+    ``heartbeat_interval_s`` is the consumer's; left unset it follows each producer's lease
+    (``heartbeat_for``).
+    """
 
     kv_lease_duration_s: float = 30.0
-    heartbeat_interval_s: float = 5.0
+    heartbeat_interval_s: float | None = None  # None: derived from the producer's lease
     abort_timeout_s: float = 480.0
     transfer_timeout_s: float = 30.0
     side_channel_host: str = "127.0.0.1"
@@ -80,17 +87,40 @@ class NixlSettings:
         settings.validate()
         return settings
 
+    def heartbeat_for(self, producer_lease_s: float) -> float:
+        """The consumer's heartbeat interval for a producer announcing ``producer_lease_s``
+        (0: it did not say; this engine's own ``kv_lease_duration_s`` stands in): the configured
+        one, or ``min(5 s, lease / 3)``. ``ValueError`` naming both keys when the configured
+        interval does not beat within the producer's lease."""
+        lease = producer_lease_s if producer_lease_s > 0 else self.kv_lease_duration_s
+        beat = self.heartbeat_interval_s
+        if beat is None:
+            return min(DEFAULT_HEARTBEAT_S, lease / BEATS_PER_LEASE)
+        if producer_lease_s > 0 and beat >= producer_lease_s:
+            raise ValueError(
+                f"kv_connector_extra_config.heartbeat_interval_s ({beat:g}) is not below the "
+                f"producer's kv_lease_duration_s ({producer_lease_s:g}): its leases would lapse "
+                "between heartbeats (leave heartbeat_interval_s unset to follow the producer)"
+            )
+        return beat
+
     def validate(self) -> None:
-        for key in ("kv_lease_duration_s", "heartbeat_interval_s", "abort_timeout_s"):
-            if getattr(self, key) <= 0:
+        for key in (
+            "kv_lease_duration_s",
+            "heartbeat_interval_s",
+            "abort_timeout_s",
+            "transfer_timeout_s",
+            "slow_transfer_s",
+        ):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
                 raise ConfigError(f"kv_connector_extra_config.{key}: must be > 0")
-        for key in ("transfer_timeout_s", "slow_transfer_s"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"kv_connector_extra_config.{key}: must be > 0")
-        if self.heartbeat_interval_s >= self.kv_lease_duration_s:
+        beat = self.heartbeat_interval_s
+        if beat is not None and beat >= self.kv_lease_duration_s:
             raise ConfigError(
-                "kv_connector_extra_config.heartbeat_interval_s: must be below "
-                f"kv_lease_duration_s ({self.kv_lease_duration_s}) or leases lapse between beats"
+                f"kv_connector_extra_config.heartbeat_interval_s: must be below "
+                f"kv_lease_duration_s ({self.kv_lease_duration_s:g}) or leases lapse between "
+                "beats (leave it unset to follow the producer's lease)"
             )
         if self.kv_lease_duration_s > self.abort_timeout_s:
             raise ConfigError(

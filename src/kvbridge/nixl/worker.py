@@ -163,6 +163,7 @@ class NixlWorker(KVConnectorWorker):
                 spec=self.cache_spec,
                 regions=regions,
                 kv_buffer_device=self.config.kv_buffer_device,
+                lease_duration_s=self.settings.kv_lease_duration_s,
             )
             s = self.settings
             if self.config.is_producer:
@@ -189,13 +190,16 @@ class NixlWorker(KVConnectorWorker):
                 )
                 confirmer = LeaseConfirmer()
                 cfg = ReaderConfig(
-                    s.transfer_timeout_s,
-                    s.heartbeat_interval_s,
-                    s.merge_contiguous_blocks,
-                    s.slow_transfer_s,
+                    s.transfer_timeout_s, s.merge_contiguous_blocks, s.slow_transfer_s
                 )
                 engines = RemoteEngines(
-                    transport, regions, handshaker, self.stats, self.rank, watch_peers=True
+                    transport,
+                    regions,
+                    handshaker,
+                    self.stats,
+                    self.rank,
+                    watch_peers=True,
+                    heartbeat_for=s.heartbeat_for,
                 )
                 reader = KVReader(
                     transport,

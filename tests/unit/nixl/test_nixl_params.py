@@ -128,9 +128,24 @@ def _cfg(**extra: Any) -> TransferConfig:
 
 def test_settings_defaults_follow_the_spec() -> None:
     s = NixlSettings.from_config(_cfg())
-    assert (s.kv_lease_duration_s, s.heartbeat_interval_s, s.abort_timeout_s) == (30, 5, 480)
+    assert (s.kv_lease_duration_s, s.abort_timeout_s) == (30, 480)
+    assert s.heartbeat_interval_s is None and s.heartbeat_for(30.0) == 5.0  # 5 s by default
     assert s.transfer_timeout_s == 30 and s.side_channel_host == "127.0.0.1"
     assert s.side_channel_port == 14579 and s.backends == ("UCX",)
+
+
+def test_a_short_lease_alone_is_accepted_and_the_heartbeat_follows_the_producers_lease() -> None:
+    """``kv_lease_duration_s: 2`` alone was refused (the 5 s default heartbeat is not below
+    it). The heartbeat now follows the lease the producer announces (a third of it, at most
+    5 s), or this engine's own lease when the producer announces none."""
+    s = NixlSettings.from_config(_cfg(kv_lease_duration_s=2))
+    assert s.heartbeat_for(0.0) == pytest.approx(2 / 3)  # the producer did not say
+    assert s.heartbeat_for(0.6) == pytest.approx(0.2)
+    assert s.heartbeat_for(300.0) == 5.0
+    explicit = NixlSettings.from_config(_cfg(heartbeat_interval_s=1))
+    assert explicit.heartbeat_for(0.0) == explicit.heartbeat_for(30.0) == 1.0
+    with pytest.raises(ValueError, match=r"heartbeat_interval_s \(1\) is not below .* \(0.5\)"):
+        explicit.heartbeat_for(0.5)
 
 
 @pytest.mark.parametrize(

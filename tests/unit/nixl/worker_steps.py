@@ -29,19 +29,19 @@ def recv(
     return NixlConnectorMetadata(reqs_to_recv={rid: spec_})
 
 
-def send(rid: str = "p-1", blocks: int = 3) -> NixlConnectorMetadata:
+def send(rid: str = "p-1", blocks: int = 3, lease_s: float = 30.0) -> NixlConnectorMetadata:
     return NixlConnectorMetadata(
         reqs_to_send={
             rid: SendSpec(
-                request_id=rid, num_blocks=blocks, lease_duration_s=30.0, abort_timeout_s=60.0
+                request_id=rid, num_blocks=blocks, lease_duration_s=lease_s, abort_timeout_s=60.0
             )
         }
     )
 
 
-def hold(producer: Node, rid: str = "p-1", blocks: int = 3) -> None:
+def hold(producer: Node, rid: str = "p-1", blocks: int = 3, lease_s: float = 30.0) -> None:
     """The producer holds ``rid``'s blocks under a lease (its scheduler said it finished)."""
-    producer.step(send(rid, blocks), finished=frozenset({rid}))
+    producer.step(send(rid, blocks, lease_s), finished=frozenset({rid}))
     assert producer.worker.leases.outcome(rid) == "held"
 
 

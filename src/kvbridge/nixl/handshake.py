@@ -181,7 +181,8 @@ class HandshakeListener:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kvbridge-nixl-side", daemon=True)
         self._thread.start()
-        logger.info("NIXL side channel listening on %s:%d", host, self.port)
+        picked = " (a free port: side_channel_port 0)" if not port else ""
+        logger.info("NIXL side channel listening on %s:%d%s", host, self.port, picked)
 
     def _serve(self) -> None:
         while not self._stop.is_set():

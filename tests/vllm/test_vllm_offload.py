@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from vllm_engines import Completion, complete, engine, kv_config, logprob_gap, wait_until
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]  # engines start slowly on 2 cores
 
 # 199 tokens: six full blocks of 32 come back from the CPU tier, the last 7 are computed.
 PROMPT = [(7 * i + 3) % 500 + 1 for i in range(199)]

@@ -37,7 +37,7 @@ from serve_harness import (
     with_kv_config,
 )
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]  # engines start slowly on 2 cores
 
 # bf16 KV, same kernels: P/D matched the single engine to the last bit in every run here; the
 # tolerance leaves room for kernel-order rounding, far below what wrong KV does (> 0.5 nats).

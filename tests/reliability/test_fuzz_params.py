@@ -143,7 +143,7 @@ def _step(finished: frozenset[str] = frozenset()) -> NixlConnectorMetadata:
 @st.composite
 def consistent(draw: st.DrawFn) -> tuple[Any, int]:
     """Well-formed remote-prefill params with a prompt length their blocks can hold."""
-    ids = draw(st.lists(st.integers(0, 63), min_size=1, max_size=10))
+    ids = draw(st.lists(st.integers(0, 63), min_size=1, max_size=10, unique=True))  # no reuse
     raw = remote_prefill_params(
         engine_id=draw(st.sampled_from(["prefill", "other"])),
         host="127.0.0.1",

@@ -16,7 +16,9 @@ The producer's side-channel thread answers from its ``LeaseTable`` (locked), so 
 is slow to step does not delay the answer. Queries are batched per producer, resent when
 unanswered, and repeated while the answer is "unknown" (the lease may not have started yet);
 the caller bounds the wait. An answer from another producer instance (it restarted) settles a
-question as "restarted".
+question as "restarted"; one naming another prompt than the question's as "mismatch" (the
+params were another request's); a "done" said by another reader as "consumed" (the params
+were spent: the blocks may hold another prompt by now).
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ logger = logging.getLogger(__name__)
 LEASE_FRAME = b"lease"
 MAX_IDS_PER_QUERY = 256  # keeps a query well under the side channel's 64 KiB request limit
 MAX_ANSWER_BYTES = 1 << 20
-Verdict = Literal["held", "done", "released", "expired", "restarted", "refused"]
+Verdict = Literal[
+    "held", "done", "released", "expired", "restarted", "refused", "mismatch", "consumed"
+]
+# verdicts that say the blocks are not the asker's KV (it must never end that lease) -> why
+NOT_OURS: dict[Verdict, str] = {
+    "mismatch": "hold another prompt: these kv_transfer_params are another request's",
+    "consumed": "were read by another load already: these kv_transfer_params were spent",
+}
 
 
 class LeaseQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +69,8 @@ class LeaseAnswer(msgspec.Struct, frozen=True, kw_only=True):
     held_for_s: dict[str, float] = msgspec.field(default_factory=dict)  # "held": at least so long
     sent_at: float = 0.0  # the query's
     error: str | None = None
+    prompt_hashes: dict[str, str] = msgspec.field(default_factory=dict)  # the blocks' prompt
+    done_by: dict[str, str] = msgspec.field(default_factory=dict)  # "done": whose
 
 
 _ANSWER_DECODER = msgspec.msgpack.Decoder(LeaseAnswer)
@@ -86,30 +97,20 @@ def lease_query_handler(
                 seq=query.seq, error=f"{n} request ids in one query (max {MAX_IDS_PER_QUERY})"
             )
         states = {rid: status(rid) for rid in query.request_ids}
-        return encode(
+        answer = LeaseAnswer(
             seq=query.seq,
+            engine_id=engine_id,
+            instance_id=instance_id,
             sent_at=query.sent_at,
             states={rid: s.outcome for rid, s in states.items()},
             held_for_s={rid: s.held_for_s for rid, s in states.items() if s.held_for_s is not None},
+            prompt_hashes={rid: s.prompt_hash for rid, s in states.items() if s.prompt_hash},
+            done_by={rid: s.done_by for rid, s in states.items() if s.done_by},
         )
+        return msgspec.msgpack.encode(answer)
 
-    def encode(
-        *,
-        seq: int,
-        sent_at: float = 0.0,
-        states: dict[str, LeaseOutcome] | None = None,
-        held_for_s: dict[str, float] | None = None,
-        error: str | None = None,
-    ) -> bytes:
-        answer = LeaseAnswer(
-            seq=seq,
-            engine_id=engine_id,
-            instance_id=instance_id,
-            states=states or {},
-            held_for_s=held_for_s or {},
-            sent_at=sent_at,
-            error=error,
-        )
+    def encode(*, seq: int, error: str) -> bytes:
+        answer = LeaseAnswer(seq=seq, engine_id=engine_id, instance_id=instance_id, error=error)
         return msgspec.msgpack.encode(answer)
 
     return answer
@@ -135,6 +136,8 @@ class _Question:
     request_id: str  # the producer's request id
     first_seq: int  # answers to older queries do not count
     next_send: float
+    prompt_hash: str = ""  # the prompt the consumer reads for ("": do not check)
+    reader: str = ""  # the consumer load's token, as in its "done" ("": do not check)
 
 
 class LeaseConfirmer:
@@ -164,9 +167,11 @@ class LeaseConfirmer:
         instance_id: str,
         request_id: str,
         now: float,
+        prompt_hash: str = "",
+        reader: str = "",
     ) -> None:
         self._questions[key] = _Question(
-            endpoint, engine_id, instance_id, request_id, self._seq + 1, now
+            endpoint, engine_id, instance_id, request_id, self._seq + 1, now, prompt_hash, reader
         )
 
     def cancel(self, key: str) -> None:
@@ -232,6 +237,10 @@ class LeaseConfirmer:
                 continue
             if answer.instance_id != q.instance_id:
                 settled[key] = Settled("restarted", answer.sent_at)
+            elif _differ(q.prompt_hash, answer.prompt_hashes.get(q.request_id, "")):
+                settled[key] = Settled("mismatch", answer.sent_at)
+            elif state == "done" and _differ(q.reader, answer.done_by.get(q.request_id, "")):
+                settled[key] = Settled("consumed", answer.sent_at)
             elif state == "unknown":
                 q.next_send = min(q.next_send, now + self._unknown_retry_s)
             else:
@@ -267,6 +276,11 @@ class LeaseConfirmer:
         self._socks.clear()
         self._questions.clear()
         self._ctx.term()
+
+
+def _differ(ours: str, theirs: str) -> bool:
+    """Both sides said, and not the same (an older peer says nothing: no check)."""
+    return bool(ours and theirs and ours != theirs)
 
 
 def _decode(frames: list[bytes], endpoint: Endpoint) -> LeaseAnswer | None:

@@ -12,12 +12,15 @@ A consumer's ``done`` may overtake the ``SendSpec`` (it travels through another 
 such early completions are kept for ``abort_timeout_s`` and applied when the lease starts.
 
 The outcome of the last ``history_size`` ended leases is kept, so a consumer can ask whether
-the blocks were still held when its READ ended (``status``). A lease is "held" exactly until
-the worker hands its id to the engine to free, and a live lease is never freed before its
-``expires_at`` unless the consumer ends it: so "held, for at least R more seconds" answered to
-a question sent at consumer time ``t`` proves the blocks held until ``t + R``, and a READ seen
-done before then saw the request's bytes. ``status`` is called from the side-channel thread:
-every method takes the table's lock.
+the blocks were still held when its READ ended (``status``), with the prompt the blocks hold
+and, for "done", which reader said so: a consumer holding another prompt's (or a previous
+reader's, spent) ``kv_transfer_params`` learns that those blocks are not its KV.
+
+A lease is "held" exactly until the worker hands its id to the engine to free, and a live
+lease is never freed before its ``expires_at`` unless the consumer ends it: so "held, for at
+least R more seconds" answered to a question sent at consumer time ``t`` proves the blocks
+held until ``t + R``, and a READ seen done before then saw the request's bytes. ``status`` is
+called from the side-channel thread: every method takes the table's lock.
 """
 
 from __future__ import annotations
@@ -40,12 +43,24 @@ MAX_PROMISE_S = 0.5  # a "held for" answer promises at most this long (a READ th
 _ENDED: dict[EndKind, LeaseOutcome] = {"done": "done", "release": "released"}
 
 
+MAX_READER_CHARS = 64  # a reader token longer than this is cut (the history stays bounded)
+
+
 class LeaseStatus(NamedTuple):
     """A lease's outcome and, while "held", the seconds it is held at least (until its lapse,
-    unless the consumer ends it first): renewals only extend it."""
+    unless the consumer ends it first): renewals only extend it. ``prompt_hash``: the prompt
+    the blocks hold ("" unknown); ``done_by``: the reader whose "done" ended it ("" unknown)."""
 
     outcome: LeaseOutcome
     held_for_s: float | None = None
+    prompt_hash: str = ""
+    done_by: str = ""
+
+
+class _Ended(NamedTuple):
+    outcome: LeaseOutcome
+    prompt_hash: str = ""
+    done_by: str = ""
 
 
 @dataclass
@@ -54,6 +69,7 @@ class _Lease:
     expires_at: float
     hard_deadline: float
     num_blocks: int
+    prompt_hash: str = ""
     renewals: int = 0
     promised_until: float = float("-inf")  # the latest "held until" answered
 
@@ -66,10 +82,11 @@ class LeaseTable:
             raise ValueError(f"LeaseTable: history_size must be >= 1, got {history_size}")
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}  # request id -> live lease
-        self._early: dict[str, tuple[float, EndKind]] = {}  # request id -> (arrival, kind)
+        # request id -> (arrival, kind, reader)
+        self._early: dict[str, tuple[float, EndKind, str]] = {}
         self._completed: set[str] = set()  # ended by the consumer, not yet reported
         self._expired: set[str] = set()  # lapsed, not yet reported
-        self._history: OrderedDict[str, LeaseOutcome] = OrderedDict()  # request id -> outcome
+        self._history: OrderedDict[str, _Ended] = OrderedDict()  # request id -> how it ended
         self._history_size = history_size
         self.num_expired_total = 0
 
@@ -82,12 +99,16 @@ class LeaseTable:
             early = self._early.pop(rid, None)
             if early is not None:
                 self._completed.add(rid)
-                self._remember(rid, _ENDED[early[1]])
+                self._remember(rid, _Ended(_ENDED[early[1]], spec.prompt_hash, early[2]))
                 return
             self._history.pop(rid, None)  # a reused request id starts afresh
             hard = now + spec.abort_timeout_s
             self._leases[rid] = _Lease(
-                now, min(now + spec.lease_duration_s, hard), hard, spec.num_blocks
+                now,
+                min(now + spec.lease_duration_s, hard),
+                hard,
+                spec.num_blocks,
+                spec.prompt_hash,
             )
 
     def renew(self, request_id: str, now: float, lease_duration_s: float) -> bool:
@@ -102,15 +123,20 @@ class LeaseTable:
             lease.renewals += 1
             return True
 
-    def complete(self, request_id: str, now: float, kind: EndKind = "done") -> bool:
-        """The consumer is done with the blocks; False if the completion came early."""
+    def complete(
+        self, request_id: str, now: float, kind: EndKind = "done", reader: str = ""
+    ) -> bool:
+        """The consumer (``reader``, if it said) is done with the blocks; False if the
+        completion came early."""
+        reader = reader[:MAX_READER_CHARS] if kind == "done" else ""
         with self._lock:
-            if self._leases.pop(request_id, None) is not None:
+            lease = self._leases.pop(request_id, None)
+            if lease is not None:
                 self._completed.add(request_id)
-                self._remember(request_id, _ENDED[kind])
+                self._remember(request_id, _Ended(_ENDED[kind], lease.prompt_hash, reader))
                 return True
             if request_id not in self._history and request_id not in self._early:
-                self._early[request_id] = (now, kind)
+                self._early[request_id] = (now, kind, reader)
             return False
 
     def expire(self, now: float, early_ttl_s: float) -> list[str]:
@@ -127,9 +153,9 @@ class LeaseTable:
                     lease.renewals,
                 )
                 self._expired.add(rid)
-                self._remember(rid, "expired")
+                self._remember(rid, _Ended("expired", lease.prompt_hash))
             self.num_expired_total += len(lapsed)
-            for rid in [r for r, (t, _) in self._early.items() if now - t > early_ttl_s]:
+            for rid in [r for r, (t, _, _) in self._early.items() if now - t > early_ttl_s]:
                 del self._early[rid]
             return lapsed
 
@@ -138,7 +164,7 @@ class LeaseTable:
         with self._lock:
             self._early.pop(spec.request_id, None)
             self._expired.add(spec.request_id)
-            self._remember(spec.request_id, "expired")
+            self._remember(spec.request_id, _Ended("expired", spec.prompt_hash))
             self.num_expired_total += 1
 
     def take_finished(self, allowed: set[str]) -> set[str]:
@@ -161,18 +187,20 @@ class LeaseTable:
             lease = self._leases.get(request_id)
             if lease is not None:
                 if now is None:
-                    return LeaseStatus("held")
+                    return LeaseStatus("held", prompt_hash=lease.prompt_hash)
                 held_for = max(0.0, min(lease.expires_at - now, MAX_PROMISE_S))
                 lease.promised_until = max(lease.promised_until, now + held_for)
-                return LeaseStatus("held", held_for)
+                return LeaseStatus("held", held_for, lease.prompt_hash)
             ended = self._history.get(request_id)
             if ended is not None:
-                return LeaseStatus(ended)
+                return LeaseStatus(ended.outcome, None, ended.prompt_hash, ended.done_by)
             early = self._early.get(request_id)
-            return LeaseStatus("unknown" if early is None else _ENDED[early[1]])
+            if early is None:
+                return LeaseStatus("unknown")
+            return LeaseStatus(_ENDED[early[1]], done_by=early[2])
 
-    def _remember(self, request_id: str, outcome: LeaseOutcome) -> None:
-        self._history[request_id] = outcome
+    def _remember(self, request_id: str, ended: _Ended) -> None:
+        self._history[request_id] = ended
         self._history.move_to_end(request_id)
         while len(self._history) > self._history_size:
             self._history.popitem(last=False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -24,6 +27,7 @@ class RecvSpec(msgspec.Struct, frozen=True, kw_only=True):
     remote_block_ids: tuple[list[int], ...]
     remote_request_id: str
     fail_reason: str | None = None
+    prompt_hash: str = ""  # of the prompt whose KV this load needs ("" when unknown)
 
     @property
     def all_local_block_ids(self) -> set[int]:
@@ -42,6 +46,7 @@ class SendSpec(msgspec.Struct, frozen=True, kw_only=True):
     lease_duration_s: float
     abort_timeout_s: float
     block_ids: tuple[list[int], ...] = ()
+    prompt_hash: str = ""  # of the prompt whose KV the blocks hold ("" when unknown)
 
 
 class RemoteRelease(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,10 +81,12 @@ NotifKind = Literal["done", "heartbeat", "release"]
 
 
 class NixlNotif(msgspec.Struct, frozen=True, array_like=True):
-    """A consumer -> producer NIXL notification about some of the producer's request ids."""
+    """A consumer -> producer NIXL notification about some of the producer's request ids;
+    a "done" names its ``reader`` (the load that read the blocks)."""
 
     kind: NotifKind
     request_ids: list[str]
+    reader: str = ""
 
 
 _NOTIF_ENCODER = msgspec.msgpack.Encoder()
@@ -87,8 +94,21 @@ _NOTIF_DECODER = msgspec.msgpack.Decoder(NixlNotif)
 MAX_NOTIF_BYTES = 1 << 20
 
 
-def encode_notif(kind: NotifKind, request_ids: list[str]) -> bytes:
-    return _NOTIF_ENCODER.encode(NixlNotif(kind, request_ids))
+def encode_notif(kind: NotifKind, request_ids: list[str], reader: str = "") -> bytes:
+    return _NOTIF_ENCODER.encode(NixlNotif(kind, request_ids, reader))
+
+
+def prompt_hash(token_ids: Sequence[int] | None) -> str:
+    """What binds a load to the prompt whose KV it reads ("" for no token ids)."""
+    if not token_ids:
+        return ""
+    return hashlib.blake2b(array("q", token_ids).tobytes(), digest_size=16).hexdigest()
+
+
+def reader_token(agent_name: str, request_id: str) -> str:
+    """A consumer load's name for its "done" and its lease questions (fixed size)."""
+    key = f"{agent_name}\0{request_id}".encode()
+    return hashlib.blake2b(key, digest_size=8).hexdigest()
 
 
 def decode_notif(payload: bytes) -> NixlNotif:

@@ -13,7 +13,7 @@ group of a hybrid cache); entry ``i`` holds the prompt's tokens ``[i*bs, (i+1)*b
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -127,6 +127,24 @@ def check_block_count(
                 f"kv_transfer_params.remote_block_ids{where}: {len(ids)} blocks, but the prompt "
                 f"of {num_prompt_tokens} tokens fills {want} blocks of {block_size}"
             )
+
+
+# vLLM's null block: what a sliding-window group's table holds where a block left the window.
+NULL_BLOCK_ID = 0
+
+
+def check_distinct_blocks(remote: RemotePrefill, sliding: Sequence[bool]) -> None:
+    """No remote block id twice in a group: one block cannot hold two parts of a prompt (only
+    the null block repeats, in a sliding-window group: ``sliding[g]``)."""
+    for group, ids in enumerate(remote.remote_block_ids):
+        seen: set[int] = set()
+        for block in ids:
+            if block in seen and not (sliding[group] and block == NULL_BLOCK_ID):
+                where = "" if len(sliding) == 1 else f" (group {group})"
+                raise KVTransferParamsError(
+                    f"kv_transfer_params.remote_block_ids{where}: block {block} appears twice"
+                )
+            seen.add(block)
 
 
 def remote_prefill_params(

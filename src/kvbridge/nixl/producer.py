@@ -104,7 +104,7 @@ class LeaseKeeper:
                     if notif.kind == "heartbeat":
                         self.leases.renew(rid, now, self._lease_s)
                     else:
-                        self.leases.complete(rid, now, notif.kind)
+                        self.leases.complete(rid, now, notif.kind, notif.reader)
 
     def finished(self, finished_req_ids: frozenset[str], now: float) -> set[str]:
         """Expire lapsed leases; the ended ones the scheduler said finished (a SendSpec and its

@@ -1,6 +1,6 @@
 """KVReader: the consumer's remote loads, from handshake to blocks the engine may use.
 
-Per request, the phases of ``_Recv.phase``::
+Per request, the phases of ``Load.phase`` (``load_state``)::
 
     connect  handshake in the background, attach the remote engine (once per engine)
     gate     (the producer stages through host memory) wait for its lease to be "held"
@@ -17,10 +17,9 @@ least R more seconds" covers the READ, so the confirmation costs no round trip o
 Which answers prove what is ``LeaseProof``'s to decide.
 
 Each of connect, gate, read and confirm is bounded by ``transfer_timeout_s`` (connect to
-read from the load's start, confirm from the READ's end). An abort (the request ended) is
-reported in finished_recving, without load errors, once nothing writes into its blocks.
-Every path releases its transfer handle; a remote whose READ failed
-is detached once idle and handshaken afresh (the producer may have restarted).
+read from the load's start, confirm from the READ's end); a producer found gone fails its
+loads at once. An abort (the request ended) is reported in finished_recving, without load
+errors, once nothing writes into its blocks. Every path releases its transfer handle.
 """
 
 from __future__ import annotations
@@ -28,65 +27,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Literal
 
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.handshake import NixlAgentMetadata
-from kvbridge.nixl.lease_confirm import LeaseConfirmer, Settled
-from kvbridge.nixl.lease_proof import LeaseProof
-from kvbridge.nixl.metadata import RecvSpec, RemoteRelease
+from kvbridge.nixl.lease_confirm import NOT_OURS, LeaseConfirmer, Settled
+from kvbridge.nixl.load_results import LoadResults
+from kvbridge.nixl.load_state import TIMEOUT_KEYS, Load, ReaderConfig
+from kvbridge.nixl.metadata import RecvSpec, reader_token
 from kvbridge.nixl.read_stats import record_read
 from kvbridge.nixl.read_xfers import ReadXfers
 from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine, RemoteEngines
 from kvbridge.nixl.staging import HostStaging
-from kvbridge.nixl.transfers import KVRegions, ReadPlan, plan_read
-from kvbridge.nixl.transport import (
-    DlistHandle,
-    NixlTransport,
-    XferHandle,
-    XferState,
-)
-from kvbridge.offload.copy import CopyHandle
+from kvbridge.nixl.transfers import KVRegions, plan_read
+from kvbridge.nixl.transport import DlistHandle, NixlTransport, XferState
 
 logger = logging.getLogger(__name__)
-
-Phase = Literal["connect", "gate", "read", "confirm", "land"]
-_TIMEOUT_KEYS: dict[Phase, tuple[str, str]] = {
-    "connect": (keys.FAILED_HANDSHAKES, "handshake"),
-    "gate": (keys.FAILED_CONFIRMS, "waiting for the producer to stage the blocks"),
-    "read": (keys.FAILED_TRANSFERS, "READ"),
-    "confirm": (keys.FAILED_CONFIRMS, "lease confirmation"),
-}
-
-
-@dataclass
-class _Recv:
-    spec: RecvSpec
-    deadline: float
-    phase: Phase = "connect"
-    future: Future[NixlAgentMetadata] | None = None
-    remote: RemoteEngine | None = None  # bound (counted in its inflight) in gate and read
-    instance_id: str = ""  # the producer instance read from
-    handle: XferHandle | None = None
-    plan: ReadPlan | None = None
-    posted_wall: float = 0.0
-    phase_wall: float = 0.0  # perf_counter() when confirm / land began
-    proof: LeaseProof = field(default_factory=LeaseProof)
-    landing: CopyHandle | None = None
-    aborted: bool = False
-    report: bool = True  # an aborted load is still reported in finished_recving when it ends
-
-
-@dataclass(frozen=True)
-class ReaderConfig:
-    """Timeout and merging switch of the consumer's reader."""
-
-    transfer_timeout_s: float
-    merge_contiguous_blocks: bool
-    slow_transfer_s: float
 
 
 class KVReader:
@@ -115,17 +70,17 @@ class KVReader:
         self._stats = stats
         self.confirmer = confirmer
         self._staging = staging
-        self._recvs: dict[str, _Recv] = {}  # request id -> load in progress
-        self._recving: set[str] = set()
-        self._invalid: set[int] = set()
-        self._failures: dict[str, str] = {}
+        self._recvs: dict[str, Load] = {}  # request id -> load in progress
+        self.results = LoadResults()
 
     # -- inputs ---------------------------------------------------------------------------------
     def add(self, spec: RecvSpec, now: float) -> None:
         if spec.request_id in self._recvs:
             logger.warning("load of %s requested twice; ignoring the second", spec.request_id)
             return
-        recv = _Recv(spec, now + self._cfg.transfer_timeout_s)
+        endpoint = self.engines.endpoint(spec.remote_host, spec.remote_port)
+        reader = reader_token(self._t.agent_name, spec.request_id)
+        recv = Load(spec, now + self._cfg.transfer_timeout_s, endpoint, reader)
         self._recvs[spec.request_id] = recv
         if spec.fail_reason is not None:
             self._fail(recv, spec.fail_reason)
@@ -136,7 +91,7 @@ class KVReader:
         recv = self._recvs.get(request_id)
         if recv is None:
             if report:
-                self._recving.add(request_id)
+                self.results.ended(request_id)
             return
         recv.aborted, recv.report = True, report
         if recv.phase in ("connect", "gate"):
@@ -145,11 +100,6 @@ class KVReader:
         elif recv.phase == "confirm":
             self._end(recv)
         # read / land: ends when the READ / copy does
-
-    def release(self, rel: RemoteRelease) -> None:
-        """Tell an attached producer to free a request's blocks (else its lease lapses)."""
-        if not self.engines.notify(rel.remote_engine_id, "release", [rel.remote_request_id]):
-            logger.debug("no attached engine %s to release %s", rel.remote_engine_id, rel)
 
     # -- progress -------------------------------------------------------------------------------
     def poll(self, now: float) -> None:
@@ -161,7 +111,7 @@ class KVReader:
                 if recv.spec.remote_engine_id == engine_id and recv.phase == "connect":
                     recv.future = None  # handshake afresh
         answers = self.confirmer.collect(now)
-        ready: list[tuple[_Recv, RemoteEngine]] = []  # to post, asking first (one query)
+        ready: list[tuple[Load, RemoteEngine]] = []  # to post, asking first (one query)
         for recv in list(self._recvs.values()):
             answer = answers.get(recv.spec.request_id)
             if recv.phase == "connect":
@@ -170,12 +120,13 @@ class KVReader:
                     ready.append((recv, remote))
             elif recv.phase == "read":
                 if answer is not None:
-                    self._mark_restarted(recv, answer)
+                    if self._not_ours(recv, answer):
+                        continue
                     recv.proof.note(answer)
                 if recv.handle is not None:
                     self._on_state(recv, self._xfers.state(recv.handle, recv.spec.request_id), now)
             elif recv.phase == "land":
-                self._check_landing(recv, now)
+                self._land(recv, now)
             elif answer is not None:
                 self._settle(recv, answer, now)
         if ready:
@@ -186,16 +137,15 @@ class KVReader:
                 self._post(recv, remote, now)
         for recv in list(self._recvs.values()):
             if recv.phase != "land" and now > recv.deadline:
-                key, what = _TIMEOUT_KEYS[recv.phase]
+                key, what = TIMEOUT_KEYS[recv.phase]
                 if recv.phase == "read" and recv.remote is not None:
                     recv.remote.stale = True
                 self._stats.incr(key)
                 self._fail(recv, f"timed out after {self._cfg.transfer_timeout_s:g}s ({what})")
-        waiting: dict[str, list[str]] = {}
-        for recv in self._recvs.values():
-            if recv.remote is not None and not recv.aborted:
-                waiting.setdefault(recv.remote.engine_id, []).append(recv.spec.remote_request_id)
-        self.engines.heartbeat(now, waiting)
+        bound = [r for r in self._recvs.values() if r.remote is not None and not r.aborted]
+        self.engines.heartbeat(
+            now, [(r.spec.remote_engine_id, r.spec.remote_request_id) for r in bound]
+        )
         self.confirmer.send_due(now)
 
     def _fail_gone(self) -> None:
@@ -208,10 +158,10 @@ class KVReader:
                 if recv.phase == "connect":
                     recv.future = None
                 elif recv.phase != "land" and recv.instance_id == instance_id:
-                    self._stats.incr(_TIMEOUT_KEYS[recv.phase][0])
+                    self._stats.incr(TIMEOUT_KEYS[recv.phase][0])
                     self._fail(recv, f"engine {engine_id} is gone ({why})")
 
-    def _advance(self, recv: _Recv, now: float) -> RemoteEngine | None:
+    def _advance(self, recv: Load, now: float) -> RemoteEngine | None:
         """Connect; returns the remote engine once a READ may be posted from it."""
         connecting = self.engines.connect(recv.spec, recv.future)
         recv.future = connecting.future
@@ -229,35 +179,32 @@ class KVReader:
             return None
         return remote
 
-    def _ask(self, recv: _Recv, now: float) -> None:
-        spec = recv.spec
-        self.confirmer.ask(
-            spec.request_id,
-            self.engines.endpoint(spec.remote_host, spec.remote_port),
-            engine_id=spec.remote_engine_id,
-            instance_id=recv.instance_id,
-            request_id=spec.remote_request_id,
-            now=now,
-        )
+    def _ask(self, recv: Load, now: float, *, after_read: bool = False) -> None:
+        """Ask about the load's lease; ``after_read``: answers to the question asked with the
+        READ no longer count."""
+        if after_read:
+            recv.proof.ask_after_read()
+        self.confirmer.ask(recv.spec.request_id, now=now, **recv.question())
 
-    def _ask_after_read(self, recv: _Recv, now: float) -> None:
-        """Ask afresh: answers to the question asked with the READ no longer count."""
-        recv.proof.ask_after_read()
-        self._ask(recv, now)
+    def _not_ours(self, recv: Load, answer: Settled) -> bool:
+        """Fail a load told that the blocks are not its KV (another prompt's, or spent by
+        another reader); it never ends that lease, which is not its own. (A "restarted"
+        producer's agent is gone: detached once idle, handshaken afresh.)"""
+        if answer.verdict == "restarted":
+            self.engines.mark_stale(recv.spec.remote_engine_id, recv.instance_id)
+        if answer.verdict not in NOT_OURS:
+            return False
+        rid, engine = recv.spec.remote_request_id, recv.spec.remote_engine_id
+        recv.foreign = True
+        self._stats.incr(keys.FAILED_CONFIRMS)
+        self._fail(recv, f"engine {engine}'s blocks for {rid} {NOT_OURS[answer.verdict]}")
+        return True
 
-    def _mark_restarted(self, recv: _Recv, answer: Settled) -> None:
-        remote = self.engines.get(recv.spec.remote_engine_id)
-        if (
-            answer.verdict == "restarted"
-            and remote is not None
-            and remote.instance_id == recv.instance_id
-        ):
-            remote.stale = True  # its agent is gone: detach once idle, handshake afresh
-
-    def _settle(self, recv: _Recv, answer: Settled, now: float) -> None:
+    def _settle(self, recv: Load, answer: Settled, now: float) -> None:
         rid, engine = recv.spec.remote_request_id, recv.spec.remote_engine_id
         verdict = answer.verdict
-        self._mark_restarted(recv, answer)
+        if self._not_ours(recv, answer):
+            return
         if recv.phase == "gate":
             if verdict == "held" and recv.remote is not None:
                 recv.proof.note(answer)
@@ -273,7 +220,7 @@ class KVReader:
         with_read = verdict == "held" and not recv.proof.asked_after_read
         decision = recv.proof.judge(answer)
         if decision == "ask_after_read":  # the promise does not cover the READ
-            self._ask_after_read(recv, now)
+            self._ask(recv, now, after_read=True)
             return
         self._stats.observe(keys.CONFIRM_TIME, time.perf_counter() - recv.phase_wall)
         if decision == "land":
@@ -288,7 +235,7 @@ class KVReader:
             "read may have been reused",
         )
 
-    def _post(self, recv: _Recv, remote: RemoteEngine, now: float) -> None:
+    def _post(self, recv: Load, remote: RemoteEngine, now: float) -> None:
         spec = recv.spec
         try:
             plan = plan_read(
@@ -303,7 +250,7 @@ class KVReader:
             self._fail(recv, f"bad block ids: {e}")
             return
         if plan.num_block_layers == 0:
-            self.engines.notify(spec.remote_engine_id, "done", [spec.remote_request_id])
+            self._notify_done(recv)
             self._end(recv)
             return
         recv.phase, recv.plan = "read", plan
@@ -320,7 +267,7 @@ class KVReader:
         recv.handle, recv.posted_wall = posted.handle, posted.posted_wall
         self._on_state(recv, posted.state, now)
 
-    def _on_state(self, recv: _Recv, state: XferState, now: float) -> None:
+    def _on_state(self, recv: Load, state: XferState, now: float) -> None:
         if state == "DONE":
             recv.proof.read_seen_done(self._clock())  # the READ ended before this
             self._read_done(recv, now)
@@ -330,7 +277,7 @@ class KVReader:
             self._stats.incr(keys.FAILED_TRANSFERS)
             self._fail(recv, f"READ from engine {recv.spec.remote_engine_id} ended in ERR")
 
-    def _read_done(self, recv: _Recv, now: float) -> None:
+    def _read_done(self, recv: Load, now: float) -> None:
         if recv.plan is None or recv.handle is None:
             raise RuntimeError(f"READ of {recv.spec.request_id} completed without a plan")
         record_read(
@@ -344,7 +291,7 @@ class KVReader:
         )
         self._release_transfer(recv)
         self._unbind(recv)
-        self.engines.notify(recv.spec.remote_engine_id, "done", [recv.spec.remote_request_id])
+        self._notify_done(recv)
         if recv.aborted:
             self._end(recv)
             return
@@ -354,25 +301,18 @@ class KVReader:
             self._stats.incr(keys.CONFIRMS_WITH_READ)
             self.confirmer.cancel(recv.spec.request_id)
             self._land(recv, now)
-        elif not self.confirmer.is_open(recv.spec.request_id):
-            self._ask_after_read(recv, now)  # else the question asked with the READ is still out
+        elif not self.confirmer.is_open(recv.spec.request_id):  # else the one asked with it is
+            self._ask(recv, now, after_read=True)  # still out
 
-    def _land(self, recv: _Recv, now: float) -> None:
+    def _land(self, recv: Load, now: float) -> None:
+        """Copy host -> cache blocks (host-staged; started once): the load ends when done."""
         if self._staging is None:
             self._end(recv)
             return
-        recv.phase, recv.phase_wall = "land", time.perf_counter()
         try:
-            recv.landing = self._staging.stage_in(recv.spec.local_block_ids)
-        except Exception as e:
-            self._fail(recv, f"copying the blocks from the host buffer failed: {e}")
-            return
-        self._check_landing(recv, now)
-
-    def _check_landing(self, recv: _Recv, now: float) -> None:
-        if recv.landing is None:
-            raise RuntimeError(f"load of {recv.spec.request_id} lands without a copy")
-        try:
+            if recv.landing is None:
+                recv.phase, recv.phase_wall = "land", time.perf_counter()
+                recv.landing = self._staging.stage_in(recv.spec.local_block_ids)
             done = recv.landing.done()
         except Exception as e:
             recv.landing = None
@@ -384,57 +324,44 @@ class KVReader:
             self._end(recv)
 
     # -- endings --------------------------------------------------------------------------------
-    def _fail(self, recv: _Recv, reason: str) -> None:
-        spec = recv.spec
+    def _fail(self, recv: Load, reason: str) -> None:
         if not recv.aborted:
-            blocks = spec.all_local_block_ids
-            logger.warning(
-                "load of %s failed: %s; %d blocks marked as load errors",
-                spec.request_id,
-                reason,
-                len(blocks),
-            )
-            self._invalid |= blocks
-            self._failures[spec.request_id] = reason
+            self.results.failed(recv.spec, reason)
         if recv.phase in ("connect", "gate", "read"):  # after a READ, its "done" went out
             self._notify_release(recv)
         self._end(recv)
 
-    def _notify_release(self, recv: _Recv) -> None:
-        self.engines.notify(recv.spec.remote_engine_id, "release", [recv.spec.remote_request_id])
+    def _notify_release(self, recv: Load) -> None:
+        if not recv.foreign:
+            spec = recv.spec
+            self.engines.notify(spec.remote_engine_id, "release", [spec.remote_request_id])
 
-    def _end(self, recv: _Recv) -> None:
+    def _notify_done(self, recv: Load) -> None:
+        spec = recv.spec
+        self.engines.notify(
+            spec.remote_engine_id, "done", [spec.remote_request_id], reader=recv.reader
+        )
+
+    def _end(self, recv: Load) -> None:
         """Release what the load holds and report it (as aborted or as received)."""
         self._release_transfer(recv)
         self._unbind(recv)
         self.confirmer.cancel(recv.spec.request_id)
         self._recvs.pop(recv.spec.request_id, None)
         if not recv.aborted or recv.report:
-            self._recving.add(recv.spec.request_id)
+            self.results.ended(recv.spec.request_id)
 
-    def _unbind(self, recv: _Recv) -> None:
+    def _unbind(self, recv: Load) -> None:
         if recv.remote is not None:
             self.engines.unbind(recv.remote)
             recv.remote = None
 
-    def _release_transfer(self, recv: _Recv) -> None:
+    def _release_transfer(self, recv: Load) -> None:
         handle, recv.handle = recv.handle, None
         if handle is not None and not self._xfers.release(handle, recv.remote):
             recv.remote = None  # the unreleased handle keeps the remote bound
 
-    # -- outputs --------------------------------------------------------------------------------
-    def take_recving(self) -> set[str]:
-        out, self._recving = self._recving, set()
-        return out
-
-    def take_invalid_blocks(self) -> set[int]:
-        out, self._invalid = self._invalid, set()
-        return out
-
-    def take_failures(self) -> dict[str, str]:
-        out, self._failures = self._failures, {}
-        return out
-
+    # -- introspection and shutdown --------------------------------------------------------------
     @property
     def num_inflight(self) -> int:
         return len(self._recvs)
@@ -466,4 +393,4 @@ class KVReader:
             self.engines.unbind(remote)
         self.confirmer.close()
         self.engines.close()
-        self._recving.clear()
+        self.results.clear()

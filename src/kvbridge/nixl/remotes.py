@@ -207,14 +207,16 @@ class RemoteEngines:
         )
         return engine
 
-    def notify(self, engine_id: str, kind: NotifKind, request_ids: list[str]) -> bool:
+    def notify(
+        self, engine_id: str, kind: NotifKind, request_ids: list[str], reader: str = ""
+    ) -> bool:
         """Send a notification to an attached producer; False if not attached, gone or failed."""
         with self._lock:
             engine = self._engines.get(engine_id)
             if engine is None or engine.gone is not None:
                 return False
             try:
-                self._t.send_notif(engine.agent_name, encode_notif(kind, request_ids))
+                self._t.send_notif(engine.agent_name, encode_notif(kind, request_ids, reader))
             except NixlTransportError as e:
                 error: NixlTransportError | None = e
             else:
@@ -228,15 +230,25 @@ class RemoteEngines:
         self._stats.incr(keys.NOTIFICATIONS_SENT)
         return True
 
-    def heartbeat(self, now: float, waiting: dict[str, list[str]]) -> None:
-        """Renew the producers' leases on ``waiting`` (engine id -> their request ids), each at
-        its own interval."""
-        for engine_id, ids in waiting.items():
+    def heartbeat(self, now: float, waiting: list[tuple[str, str]]) -> None:
+        """Renew the producers' leases on ``waiting`` ((engine id, its request id) pairs), each
+        at its own interval."""
+        by_engine: dict[str, list[str]] = {}  # engine id -> its request ids
+        for engine_id, rid in waiting:
+            by_engine.setdefault(engine_id, []).append(rid)
+        for engine_id, ids in by_engine.items():
             engine = self.get(engine_id)
             if engine is None or engine.stale or now - engine.last_heartbeat < engine.heartbeat_s:
                 continue
             engine.last_heartbeat = now
             self.notify(engine_id, "heartbeat", ids)
+
+    def mark_stale(self, engine_id: str, instance_id: str) -> None:
+        """The instance's agent is gone: detach it once idle, handshake afresh."""
+        with self._lock:
+            engine = self._engines.get(engine_id)
+            if engine is not None and engine.instance_id == instance_id:
+                engine.stale = True
 
     def detach_idle_stale(self) -> list[str]:
         """Detach stale engines nobody reads from; returns their ids (to be handshaken afresh)."""

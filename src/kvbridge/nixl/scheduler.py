@@ -30,12 +30,14 @@ from kvbridge.nixl.metadata import (
     RecvSpec,
     RemoteRelease,
     SendSpec,
+    prompt_hash,
 )
 from kvbridge.nixl.params import (
     KVTransferParamsError,
     RemotePrefill,
     TransferParams,
     check_block_count,
+    check_distinct_blocks,
     parse_kv_transfer_params,
     remote_prefill_params,
 )
@@ -121,6 +123,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             remote_block_ids=tuple(list(ids[first:end]) for ids in remote.remote_block_ids),
             remote_request_id=remote.remote_request_id,
             fail_reason=fail,
+            prompt_hash=prompt_hash(request.prompt_token_ids),
         )
 
     def _remote_prefill(self, request: RequestView) -> RemotePrefill | None:
@@ -144,6 +147,9 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
                 request.num_prompt_tokens,
                 self.cache_spec.block_size,
                 self.cache_spec.num_groups,
+            )
+            check_distinct_blocks(
+                remote, [g.attention == "sliding_window" for g in self.cache_spec.groups]
             )
         except KVTransferParamsError as e:
             self._reject(request.request_id, e)
@@ -257,6 +263,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             lease_duration_s=self.settings.kv_lease_duration_s,
             abort_timeout_s=self.settings.abort_timeout_s,
             block_ids=held,
+            prompt_hash=prompt_hash(request.prompt_token_ids),
         )
         params_out: dict[str, Any] = remote_prefill_params(
             engine_id=self.config.engine_id,

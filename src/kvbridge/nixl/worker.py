@@ -34,9 +34,10 @@ from kvbridge.nixl.handshake import (
 )
 from kvbridge.nixl.lease_confirm import LEASE_FRAME, LeaseConfirmer, lease_query_handler
 from kvbridge.nixl.leases import MAX_PROMISE_S, LeaseTable
+from kvbridge.nixl.load_state import ReaderConfig
 from kvbridge.nixl.metadata import NixlConnectorMetadata, NixlWorkerMetadata
 from kvbridge.nixl.producer import LeaseKeeper
-from kvbridge.nixl.reader import KVReader, ReaderConfig
+from kvbridge.nixl.reader import KVReader
 from kvbridge.nixl.registration import agent_metadata, cache_regions, check_kv_caches
 from kvbridge.nixl.remotes import RemoteEngines
 from kvbridge.nixl.settings import NixlSettings
@@ -271,7 +272,8 @@ class NixlWorker(KVConnectorWorker):
         for rid, report in meta.reqs_aborted.items():
             reader.abort(rid, report=report)
         for rel in meta.reqs_to_release:
-            reader.release(rel)
+            # Tell an attached producer it may free the blocks (else its lease lapses).
+            reader.engines.notify(rel.remote_engine_id, "release", [rel.remote_request_id])
         reader.poll(now)
 
     def get_finished(self, finished_req_ids: frozenset[str]) -> FinishedTransfers:
@@ -282,7 +284,7 @@ class NixlWorker(KVConnectorWorker):
         recving: set[str] = set()
         if reader is not None:
             reader.poll(now)
-            recving = reader.take_recving()
+            recving = reader.results.take_recving()
         if self._reg.listener is not None:
             self.producer.drain_notifs(self._reg.transport, now)
         sending = self.producer.finished(finished_req_ids, now)
@@ -290,12 +292,12 @@ class NixlWorker(KVConnectorWorker):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         reader = None if self._reg is None else self._reg.reader
-        return set() if reader is None else reader.take_invalid_blocks()
+        return set() if reader is None else reader.results.take_invalid_blocks()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if self._reg is None:
             return None
-        failures = {} if self._reg.reader is None else self._reg.reader.take_failures()
+        failures = {} if self._reg.reader is None else self._reg.reader.results.take_failures()
         listener = self._reg.listener
         announce = listener is not None and not self._announced and self.rank == 0
         if not failures and not announce:

@@ -21,7 +21,7 @@ from kvbridge.nixl.lease_confirm import (
     lease_query_handler,
 )
 from kvbridge.nixl.leases import MAX_PROMISE_S, LeaseStatus, LeaseTable
-from kvbridge.nixl.metadata import SendSpec, decode_notif
+from kvbridge.nixl.metadata import SendSpec, decode_notif, encode_notif
 
 HASH = compat_hash(spec())
 
@@ -298,3 +298,59 @@ def test_cancelled_questions_are_never_settled(
     confirmer.cancel("d1")
     assert settle(confirmer, [0.0], expect=1) == {"d2": "held"}
     assert confirmer.num_open == 0
+
+
+def test_answers_tell_another_prompts_blocks_and_a_spent_lease_apart(
+    producer: Producer, confirmer: LeaseConfirmer
+) -> None:
+    """The answer names the prompt the blocks hold and who said "done": a question for another
+    prompt is "mismatch", one from a reader other than the one that ended the lease is
+    "consumed"; an older peer that says neither is not checked. Checked against a broken build
+    (``_differ`` always False): this test fails."""
+    held = SendSpec(
+        request_id="p", num_blocks=2, lease_duration_s=30, abort_timeout_s=60, prompt_hash="X"
+    )
+    producer.table.start(held, now=0.0)
+    producer.table.start(msgspec.structs.replace(held, request_id="q"), now=0.0)
+    producer.table.complete("q", now=1.0, kind="done", reader="reader-1")
+    endpoint = ("127.0.0.1", producer.listener.port)
+    asks = {  # key: (request id, prompt hash, reader)
+        "same prompt": ("p", "X", "r"),
+        "other prompt": ("p", "Y", "r"),
+        "prompt not said": ("p", "", "r"),
+        "done by me": ("q", "X", "reader-1"),
+        "done by another": ("q", "X", "reader-2"),
+        "other prompt, done": ("q", "Y", "reader-1"),
+        "reader not said": ("q", "X", ""),
+    }
+    for key, (rid, prompt, reader) in asks.items():
+        confirmer.ask(
+            key,
+            endpoint,
+            engine_id="prefill",
+            instance_id="inst-1",
+            request_id=rid,
+            now=0.0,
+            prompt_hash=prompt,
+            reader=reader,
+        )
+    assert settle(confirmer, [0.0], expect=len(asks)) == {
+        "same prompt": "held",
+        "other prompt": "mismatch",
+        "prompt not said": "held",
+        "done by me": "done",
+        "done by another": "consumed",
+        "other prompt, done": "mismatch",
+        "reader not said": "done",
+    }
+
+
+def test_a_done_notification_names_its_reader_and_the_table_keeps_it_bounded() -> None:
+    table = LeaseTable()
+    table.complete("early", now=0.0, kind="done", reader="r" * 1000)  # before its lease starts
+    table.start(send("early"), now=0.0)
+    assert table.status("early", None).done_by == "r" * 64
+    table.start(send("p"), now=0.0)
+    table.complete("p", now=1.0, kind="release", reader="r")
+    assert table.status("p", None) == LeaseStatus("released")  # only "done" names a reader
+    assert decode_notif(encode_notif("done", ["p"], "r")).reader == "r"

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -111,6 +112,7 @@ def test_too_few_allocated_blocks_ship_a_failed_load() -> None:
         (remote_params(12, remote_block_ids=[1, 2]), "2 blocks, but the prompt of 12 tokens"),
         (remote_params(12, tp_size=2), "kv_transfer_params.tp_size"),
         ({**remote_params(12), "extra": 1}, "kv_transfer_params.extra: unknown field"),
+        (remote_params(12, remote_block_ids=[4, 5, 4]), "block 4 appears twice"),
     ],
 )
 def test_invalid_params_fall_back_to_local_prefill_with_a_clear_log(
@@ -127,6 +129,22 @@ def test_invalid_params_fall_back_to_local_prefill_with_a_clear_log(
     assert meta(sched).reqs_to_recv == {}
     assert sched.request_finished(req, [1, 2, 3]) == (False, None)
     assert not sched.has_request_state("bad")
+
+
+def test_reused_remote_block_ids_are_refused_but_a_sliding_windows_null_blocks_repeat() -> None:
+    """One remote block cannot hold two parts of a prompt: such params fall back to local
+    prefill (the ``block 4 appears twice`` case above). A sliding-window group's table repeats
+    vLLM's null block (0) where blocks left the window: accepted there, and only there.
+    Checked against a broken build (no ``check_distinct_blocks``): the refusal case fails."""
+    base = spec(2)
+    full, window = base.groups
+    sliding = replace(window, attention="sliding_window", sliding_window=8)
+    hybrid_spec = replace(base, groups=(full, sliding))
+    hybrid = NixlScheduler(config("kv_both", "eng", side_channel_port=5600), hybrid_spec)
+    nulls = remote_params(12, remote_block_ids=[[4, 5, 6], [0, 0, 9]])
+    assert hybrid.get_num_new_matched_tokens(request("sw", 12, nulls), 0) == (11, True)
+    full_nulls = remote_params(12, remote_block_ids=[[0, 0, 6], [7, 8, 9]])
+    assert hybrid.get_num_new_matched_tokens(request("full", 12, full_nulls), 0) == (0, False)
 
 
 def test_producer_only_engine_ignores_remote_prefill() -> None:

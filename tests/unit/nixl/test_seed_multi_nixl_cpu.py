@@ -36,7 +36,7 @@ from kvbridge.engine.request import RequestOutput, RequestStatus
 from kvbridge.engine.sampling import SamplingParams
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.connector import NixlConnector
-from kvbridge.nixl.metadata import NixlWorkerMetadata, encode_notif
+from kvbridge.nixl.metadata import NixlWorkerMetadata, decode_notif, encode_notif
 from kvbridge.offload.connector import SimpleCPUOffloadConnector
 from kvbridge.offload.metadata import CPUOffloadMetadata, CPUOffloadWorkerMetadata
 
@@ -85,8 +85,11 @@ def test_a_remote_prefill_is_won_by_nixl_and_the_cpu_child_loads_nothing(produce
         assert c.cpu_meta().is_empty()
         outs = c.run_until(lambda o: "remote" in o.finished_recving)
         assert all(not o.invalid_block_ids for o in outs)
-        done = (producer.fake.REMOTE_AGENT_NAME, encode_notif("done", ["p-1"]))
-        assert done in c.nixl_fake.sent_notifs
+        sent = [
+            (a, (decode_notif(m).kind, decode_notif(m).request_ids))
+            for a, m in c.nixl_fake.sent_notifs
+        ]
+        assert (producer.fake.REMOTE_AGENT_NAME, ("done", ["p-1"])) in sent
         assert all(not c.cpu_meta(k).loads for k in range(len(c.metas)))
         assert c.sched.request_finished(req, [4, 5, 6, 7]) == (False, None)
         assert not c.has_state("remote")

@@ -123,6 +123,9 @@ def test_blocks_from_the_producer_give_the_monolithic_tokens(
 def test_lease_lapsed_mid_read_is_recomputed_to_the_same_tokens(
     fabric: FakeFabric, expected: list[int]
 ) -> None:
+    """The producer's blocks are overwritten after the lapse: the READ's bytes are garbage and
+    must not land. Checked against a broken build (``LeaseProof.judge`` landing on "expired"):
+    this test fails."""
     lease = {"kv_lease_duration_s": 0.3, "heartbeat_interval_s": 0.1}
     with engine(fabric, "kv_producer", **lease) as p, engine(fabric, "kv_consumer", **lease) as d:
         params = prefill(p)

@@ -12,7 +12,7 @@ from nixl_helpers import FakeClock, Node, make_node, serving, wait_for
 from worker_steps import got_recving, hold, recv, run_until
 
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.metadata import NixlWorkerMetadata, decode_notif
+from kvbridge.nixl.metadata import NixlWorkerMetadata, decode_notif, encode_notif
 from kvbridge.nixl.remotes import RemoteEngine
 
 
@@ -77,3 +77,32 @@ def test_a_configured_heartbeat_slower_than_the_producers_lease_is_refused_at_th
         assert stats is not None and stats.data[keys.FAILED_HANDSHAKES] == 1
     finally:
         consumer.worker.shutdown()
+
+
+def test_a_lease_heartbeated_forever_does_not_hold_back_the_others_expiry(
+    clock: FakeClock,
+) -> None:
+    """vLLM #58222: its reaper stopped at the first unexpired entry, in insertion order, so a
+    request heartbeated at the head kept every expired hold behind it. Here the first lease is
+    renewed every 10 s; the four started after it lapse on time, at 30 s, and it lapses at its
+    hard cap (60 s). Checked against a broken build (``LeaseTable.expire`` stopping at the first
+    live lease): this test fails."""
+    producer = make_node("kv_producer", "prefill", clock)  # holds: 30 s lease, 60 s cap
+    try:
+        rids = [f"p-{i}" for i in range(5)]
+        for rid in rids:  # p-0 first: the head of every insertion-ordered table
+            hold(producer, rid)
+        freed: dict[str, float] = {}
+        start = clock.now
+        while len(freed) < len(rids):
+            assert clock.now - start < 70, f"never freed: {sorted(set(rids) - set(freed))}"
+            clock.advance(0.5)
+            if (clock.now - start) % 10 == 0:
+                producer.fake.deliver_notif("decode", encode_notif("heartbeat", ["p-0"]))
+            sending, _, _ = producer.step(finished=frozenset(rids))
+            freed.update({rid: clock.now - start for rid in sending})
+        assert {rid: freed[rid] for rid in rids[1:]} == dict.fromkeys(rids[1:], 30.0)
+        assert freed["p-0"] == 60.0  # renewed to the end, then the hard cap
+        assert producer.worker.leases.num_expired_total == 5
+    finally:
+        producer.worker.shutdown()

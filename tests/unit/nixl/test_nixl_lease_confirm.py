@@ -167,13 +167,20 @@ def _ok(node: Node) -> frozenset[str]:
     return recving
 
 
+@pytest.mark.parametrize("lapsed", ["while the READ ran", "before the READ was posted"])
 def test_lease_lapsed_before_the_read_ended_is_a_load_error(
-    producer: Node, consumer: Node, clock: FakeClock
+    producer: Node, consumer: Node, clock: FakeClock, lapsed: str
 ) -> None:
+    """A READ of blocks whose lease lapsed never lands as good (the producer freed them).
+    Checked against a broken build (``LeaseProof.judge`` landing on "expired"): both cases
+    fail."""
     hold(producer)
-    read_posted(consumer, producer)
+    if lapsed == "while the READ ran":
+        read_posted(consumer, producer)
     clock.advance(31)  # no heartbeat reaches the producer: its lease lapses, blocks are freed
     assert producer.step(finished=frozenset())[0] == {"p-1"}
+    if lapsed != "while the READ ran":
+        read_posted(consumer, producer)
     consumer.fake.cycles_before_xfer_done = 0  # the READ completes, with whatever it read
     _, recving, errors = step_until(consumer, "d-1")
     assert recving == {"d-1"} and errors == {2, 3, 4}

@@ -175,6 +175,10 @@ def test_stuck_read_times_out_sends_heartbeats_meanwhile_and_releases_its_handle
 
 
 def test_bad_remote_block_ids_fail_the_load(nodes: tuple[Node, Node]) -> None:
+    """Out-of-range remote ids are refused before any READ is made. Checked against a broken
+    build (``plan_read`` not checking the remote ids): a READ is then posted (NIXL's own index
+    check happens to catch 99, not an id that lands in the next layer's blocks) and this test
+    fails."""
     producer, consumer = nodes
     meta = recv(producer.worker.side_channel_port, remote=[5, 6, 99])
     results = run_until(consumer, got_recving("d-1"), meta=meta)

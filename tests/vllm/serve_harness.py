@@ -174,6 +174,7 @@ class Server:
         for sig, wait_s in [*steps, (signal.SIGKILL, 10.0)]:
             try:
                 os.killpg(self.proc.pid, sig)
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a paused group acts on it too
             except ProcessLookupError:
                 return
             deadline = time.monotonic() + wait_s
@@ -183,6 +184,13 @@ class Server:
                 if not _group_alive(self.proc.pid):
                     return
                 time.sleep(0.1)
+
+    def pause(self) -> None:
+        """Stop the whole group (SIGSTOP): it costs no CPU until ``resume``."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -46,6 +46,7 @@ MAX_TOKENS = 8
 TRANSFER_TIMEOUT_S = 15  # D's NIXL transfer_timeout_s (README default 30 s): the P-killed wait
 STARTUP_S = 300  # deadline for both engines to answer /health (about 40 s on an idle 2-core box)
 SOURCE = "vllm:prompt_tokens_by_source_total"
+OTHER_MODEL = README_MODEL + "-seed1"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -67,6 +68,8 @@ class Stack:
     d_url: str
     proxy_url: str
     client: httpx.Client
+    other_server: Server  # a second P: README's line on a checkpoint of other weights (seed 1)
+    other_url: str
 
     def complete(self, url: str, prompt: str | list[int], **fields: Any) -> dict[str, Any]:
         body = {
@@ -86,10 +89,10 @@ class Stack:
         """The single-vLLM answer: P, no kv_transfer_params, its caches bypassed by the salt."""
         return greedy(self.complete(self.p_url, prompt, cache_salt=salt))
 
-    def prefill_params(self, prompt: str | list[int]) -> dict[str, Any]:
+    def prefill_params(self, prompt: str | list[int], url: str = "") -> dict[str, Any]:
         """What the proxy does first: P computes the prompt and returns D's params."""
         body = self.complete(
-            self.p_url,
+            url or self.p_url,
             prompt,
             max_tokens=1,
             logprobs=None,
@@ -130,15 +133,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     setup = "\n".join(substitute(c, values) for c in cmds.setup)
     (root / "logging.json").write_text(json.dumps(LOGGING))
     env = bin_env(VLLM_LOGGING_CONFIG_PATH=str(root / "logging.json"))
-    made = subprocess.run(
-        ["bash", "-c", f"{setup}\n{substitute(cmds.checkpoint, values)}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
+    for model, seed in ((README_MODEL, 0), (OTHER_MODEL, 1)):
+        line = substitute(cmds.checkpoint, {README_MODEL: str(root / model.split("/")[-1])})
+        made = subprocess.run(
+            ["bash", "-c", f"{setup}\n{line} --seed {seed}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert made.returncode == 0, made.stdout + made.stderr
 
     p_cmd = cmds.server("KVBridgeMultiConnector", "kv_producer")
     d_cmd = cmds.server("KVBridgeMultiConnector", "kv_consumer")
@@ -150,23 +155,49 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )  # fmt: skip
     nixl.setdefault("kv_connector_extra_config", {})["transfer_timeout_s"] = TRANSFER_TIMEOUT_S
     d_cmd = with_kv_config(d_cmd, d_config)
+    other = {
+        README_MODEL: str(root / OTHER_MODEL.split("/")[-1]),
+        str(README_PORTS["prefill"]): free_port(),
+        str(README_PORTS["side_channel"]): free_port(),
+    }
+    raw_setup = "\n".join(cmds.setup)
+    other_script = f"{substitute(raw_setup, other)}\n{substitute(p_cmd, other)}"
+    other_url = f"http://127.0.0.1:{other[str(README_PORTS['prefill'])]}"
 
     servers: list[Server] = []
     try:
         for name, cmd in (("prefill", p_cmd), ("decode", d_cmd)):
             script = f"{setup}\n{substitute(cmd, values)}"
             servers.append(Server(name, script, root / f"{name}.log", env))
+        # the second P starts with them and sleeps (SIGSTOP) until the test that needs it: an
+        # idle NIXL agent keeps a core busy polling, three on a 2-core box slow all down
+        other = Server("prefill-other-weights", other_script, root / "other.log", env)
+        servers.append(other)
         p_url, d_url = f"http://127.0.0.1:{ports['prefill']}", f"http://127.0.0.1:{ports['decode']}"
-        wait_ready([(servers[0], p_url), (servers[1], d_url)], STARTUP_S)
+        wait_ready([(servers[0], p_url), (servers[1], d_url), (other, other_url)], STARTUP_S)
+        other.pause()
         proxy_cmd = substitute(cmds.proxy, values)
-        servers.append(Server("proxy", proxy_cmd, root / "proxy.log", env))
+        proxy = Server("proxy", proxy_cmd, root / "proxy.log", env)
+        servers.append(proxy)
         proxy_url = f"http://127.0.0.1:{ports['proxy']}"
-        wait_ready([(servers[2], proxy_url)], 60)
+        wait_ready([(proxy, proxy_url)], 60)
         with httpx.Client(timeout=120, trust_env=False) as client:
-            yield Stack(*servers, p_url, d_url, proxy_url, client)  # type: ignore[misc]
+            yield Stack(
+                servers[0], servers[1], proxy, p_url, d_url, proxy_url, client, other, other_url
+            )
     finally:
         for server in reversed(servers):
             server.kill()
+
+
+@pytest.fixture
+def other_weights(stack: Stack) -> Iterator[str]:
+    """The second P, awake for the test that needs it, then gone."""
+    stack.other_server.resume()
+    try:
+        yield stack.other_url
+    finally:
+        stack.other_server.kill()
 
 
 def _proxy_routes(stack: Stack) -> float:
@@ -216,24 +247,41 @@ def test_proxy_streams_a_chat_answer_from_d(stack: Stack) -> None:
     assert _wait_metric_change(stack, before)["external_kv_transfer"] > 32
 
 
-def test_control_kv_of_another_prompt_is_flagged(stack: Stack) -> None:
-    """D handed prompt B's params for prompt A (same length, so kvbridge's block-count check
-    passes) reads B's KV: the oracle must flag the answer it passes with A's own params."""
+def test_params_of_another_prompt_are_refused_and_d_recomputes(stack: Stack) -> None:
+    """D handed prompt B's params for prompt A (same length, so the block counts agree): the
+    lease answer names the prompt P's blocks hold, D refuses them and computes A itself."""
     prompt_a = [(7 * i + 3) % 500 + 5 for i in range(70)]
     prompt_b = [(11 * i + 1) % 500 + 5 for i in range(70)]
-    expected = stack.reference(prompt_a, salt="control")
-    params_a = stack.prefill_params(prompt_a)
-    right = greedy(stack.complete(stack.d_url, prompt_a, kv_transfer_params=params_a))
+    expected = stack.reference(prompt_a, salt="mismatch")
+    before = stack.sources()
+
+    params_b = stack.prefill_params(prompt_b)
+    actual = greedy(stack.complete(stack.d_url, prompt_a, kv_transfer_params=params_b))
+
+    assert oracle(expected, actual, TOL) is None, oracle(expected, actual, TOL)
+    moved = _wait_metric_change(stack, before)
+    assert moved == {"local_compute": 70, "local_cache_hit": 0, "external_kv_transfer": 0}
+
+
+def test_control_kv_of_other_weights_is_flagged(stack: Stack, other_weights: str) -> None:
+    """The oracle's control: P's blocks for the right prompt, but computed by other weights
+    (a P on the seed-1 checkpoint; the handshake checks shapes, not weights). D reads them
+    (the prompt matches) and the oracle must flag the answer it passes with the right P."""
+    prompt = [(5 * i + 2) % 500 + 5 for i in range(70)]
+    expected = stack.reference(prompt, salt="weights")
+    right = greedy(
+        stack.complete(stack.d_url, prompt, kv_transfer_params=stack.prefill_params(prompt))
+    )
     assert oracle(expected, right, TOL) is None, oracle(expected, right, TOL)
     before = stack.sources()
 
-    # the salt keeps D's own prefix cache (which now holds A) out of it
-    params_b = stack.prefill_params(prompt_b)
+    # the salt keeps D's own prefix cache (which now holds the prompt) out of it
+    params = stack.prefill_params(prompt, url=other_weights)
     wrong = greedy(
-        stack.complete(stack.d_url, prompt_a, kv_transfer_params=params_b, cache_salt="wrong")
+        stack.complete(stack.d_url, prompt, kv_transfer_params=params, cache_salt="wrong")
     )
 
-    assert _wait_metric_change(stack, before)["external_kv_transfer"] == len(prompt_a) - 1
+    assert _wait_metric_change(stack, before)["external_kv_transfer"] == len(prompt) - 1
     assert oracle(expected, wrong, TOL) is not None
     assert wrong.token_ids != expected.token_ids or max_gap(expected, wrong) > 10 * TOL
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from vllm_engines import TINY_LLAMA
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
@@ -25,17 +26,6 @@ else:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p
     )
-
-# The tiny random-weight Llama every vLLM test runs (2 layers, hidden 256, 2 KV heads).
-TINY_LLAMA = {
-    "vocab_size": 512,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-}
 
 
 def make_tiny_llama(out: Path, seed: int = 0) -> Path:

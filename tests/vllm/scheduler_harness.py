@@ -35,6 +35,7 @@ from vllm.v1.kv_cache_interface import (
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
+from vllm_engines import TINY_LLAMA
 
 from kvbridge.vllm import KVBridgeMultiConnector
 
@@ -42,15 +43,6 @@ BLOCK = 32
 NUM_BLOCKS = 64
 WINDOW = 2 * BLOCK  # the sliding-window group's window, in tokens
 LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
-TINY_LLAMA = {
-    "vocab_size": 512,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-}
 SAMPLED = 7  # the token every fake forward samples
 
 

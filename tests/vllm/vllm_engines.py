@@ -11,6 +11,16 @@ from typing import Any
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs multiples of 32
 MODULE = "kvbridge.vllm"
+# The tiny random-weight Llama every vLLM test runs (2 layers, hidden 256, 2 KV heads).
+TINY_LLAMA = {
+    "vocab_size": 512,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
 
 
 @dataclass(frozen=True)

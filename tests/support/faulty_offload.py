@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kvbridge.copy.backend import CopyHandle
 from kvbridge.offload.connector import SimpleCPUOffloadConnector
-from kvbridge.offload.copy import CopyHandle
 from kvbridge.offload.worker import CPUOffloadWorker
 
 if TYPE_CHECKING:

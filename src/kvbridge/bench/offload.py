@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvbridge.offload.copy import CopyBackend, backend_name_for, copy_backend_class
+from kvbridge.copy.backend import CopyBackend, backend_name_for, copy_backend_class
 
 BLOCK_SHAPE = (2, 16, 8, 128)  # K and V, tokens per block, KV heads, head dim
 CUDA_STRATEGIES = ("serial", "pipelined", "direct")
@@ -160,8 +160,9 @@ def _backend(
     cpu_layers: list[torch.Tensor],
 ) -> CopyBackend:
     if args.device != "cuda":
-        return copy_backend_class(backend_name_for(args.device))(gpu_layers, cpu_layers)
-    from kvbridge.offload.cuda_copy import CUDACopyBackend
+        cls = copy_backend_class(backend_name_for(args.device, user="bench offload"))
+        return cls(gpu_layers, cpu_layers)
+    from kvbridge.copy.cuda import CUDACopyBackend
 
     return CUDACopyBackend(
         gpu_layers,
@@ -179,7 +180,7 @@ def _measure(args: argparse.Namespace, strategy: str, n: int) -> list[Row]:
         torch.empty((2 * n, *BLOCK_SHAPE), dtype=torch.bfloat16, device=device)
         for _ in range(args.layers)
     ]
-    cls = copy_backend_class(backend_name_for(device))
+    cls = copy_backend_class(backend_name_for(device, user="bench offload"))
     cpu_layers = cls.allocate_cpu_layers(gpu_layers, n)
     nbytes = n * args.layers * gpu_layers[0][0].numel() * gpu_layers[0].element_size()
     numel = nbytes // 2

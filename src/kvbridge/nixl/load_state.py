@@ -6,6 +6,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kvbridge.copy.backend import CopyHandle
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.handshake import NixlAgentMetadata
 from kvbridge.nixl.lease_proof import LeaseProof
@@ -13,7 +14,6 @@ from kvbridge.nixl.metadata import RecvSpec
 from kvbridge.nixl.remotes import RemoteEngine
 from kvbridge.nixl.transfers import ReadPlan
 from kvbridge.nixl.transport import XferHandle
-from kvbridge.offload.copy import CopyHandle
 
 Phase = Literal["connect", "gate", "read", "confirm", "land"]
 # phase -> (the stats key a failure in it counts, what it waited for)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 
 from kvbridge.connector.stats import KVConnectorStats
+from kvbridge.copy.backend import CopyHandle
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.leases import LeaseTable
 from kvbridge.nixl.metadata import SendSpec, decode_notif
 from kvbridge.nixl.staging import HostStaging
 from kvbridge.nixl.transport import NixlTransport, NixlTransportError
-from kvbridge.offload.copy import CopyHandle
 
 logger = logging.getLogger(__name__)
 

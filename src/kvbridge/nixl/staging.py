@@ -8,7 +8,7 @@ host block ``b`` and NIXL moves host memory only::
 
 Host block ``b`` belongs to whoever owns cache block ``b``: a held producer request (its lease
 starts once ``stage_out`` finished) or a loading consumer request. The copies are the batched
-ones of the CPU offload engine (``kvbridge.offload.copy``), one engine per KV cache group over
+ones of ``kvbridge.copy`` (shared with the CPU tier), one engine per KV cache group over
 that group's layers, so a group's block ids never touch another group's layers.
 """
 
@@ -18,29 +18,20 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from kvbridge.copy.backend import (
+    AllDone,
+    CopyBackend,
+    CopyHandle,
+    backend_name_for,
+    copy_backend_class,
+)
 from kvbridge.nixl.transfers import KVRegions
-from kvbridge.offload.copy import CopyBackend, CopyHandle, backend_name_for, copy_backend_class
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-
-class _AllDone(CopyHandle):
-    """Completion of several batches (one per group)."""
-
-    def __init__(self, handles: list[CopyHandle]) -> None:
-        self._handles = handles
-
-    def done(self) -> bool:
-        self._handles = [h for h in self._handles if not h.done()]
-        return not self._handles
-
-    def wait(self) -> None:
-        for handle in self._handles:
-            handle.wait()
-        self._handles = []
+_USER = "NixlConnector (kv_buffer_device: cpu)"
 
 
 class HostStaging:
@@ -52,7 +43,7 @@ class HostStaging:
         if not kv_layers:
             raise ValueError("HostStaging: no KV cache layers")
         first = kv_layers[0]
-        cls = copy_backend_class(backend_name_for(first.device.type))
+        cls = copy_backend_class(backend_name_for(first.device.type, user=_USER))
         self.host_layers: list[torch.Tensor] = cls.allocate_cpu_layers(kv_layers, first.shape[0])
         self._engines: list[CopyBackend] = [
             cls([kv_layers[i] for i in layers], [self.host_layers[i] for i in layers])
@@ -99,7 +90,7 @@ class HostStaging:
             if unique:
                 copy = engine.store if out else engine.load
                 handles.append(copy(unique, unique))
-        return _AllDone(handles)
+        return AllDone(handles)
 
     def shutdown(self) -> None:
         for engine in self._engines:

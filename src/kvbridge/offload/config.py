@@ -32,7 +32,7 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
 }
 # vLLM's default CPU capacity, server-wide (split by world size).
 DEFAULT_CPU_BYTES = 8 << 30
-# CUDA copy strategies (offload/cuda_copy.py); "STORE/LOAD" picks one per direction.
+# CUDA copy strategies (kvbridge/copy/cuda.py); "STORE/LOAD" picks one per direction.
 COPY_STRATEGIES = ("serial", "pipelined", "direct")
 ATTENTION_KINDS = ("full", "sliding_window")
 _GIB = float(1 << 30)

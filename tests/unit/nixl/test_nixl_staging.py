@@ -262,3 +262,10 @@ def test_real_nixl_moves_staged_blocks_between_two_agents(
     for name, t in d.cache.items():
         assert torch.equal(t[D_BLOCKS], p.cache[name][P_BLOCKS]), name
     freed(p)  # a real "done" notification
+
+
+def test_staging_on_a_device_without_copy_backend_names_nixl_not_the_cpu_tier() -> None:
+    layers = [torch.empty(4, 2, 4, 2, 8, device="meta")]
+    with pytest.raises(ValueError, match="^NixlConnector.*no copy backend.*'meta'") as err:
+        HostStaging(layers, [[0]])
+    assert "SimpleCPUOffloadConnector" not in str(err.value)

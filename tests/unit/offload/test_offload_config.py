@@ -128,7 +128,7 @@ def test_scheduler_half_imports_and_builds_without_torch() -> None:
         from kvbridge.connector.factory import create_connector
         from kvbridge.connector.types import KVCacheSpec
         import kvbridge.offload.config, kvbridge.offload.pool, kvbridge.offload.metadata
-        import kvbridge.offload.scheduler, kvbridge.offload.copy, kvbridge.offload.connector
+        import kvbridge.offload.scheduler, kvbridge.copy.backend, kvbridge.offload.connector
         cfg = TransferConfig(
             kv_connector="SimpleCPUOffloadConnector",
             kv_connector_extra_config={"num_cpu_blocks": 4},

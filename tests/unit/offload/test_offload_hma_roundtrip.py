@@ -25,8 +25,8 @@ from kvbridge.config import ConfigError
 from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.types import BlockIds, SimpleRequest
-from kvbridge.offload.copy import CopyHandle
-from kvbridge.offload.cpu_copy import CPUCopyBackend
+from kvbridge.copy.backend import CopyHandle
+from kvbridge.copy.cpu import CPUCopyBackend
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker
 

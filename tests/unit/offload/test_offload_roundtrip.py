@@ -13,8 +13,8 @@ from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import SimpleRequest
-from kvbridge.offload.copy import CopyHandle
-from kvbridge.offload.cpu_copy import CPUCopyBackend
+from kvbridge.copy.backend import CopyHandle
+from kvbridge.copy.cpu import CPUCopyBackend
 from kvbridge.offload.metadata import CPUOffloadWorkerMetadata
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker

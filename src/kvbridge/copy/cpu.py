@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kvbridge.offload.copy import CopyBackend, CopyHandle, DoneHandle, plan_runs
-from kvbridge.offload.staging import WIDE_DTYPES, wide_rows
+from kvbridge.copy.backend import CopyBackend, CopyHandle, DoneHandle, plan_runs
+from kvbridge.copy.staged import WIDE_DTYPES, wide_rows
 
 # On the CPU the elementwise index_copy_ kernel also moves 16-byte elements.
 _CPU_WIDE_DTYPES = (torch.complex128, *WIDE_DTYPES)

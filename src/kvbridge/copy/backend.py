@@ -1,8 +1,9 @@
-"""Copy backends: the interface, run planning, and a registry with lazy imports.
+"""Copy backends: the interface, run planning, completion handles, and a lazy registry.
 
 A backend moves whole blocks between the engine's per-layer KV tensors ("GPU" side, even on
-a CPU-only machine) and the CPU pool, a few tensor ops per batch (per run of consecutive
-block ids and layer), never one op per block when ids are consecutive.
+a CPU-only machine) and host tensors of the same block shape (the CPU tier's pool, NIXL's host
+staging buffer), a few tensor ops per batch (per run of consecutive block ids and layer),
+never one op per block when ids are consecutive. Nothing here imports torch at runtime.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ if TYPE_CHECKING:
 
 # name -> "module:Class"; imported only when that backend is built.
 _BACKENDS: dict[str, str] = {
-    "cpu": "kvbridge.offload.cpu_copy:CPUCopyBackend",
-    "cuda": "kvbridge.offload.cuda_copy:CUDACopyBackend",
+    "cpu": "kvbridge.copy.cpu:CPUCopyBackend",
+    "cuda": "kvbridge.copy.cuda:CUDACopyBackend",
 }
 
 
@@ -71,8 +72,24 @@ class DoneHandle(CopyHandle):
         return None
 
 
+class AllDone(CopyHandle):
+    """Completion of several batches (e.g. one per KV cache group)."""
+
+    def __init__(self, handles: list[CopyHandle]) -> None:
+        self._handles = handles
+
+    def done(self) -> bool:
+        self._handles = [h for h in self._handles if not h.done()]
+        return not self._handles
+
+    def wait(self) -> None:
+        for handle in self._handles:
+            handle.wait()
+        self._handles = []
+
+
 class CopyBackend(ABC):
-    """Runs in a worker; copies KV blocks between the engine's cache and the CPU pool.
+    """Runs in a worker; copies KV blocks between the engine's cache and host tensors.
 
     Both sides are per-layer tensors ``[num_blocks, ...]`` with one block contiguous per layer;
     layer ``i`` of one side pairs with layer ``i`` of the other. Copies are ordered after the
@@ -94,7 +111,7 @@ class CopyBackend(ABC):
     def allocate_cpu_layers(
         cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int
     ) -> list[torch.Tensor]:
-        """CPU pool tensors mirroring ``gpu_layers`` with ``num_cpu_blocks`` blocks each."""
+        """Host tensors mirroring ``gpu_layers`` with ``num_cpu_blocks`` blocks each."""
 
     @abstractmethod
     def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
@@ -117,11 +134,12 @@ def copy_backend_class(name: str) -> type[CopyBackend]:
     return cls
 
 
-def backend_name_for(device_type: str) -> str:
-    """Backend for KV tensors on ``device_type`` (``tensor.device.type``)."""
+def backend_name_for(device_type: str, *, user: str) -> str:
+    """Backend for KV tensors on ``device_type`` (``tensor.device.type``); ``user`` (who needs
+    the copies) starts the error message."""
     if device_type not in _BACKENDS:
         raise ValueError(
-            f"SimpleCPUOffloadConnector: no copy backend for KV caches on {device_type!r}; "
+            f"{user}: no copy backend for KV caches on {device_type!r}; "
             f"supported: {', '.join(sorted(_BACKENDS))}"
         )
     return device_type

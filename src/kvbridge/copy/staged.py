@@ -1,11 +1,11 @@
-"""Pipelined staged copies: chunk planning and the fill/drain sequence, device-agnostic.
+"""Staged copies: chunk planning and the fill/drain sequences, device-agnostic.
 
 A staged copy moves a batch through staging buffers in chunks. Each chunk is *filled* (store:
-gathered from the cache; load: copied in from the CPU pool) and then *drained* (store: copied
-out to the CPU pool; load: scattered into the cache). With ``num_buffers`` buffers used in
-rotation, the fill of chunk ``c + 1`` overlaps the drain of chunk ``c``; a ``StageSync`` keeps
-two uses of one buffer apart. Everything here runs on CPU tensors too, so tests can check the
-arithmetic without a GPU.
+gathered from the cache; load: copied in from the host side) and then *drained* (store: copied
+out to the host side; load: scattered into the cache). Pipelined: with ``num_buffers`` buffers
+used in rotation, the fill of chunk ``c + 1`` overlaps the drain of chunk ``c``; a
+``StageSync`` keeps two uses of one buffer apart. Serial: one buffer, no overlap. Everything
+here runs on CPU tensors too, so tests can check the arithmetic without a GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from kvbridge.offload.copy import CopyPlan
+from kvbridge.copy.backend import CopyPlan
 
 # Element types a block row may be viewed as, widest first: the index kernels then move 8
 # bytes per element instead of 2 (the bytes are only moved, never converted).
@@ -184,3 +184,55 @@ def _run_copies(plan: CopyPlan, chunk: StagedChunk) -> Iterator[tuple[Segment, i
     for seg in chunk.segments:
         for offset, length in seg.runs:
             yield seg, plan.keyed[offset], seg.row + offset - seg.lo, length
+
+
+# -- the serial sequences: one staging buffer, no overlap (the CUDA backend's "serial") ------
+def staged_store(
+    gpu_layers: Sequence[torch.Tensor],
+    cpu_layers: Sequence[torch.Tensor],
+    plan: CopyPlan,
+    index: torch.Tensor,
+    staging: torch.Tensor,
+) -> None:
+    """Per chunk: gather ``index`` blocks of each layer into staging, copy each CPU run out."""
+    for lo, hi, runs in chunk_runs(plan, staging.shape[1]):
+        for layer, (gpu, cpu) in enumerate(zip(gpu_layers, cpu_layers)):
+            torch.index_select(gpu, 0, index[lo:hi], out=staging[layer, : hi - lo])
+            for offset, length in runs:
+                start = plan.keyed[offset]
+                cpu[start : start + length].copy_(
+                    staging[layer, offset - lo : offset - lo + length], non_blocking=True
+                )
+
+
+def staged_load(
+    gpu_layers: Sequence[torch.Tensor],
+    cpu_layers: Sequence[torch.Tensor],
+    plan: CopyPlan,
+    index: torch.Tensor,
+    staging: torch.Tensor,
+) -> None:
+    """Per chunk: copy each CPU run into staging, scatter each layer to the ``index`` blocks."""
+    for lo, hi, runs in chunk_runs(plan, staging.shape[1]):
+        for layer, (gpu, cpu) in enumerate(zip(gpu_layers, cpu_layers)):
+            for offset, length in runs:
+                start = plan.keyed[offset]
+                staging[layer, offset - lo : offset - lo + length].copy_(
+                    cpu[start : start + length], non_blocking=True
+                )
+            gpu.index_copy_(0, index[lo:hi], staging[layer, : hi - lo])
+
+
+def chunk_runs(plan: CopyPlan, chunk: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """``(lo, hi, runs)`` for each chunk of at most ``chunk`` pairs, runs clipped to it."""
+    if chunk < 1:
+        raise ValueError(f"chunk_runs: chunk must be >= 1, got {chunk}")
+    total = len(plan.keyed)
+    for lo in range(0, total, chunk):
+        hi = min(total, lo + chunk)
+        runs = []
+        for offset, length in plan.runs:
+            a, b = max(offset, lo), min(offset + length, hi)
+            if a < b:
+                runs.append((a, b - a))
+        yield lo, hi, runs

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbridge.bench.offload import main as bench_main
-from kvbridge.offload.copy import CopyHandle, plan_runs
-from kvbridge.offload.cuda_copy import CopyStrategy, CUDACopyBackend, parse_strategy
-from kvbridge.offload.staging import (
+from kvbridge.copy.backend import CopyHandle, plan_runs
+from kvbridge.copy.cuda import CopyStrategy, CUDACopyBackend, parse_strategy
+from kvbridge.copy.staged import (
     InOrder,
     StagedChunk,
     pipelined_load,
@@ -26,7 +26,7 @@ from kvbridge.offload.staging import (
     plan_chunks,
     wide_rows,
 )
-from kvbridge.offload.triton_copy import HAVE_TRITON, TileShape, tile_shape, vec_offsets
+from kvbridge.copy.triton_copier import HAVE_TRITON, TileShape, tile_shape, vec_offsets
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 POISON = -7.0
@@ -198,7 +198,7 @@ def test_tile_shape_and_layer_offsets_for_the_direct_kernel() -> None:
 
 @pytest.mark.skipif(HAVE_TRITON, reason="checks the message shown without triton")
 def test_direct_strategy_without_triton_is_refused() -> None:
-    from kvbridge.offload.triton_copy import TritonCopier
+    from kvbridge.copy.triton_copier import TritonCopier
 
     with pytest.raises(ValueError, match="needs triton"):
         TritonCopier([torch.zeros(2, 8)], [torch.zeros(2, 8)])

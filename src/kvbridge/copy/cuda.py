@@ -8,11 +8,18 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from kvbridge.offload.copy import CopyBackend, CopyHandle, CopyPlan, plan_runs
-from kvbridge.offload.staging import pipelined_load, pipelined_store, plan_chunks, wide_rows
+from kvbridge.copy.backend import CopyBackend, CopyHandle, CopyPlan, plan_runs
+from kvbridge.copy.staged import (
+    pipelined_load,
+    pipelined_store,
+    plan_chunks,
+    staged_load,
+    staged_store,
+    wide_rows,
+)
 
 if TYPE_CHECKING:
-    from kvbridge.offload.triton_copy import TritonCopier
+    from kvbridge.copy.triton_copier import TritonCopier
 
 STRATEGIES = ("serial", "pipelined", "direct")
 DEFAULT_STRATEGY = "pipelined"
@@ -99,7 +106,7 @@ class CUDACopyBackend(CopyBackend):
       ``num_buffers`` rotating buffers; the gather (load: the scatter) runs on the direction's
       stream and the PCIe copies on a second one, so consecutive chunks overlap.
     - direct: one Triton kernel per batch reads or writes the pinned pool through mapped
-      memory, no staging (``triton_copy``).
+      memory, no staging (``triton_copier``).
     """
 
     def __init__(
@@ -134,7 +141,7 @@ class CUDACopyBackend(CopyBackend):
         self.load_copy_stream = torch.cuda.Stream(device=self.device)
         self._direct: TritonCopier | None = None
         if "direct" in self.strategy:
-            from kvbridge.offload.triton_copy import TritonCopier
+            from kvbridge.copy.triton_copier import TritonCopier
 
             self._direct = TritonCopier(self.gpu_layers, self.cpu_layers)
 
@@ -218,54 +225,3 @@ def _recorded(stream: torch.cuda.Stream, *keep_alive: torch.Tensor) -> CopyHandl
     event.record(stream)
     return _EventHandle(event, keep_alive)
 
-
-# -- the serial copy sequences (device-agnostic, so CPU tests can check their arithmetic) ------
-def staged_store(
-    gpu_layers: Sequence[torch.Tensor],
-    cpu_layers: Sequence[torch.Tensor],
-    plan: CopyPlan,
-    index: torch.Tensor,
-    staging: torch.Tensor,
-) -> None:
-    """Per chunk: gather ``index`` blocks of each layer into staging, copy each CPU run out."""
-    for lo, hi, runs in chunk_runs(plan, staging.shape[1]):
-        for layer, (gpu, cpu) in enumerate(zip(gpu_layers, cpu_layers)):
-            torch.index_select(gpu, 0, index[lo:hi], out=staging[layer, : hi - lo])
-            for offset, length in runs:
-                start = plan.keyed[offset]
-                cpu[start : start + length].copy_(
-                    staging[layer, offset - lo : offset - lo + length], non_blocking=True
-                )
-
-
-def staged_load(
-    gpu_layers: Sequence[torch.Tensor],
-    cpu_layers: Sequence[torch.Tensor],
-    plan: CopyPlan,
-    index: torch.Tensor,
-    staging: torch.Tensor,
-) -> None:
-    """Per chunk: copy each CPU run into staging, scatter each layer to the ``index`` blocks."""
-    for lo, hi, runs in chunk_runs(plan, staging.shape[1]):
-        for layer, (gpu, cpu) in enumerate(zip(gpu_layers, cpu_layers)):
-            for offset, length in runs:
-                start = plan.keyed[offset]
-                staging[layer, offset - lo : offset - lo + length].copy_(
-                    cpu[start : start + length], non_blocking=True
-                )
-            gpu.index_copy_(0, index[lo:hi], staging[layer, : hi - lo])
-
-
-def chunk_runs(plan: CopyPlan, chunk: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
-    """``(lo, hi, runs)`` for each chunk of at most ``chunk`` pairs, runs clipped to it."""
-    if chunk < 1:
-        raise ValueError(f"chunk_runs: chunk must be >= 1, got {chunk}")
-    total = len(plan.keyed)
-    for lo in range(0, total, chunk):
-        hi = min(total, lo + chunk)
-        runs = []
-        for offset, length in plan.runs:
-            a, b = max(offset, lo), min(offset + length, hi)
-            if a < b:
-                runs.append((a, b - a))
-        yield lo, hi, runs

@@ -125,6 +125,11 @@ class RequestView(Protocol):
     def block_hashes(self) -> list[bytes]: ...
     @property
     def kv_transfer_params(self) -> dict[str, Any] | None: ...
+    @property
+    def finish_reason(self) -> str | None:
+        """How the request ended, once it has: "length" (max_tokens or max_model_len), "stop",
+        "abort", "error" or "rejected"; None while it runs, or when the engine does not say."""
+        ...
 
 
 @dataclass
@@ -137,6 +142,7 @@ class SimpleRequest:
     kv_transfer_params: dict[str, Any] | None = None
     num_computed_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

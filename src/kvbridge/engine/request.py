@@ -108,6 +108,10 @@ class Request:
         return len(self._all_token_ids)
 
     @property
+    def finish_reason(self) -> str | None:
+        return self.status.finish_reason
+
+    @property
     def block_hashes(self) -> list[bytes]:
         if self._hasher is not None:
             self._hasher.extend(self._block_hashes, self._all_token_ids)

@@ -14,6 +14,11 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 BlockIds = tuple[list[int], ...]
 
 
+class IntegrityError(AssertionError):
+    """What every ``check_integrity`` raises: an invariant of a pool or table does not hold
+    (a bug, not a runtime condition); the message names the owner and what broke."""
+
+
 class KVCacheLayout(StrEnum):
     """Memory layout of one layer's KV tensor, declared by the engine at registration.
 

@@ -10,13 +10,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvbridge.connector.types import RequestView
+from kvbridge.connector.types import IntegrityError, RequestView
 
 logger = logging.getLogger(__name__)
-
-
-class IntegrityError(AssertionError):
-    """A pool invariant does not hold; the message says which block and how."""
 
 
 class DoubleFreeError(RuntimeError):

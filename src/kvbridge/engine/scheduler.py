@@ -13,8 +13,13 @@ from typing import NamedTuple
 
 from kvbridge.config import LOAD_FAILURE_POLICIES
 from kvbridge.connector.base import ConnectorOutput, KVConnectorMetadata, KVConnectorScheduler
-from kvbridge.connector.types import FinishedRequest, ScheduledRequest, SchedulerStep
-from kvbridge.engine.block_manager import BlockManager, IntegrityError
+from kvbridge.connector.types import (
+    FinishedRequest,
+    IntegrityError,
+    ScheduledRequest,
+    SchedulerStep,
+)
+from kvbridge.engine.block_manager import BlockManager
 from kvbridge.engine.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 
 logger = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from kvbridge.connector.types import IntegrityError
 from kvbridge.nixl.metadata import SendSpec
 
 logger = logging.getLogger(__name__)
@@ -230,14 +231,14 @@ class LeaseTable:
         with self._lock:
             live, done, lapsed = set(self._leases), self._completed, self._expired
             if live & done or live & lapsed or done & lapsed:
-                raise AssertionError("LeaseTable: a request is in two states at once")
+                raise IntegrityError("LeaseTable: a request is in two states at once")
             if live & set(self._history):
-                raise AssertionError("LeaseTable: a live lease also has an outcome")
+                raise IntegrityError("LeaseTable: a live lease also has an outcome")
             if len(self._history) > self._history_size:
-                raise AssertionError("LeaseTable: history exceeds its bound")
+                raise IntegrityError("LeaseTable: history exceeds its bound")
             for rid, lease in self._leases.items():
                 if not lease.started <= lease.expires_at <= lease.hard_deadline:
-                    raise AssertionError(f"LeaseTable: lease of {rid} has inconsistent times")
+                    raise IntegrityError(f"LeaseTable: lease of {rid} has inconsistent times")
 
     def promised_until(self) -> float:
         """Until when answers promised live leases held (-inf if none): whoever drops them

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 from kvbridge.connector.stats import KVConnectorStats
+from kvbridge.connector.types import IntegrityError
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.lease_confirm import NOT_OURS, LeaseConfirmer, Settled
 from kvbridge.nixl.load_results import LoadResults
@@ -371,13 +372,13 @@ class KVReader:
             users = sum(1 for r in self._recvs.values() if r.remote is remote)
             users += self._xfers.bound(remote)
             if users != remote.inflight:
-                raise AssertionError(
+                raise IntegrityError(
                     f"KVReader: engine {remote.engine_id} counts {remote.inflight} users, "
                     f"{users} hold it"
                 )
         asking = {rid for rid, r in self._recvs.items() if r.phase in ("gate", "read", "confirm")}
         if self.confirmer.num_open > len(asking):
-            raise AssertionError("KVReader: lease questions open for loads that ended")
+            raise IntegrityError("KVReader: lease questions open for loads that ended")
 
     def close(self) -> None:
         """Release every handle, dlist and remote agent; idempotent."""

@@ -18,6 +18,7 @@ from kvbridge.connector.base import (
 from kvbridge.connector.types import (
     BlockIds,
     FinishedRequest,
+    IntegrityError,
     KVCacheSpec,
     MatchResult,
     RequestView,
@@ -303,9 +304,9 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
 
     def check_integrity(self) -> None:
         if set(self._pending_recv) & self._recving:
-            raise AssertionError("NixlScheduler: a load is both planned and in flight")
+            raise IntegrityError("NixlScheduler: a load is both planned and in flight")
         if set(self._pending_send) & self._sending:
-            raise AssertionError("NixlScheduler: a hold is both planned and shipped")
+            raise IntegrityError("NixlScheduler: a hold is both planned and shipped")
 
 
 def _release(remote: RemotePrefill) -> RemoteRelease:

@@ -7,7 +7,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from kvbridge.connector.types import BlockRemoved, BlockStored, KVCacheEvent, Medium
+from kvbridge.connector.types import (
+    BlockRemoved,
+    BlockStored,
+    IntegrityError,
+    KVCacheEvent,
+    Medium,
+)
 
 # (KV cache group, block hash): the same tokens in two groups are two different entries.
 BlockKey = tuple[int, bytes]
@@ -187,14 +193,14 @@ class CPUBlockPool:
         return events
 
     def check_integrity(self) -> None:
-        """Raise ``RuntimeError`` if the free / storing / cached partition or pins are broken."""
+        """Raise ``IntegrityError`` if the free / storing / cached partition or pins are broken."""
         seen: dict[int, str] = {}
 
         def claim(block: int, state: str) -> None:
             if not 0 <= block < self.num_blocks:
-                raise RuntimeError(f"CPUBlockPool integrity: {state} block {block} out of range")
+                raise IntegrityError(f"CPUBlockPool integrity: {state} block {block} out of range")
             if block in seen:
-                raise RuntimeError(
+                raise IntegrityError(
                     f"CPUBlockPool integrity: block {block} is both {seen[block]} and {state}"
                 )
             seen[block] = state
@@ -202,25 +208,25 @@ class CPUBlockPool:
         for b in self._free:
             claim(b, "free")
             if self._key_of[b] is not None or self._refs[b]:
-                raise RuntimeError(f"CPUBlockPool integrity: free block {b} has a hash or pins")
+                raise IntegrityError(f"CPUBlockPool integrity: free block {b} has a hash or pins")
         for table, state in ((self._storing, "storing"), (self._cached, "cached")):
             for h, b in table.items():
                 claim(b, state)
                 if self._key_of[b] != h:
-                    raise RuntimeError(f"CPUBlockPool integrity: {state} block {b} hash mismatch")
+                    raise IntegrityError(f"CPUBlockPool integrity: {state} block {b} hash mismatch")
         for b in range(self.num_blocks):
             if b not in seen:
-                raise RuntimeError(f"CPUBlockPool integrity: block {b} is in no state (leaked)")
+                raise IntegrityError(f"CPUBlockPool integrity: block {b} is in no state (leaked)")
             pinned = self._refs[b] > 0
             if self._refs[b] < 0:
-                raise RuntimeError(f"CPUBlockPool integrity: block {b} has negative pins")
+                raise IntegrityError(f"CPUBlockPool integrity: block {b} has negative pins")
             if seen[b] == "storing" and pinned:
-                raise RuntimeError(f"CPUBlockPool integrity: storing block {b} is pinned")
+                raise IntegrityError(f"CPUBlockPool integrity: storing block {b} is pinned")
             if seen[b] == "cached" and pinned == (b in self._lru):
-                raise RuntimeError(
+                raise IntegrityError(
                     f"CPUBlockPool integrity: cached block {b} pinned={pinned} but "
                     f"in_lru={b in self._lru}"
                 )
         stray = [b for b in self._lru if seen.get(b) != "cached"]
         if stray:
-            raise RuntimeError(f"CPUBlockPool integrity: LRU holds non-cached blocks {stray}")
+            raise IntegrityError(f"CPUBlockPool integrity: LRU holds non-cached blocks {stray}")

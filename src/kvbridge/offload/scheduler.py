@@ -13,6 +13,7 @@ from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import (
     BlockIds,
     FinishedRequest,
+    IntegrityError,
     KVCacheEvent,
     KVCacheSpec,
     MatchResult,
@@ -223,21 +224,21 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
             else:
                 reserved += job.wire.num_blocks
         if reserved != self.pool.num_storing:
-            raise RuntimeError(
+            raise IntegrityError(
                 f"CPUOffloadScheduler integrity: {reserved} blocks in store jobs, "
                 f"pool has {self.pool.num_storing} storing"
             )
         held = self.pool.num_pins
         if pins != held:
-            raise RuntimeError(
+            raise IntegrityError(
                 f"CPUOffloadScheduler integrity: {pins} pins by matches and loads, "
                 f"pool holds {held}"
             )
         owned = {j for s in self._requests.values() for j in s.jobs}
         if owned != set(self._jobs):
-            raise RuntimeError("CPUOffloadScheduler integrity: jobs and request states disagree")
+            raise IntegrityError("CPUOffloadScheduler integrity: jobs and request states disagree")
         if any(len(s.planned_blocks) != self.num_groups for s in self._requests.values()):
-            raise RuntimeError("CPUOffloadScheduler integrity: a store cursor per group expected")
+            raise IntegrityError("CPUOffloadScheduler integrity: a store cursor per group expected")
 
     # -- helpers --------------------------------------------------------------------------
     def _state(self, req_id: str) -> _RequestState:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbridge.connector.types import SimpleRequest
-from kvbridge.engine.block_manager import BlockManager, DoubleFreeError, IntegrityError
+from kvbridge.connector.types import IntegrityError, SimpleRequest
+from kvbridge.engine.block_manager import BlockManager, DoubleFreeError
 from kvbridge.engine.hashing import BlockHasher
 from kvbridge.engine.request import Request
 from kvbridge.engine.sampling import SamplingParams

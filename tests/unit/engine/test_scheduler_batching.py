@@ -11,12 +11,13 @@ from kvbridge.config import TransferConfig
 from kvbridge.connector.base import ConnectorOutput, EmptyMetadata, KVConnectorScheduler
 from kvbridge.connector.types import (
     BlockIds,
+    IntegrityError,
     KVCacheSpec,
     MatchResult,
     RequestView,
     SchedulerStep,
 )
-from kvbridge.engine.block_manager import BlockManager, IntegrityError
+from kvbridge.engine.block_manager import BlockManager
 from kvbridge.engine.hashing import BlockHasher
 from kvbridge.engine.request import Request, RequestStatus
 from kvbridge.engine.sampling import SamplingParams

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbridge.connector.types import BlockRemoved, BlockStored, Medium
+from kvbridge.connector.types import BlockRemoved, BlockStored, IntegrityError, Medium
 from kvbridge.offload.pool import CPUBlockPool
 
 
@@ -120,14 +120,14 @@ def test_stored_event_has_medium_cpu() -> None:
 def test_check_integrity_catches_a_leaked_block() -> None:
     pool = stored_pool(3, [1])
     pool._free.pop()  # a block in no state
-    with pytest.raises(RuntimeError, match="leaked"):
+    with pytest.raises(IntegrityError, match="leaked"):
         pool.check_integrity()
 
 
 def test_check_integrity_catches_pinned_block_in_lru() -> None:
     pool = stored_pool(3, [1])
     pool._refs[0] = 1
-    with pytest.raises(RuntimeError, match="pinned=True"):
+    with pytest.raises(IntegrityError, match="pinned=True"):
         pool.check_integrity()
 
 

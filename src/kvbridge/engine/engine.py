@@ -17,7 +17,6 @@ from kvbridge.connector.base import KVConnectorRole, KVConnectorScheduler, KVCon
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.types import KVCacheEvent
 from kvbridge.engine.block_manager import BlockManager
-from kvbridge.engine.hashing import HASH_ALGOS, BlockHasher, HashAlgo
 from kvbridge.engine.loader import read_hf_config
 from kvbridge.engine.model_config import NAMED_CONFIGS, ModelConfig
 from kvbridge.engine.request import Request, RequestOutput
@@ -25,6 +24,7 @@ from kvbridge.engine.runner import ModelRunner
 from kvbridge.engine.sampling import SamplingParams
 from kvbridge.engine.scheduler import Scheduler, SchedulerConfig
 from kvbridge.engine.worker import Worker
+from kvbridge.kit.hashing import HASH_ALGOS, BlockHasher, HashAlgo
 
 logger = logging.getLogger(__name__)
 

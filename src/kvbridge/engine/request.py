@@ -8,8 +8,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from kvbridge.engine.hashing import BlockHasher
     from kvbridge.engine.sampling import SamplingParams
+    from kvbridge.kit.hashing import BlockHasher
 
 
 class RequestStatus(StrEnum):

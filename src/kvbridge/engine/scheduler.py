@@ -1,6 +1,8 @@
 """Scheduler: continuous batching over the block pool, with the connector's scheduler hooks.
 
-Torch-free (it runs where the connector's scheduler half runs).
+Torch-free (it runs where the connector's scheduler half runs). The transfer bookkeeping the
+contract asks of an engine (parked loads, delayed frees, load-error rollback) is the kit's
+``TransferTracker``; this module keeps the queues, the token budget and preemption.
 """
 
 from __future__ import annotations
@@ -13,14 +15,10 @@ from typing import NamedTuple
 
 from kvbridge.config import LOAD_FAILURE_POLICIES
 from kvbridge.connector.base import ConnectorOutput, KVConnectorMetadata, KVConnectorScheduler
-from kvbridge.connector.types import (
-    FinishedRequest,
-    IntegrityError,
-    ScheduledRequest,
-    SchedulerStep,
-)
+from kvbridge.connector.types import IntegrityError, ScheduledRequest, SchedulerStep
 from kvbridge.engine.block_manager import BlockManager
 from kvbridge.engine.request import Request, RequestOutput, RequestStatus, TokenLogprobs
+from kvbridge.kit.transfers import Admission, LoadOutcome, TransferTracker
 
 logger = logging.getLogger(__name__)
 
@@ -89,24 +87,15 @@ class WorkerOutput(NamedTuple):
     logprobs: Mapping[str, TokenLogprobs] | None = None
 
 
-@dataclass
-class _Hold:
-    """A finished request whose blocks the connector still uses."""
-
-    request: Request
-    wait_send: bool  # delay_free: until its id is in finished_sending
-    wait_recv: bool  # aborted mid-load: until its id is in finished_recving
-
-
 class Scheduler:
-    """Runs in the scheduler; owns the request queues, the block manager's tables and the
-    connector's scheduler half.
+    """Runs in the scheduler; owns the request queues, the block manager's tables and, through
+    a ``TransferTracker``, the connector's scheduler half.
 
     Per step: running requests first (decodes and prefill chunks; out of blocks -> preempt the
-    newest by recompute), then waiting ones (local prefix hit -> ``get_num_new_matched_tokens``
-    -> allocate -> ``update_state_after_alloc``), then ``build_connector_meta``. An async load
-    parks the request (blocks held) until ``finished_recving``; a request aborted mid-load keeps
-    its blocks until then too, so a late write never lands in a reused block.
+    newest by recompute), then waiting ones (local prefix hit -> ``TransferTracker.match`` ->
+    allocate -> ``allocated``), then ``build_step``. An async load parks the request (blocks
+    held) until ``finished_recving``; a finished request's blocks are freed when the tracker
+    says so.
     """
 
     def __init__(
@@ -118,17 +107,14 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.connector = connector
+        self.transfers = TransferTracker(
+            connector, block_manager.block_size, config.kv_load_failure_policy
+        )
         self.requests: dict[str, Request] = {}  # id -> every request not yet released
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self._held: dict[str, _Hold] = {}
-        self._recving: dict[str, _Load] = {}  # parked id -> tokens it is loading
-        self._sync_loads: dict[str, int] = {}  # id -> confirmed tokens before this step's load
-        self._pending_invalid: set[int] = set()
-        self._finished_ids: set[str] = set()
         self._pending_outputs: list[RequestOutput] = []
-        self._step_id = 0
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -161,18 +147,19 @@ class Scheduler:
 
     def has_pending_transfers(self) -> bool:
         """Finished requests whose blocks still wait on the connector."""
-        return bool(self._held)
+        return self.transfers.num_held > 0
 
     @property
     def num_held_requests(self) -> int:
-        return len(self._held)
+        return self.transfers.num_held
 
     def check_integrity(self) -> None:
-        """The block pool's invariants, and every block table owned by a request in exactly one
-        queue (running, waiting, parked or held) whose state allows it to hold blocks."""
+        """The block pool's and the tracker's invariants, and every block table owned by a
+        request in exactly one queue (running, waiting, parked or held) whose state allows it."""
         self.block_manager.check_integrity()
-        queued = [*self.running, *self.waiting, *(h.request for h in self._held.values())]
-        ids = [r.request_id for r in queued]
+        self.transfers.check_integrity()
+        held = [r for r in self.requests.values() if self.transfers.is_held(r.request_id)]
+        ids = [r.request_id for r in (*self.running, *self.waiting, *held)]
         if len(set(ids)) != len(ids) or set(ids) != set(self.requests):
             raise IntegrityError(f"queues {sorted(ids)} != live requests {sorted(self.requests)}")
         for rid in self.block_manager.owners() - set(self.requests):
@@ -184,15 +171,15 @@ class Scheduler:
                 raise IntegrityError(f"running {request} holds no blocks")
         for request in self.waiting:
             parked = request.status is RequestStatus.WAITING_FOR_REMOTE_KVS
-            if parked != (request.request_id in self._recving):
+            if parked != self.transfers.is_loading(request.request_id):
                 raise IntegrityError(f"{request}: parked state and load table disagree")
             if request.status is RequestStatus.PREEMPTED and self.block_manager.has_blocks(
                 request.request_id
             ):
                 raise IntegrityError(f"preempted {request} still holds blocks")
-        for hold in self._held.values():
-            if not hold.request.is_finished:
-                raise IntegrityError(f"held {hold.request} is not finished")
+        for request in held:
+            if not request.is_finished:
+                raise IntegrityError(f"held {request} is not finished")
 
     # -- schedule -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -270,15 +257,7 @@ class Scheduler:
             budget -= admitted.num_new
         self.waiting.extendleft(reversed(skipped))
 
-        step = SchedulerStep(
-            step_id=self._step_id,
-            scheduled=tuple(scheduled),
-            finished_req_ids=frozenset(self._finished_ids),
-            preempted_req_ids=frozenset(r.request_id for r in preempted),
-        )
-        self._finished_ids = set()
-        self._step_id += 1
-        meta = self.connector.build_connector_meta(step) if self.connector else None
+        step, meta = self.transfers.build_step(scheduled, (r.request_id for r in preempted))
         return SchedulerOutput(step, tuple(chunks), meta)
 
     def _admit(self, request: Request, budget: int) -> _Admission | None:
@@ -287,23 +266,17 @@ class Scheduler:
         bm = self.block_manager
         resumed_from_load = bm.has_blocks(rid)
         computed = None
-        ext, load_async = 0, False
+        admission = Admission(0, False)
         if resumed_from_load:
             num_local = request.num_computed_tokens
         else:
             computed = bm.get_computed_blocks(request)
             num_local = computed.num_tokens
-            if self.connector is not None:
-                match = self.connector.get_num_new_matched_tokens(request, num_local)
-                if match.num_tokens is None:
-                    return _Admission(-1, 0)
-                ext, load_async = match.num_tokens, match.load_async and match.num_tokens > 0
-                if not 0 <= ext <= request.num_tokens - 1 - num_local:
-                    raise RuntimeError(
-                        f"{type(self.connector).__name__}.get_num_new_matched_tokens offered "
-                        f"{ext} tokens for {rid} ({request.num_tokens} tokens, {num_local} "
-                        "computed locally); it must leave the last token to compute"
-                    )
+            matched = self.transfers.match(request, num_local)
+            if matched is None:
+                return _Admission(-1, 0)
+            admission = matched
+        ext, load_async = admission
         num_computed = num_local + ext
         num_new = 0 if load_async else request.num_tokens - num_computed
         if self.config.enable_chunked_prefill:
@@ -315,18 +288,14 @@ class Scheduler:
         slots = request.num_tokens if load_async else num_computed + num_new
         if bm.allocate(request, slots, computed) is None:
             return None
-        if self.connector is not None:
-            self.connector.update_state_after_alloc(request, (bm.block_ids(rid),), ext)
+        self.transfers.allocated(request, (bm.block_ids(rid),), num_local, admission)
         if not resumed_from_load and request.num_preemptions == 0:
             request.num_cached_tokens = num_local
-            request.num_external_tokens = ext
+            request.num_external_tokens = self.transfers.num_external_tokens(rid)
         if load_async:
             request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-            self._recving[rid] = _Load(num_local, num_computed)
             return _Admission(-1, 0)
         request.num_computed_tokens = num_computed
-        if ext:
-            self._sync_loads[rid] = num_local
         return _Admission(num_new, num_local)
 
     def _preempt(self, request: Request) -> None:
@@ -346,11 +315,15 @@ class Scheduler:
         out = worker.connector_output if worker is not None else ConnectorOutput()
         sampled: Mapping[str, int] = worker.sampled_token_ids if worker is not None else {}
         logprobs = (worker.logprobs if worker is not None else None) or {}
-        if self.connector is not None:
-            self.connector.update_connector_output(out)
+        report = self.transfers.update(out)
         outputs, self._pending_outputs = self._pending_outputs, []
-        self._pending_invalid |= out.invalid_block_ids
-        rolled_back = self._check_sync_loads(sched, outputs)
+        rolled_back = set()
+        for outcome in report.rolled_back:  # this step's loads: recompute from the bad block
+            request = self.requests[outcome.request_id]
+            if self._apply_load(request, outcome, outputs):
+                self.running.remove(request)
+            else:
+                rolled_back.add(request.request_id)
         for chunk in sched.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING or request.request_id in rolled_back:
@@ -367,109 +340,38 @@ class Scheduler:
             else:
                 self.running.remove(request)
                 outputs.append(self._finish(request, status))
-        self._sync_loads.clear()
-        for rid in sorted(out.finished_recving):
-            self._on_recved(rid, outputs)
-        for rid in sorted(out.finished_sending):
-            hold = self._held.get(rid)
-            if hold is None or not hold.wait_send:
-                logger.debug("finished_sending for %s, which holds no blocks", rid)
-                continue
-            hold.wait_send = False
-            self._maybe_release(hold)
-        if out.invalid_block_ids:
-            self.block_manager.invalidate_blocks(out.invalid_block_ids)
-        parked = {b for rid in self._recving for b in self.block_manager.block_ids(rid)}
-        self._pending_invalid &= parked
+        for outcome in report.loaded:  # parked requests: resume (or end)
+            request = self.requests[outcome.request_id]
+            if self._apply_load(request, outcome, outputs):
+                self.waiting.remove(request)
+            else:
+                request.status = RequestStatus.WAITING
+                self.block_manager.cache_blocks(request, request.num_computed_tokens)
+        for rid in report.freed:
+            self._release(rid)
+        if report.invalid_block_ids:
+            self.block_manager.invalidate_blocks(report.invalid_block_ids)
         return outputs
 
-    def _first_bad_token(self, request: Request, lo: int, hi: int) -> int | None:
-        """First token of the first block in token range [lo, hi) whose load failed."""
-        bs = self.block_manager.block_size
-        table = self.block_manager.block_ids(request.request_id)
-        for i in range(lo // bs, min(len(table), -(-hi // bs))):
-            if table[i] in self._pending_invalid:
-                return max(lo, i * bs)
-        return None
-
-    def _check_sync_loads(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> set[str]:
-        """Requests whose same-step load failed: recompute from the first bad block (or fail)."""
-        rolled_back: set[str] = set()
-        for chunk in sched.chunks:
-            request = chunk.request
-            lo = self._sync_loads.get(request.request_id)
-            if lo is None or request.status is not RequestStatus.RUNNING:
-                continue
-            bad = self._first_bad_token(request, lo, chunk.start_pos)
-            if bad is None:
-                continue
-            if self._load_failed(request, bad, lo, outputs):
-                self.running.remove(request)
-            else:
-                request.num_computed_tokens = bad
-                rolled_back.add(request.request_id)
-        return rolled_back
-
-    def _load_failed(
-        self, request: Request, bad: int, loaded_from: int, outputs: list[RequestOutput]
-    ) -> bool:
-        """Handle a load error at token ``bad`` of a load that began at ``loaded_from``; only
-        the tokens before ``bad`` count as external. ``True`` if the request ended (policy fail)."""
-        request.num_external_tokens = min(request.num_external_tokens, max(0, bad - loaded_from))
-        logger.warning(
-            "KV load failed for %s from token %d (policy %s)",
-            request.request_id,
-            bad,
-            self.config.kv_load_failure_policy,
-        )
-        if self.config.kv_load_failure_policy != "fail":
+    def _apply_load(self, request: Request, outcome: LoadOutcome, outputs: list) -> bool:
+        """Take a load's outcome; ``True`` if the request ended (policy fail)."""
+        request.num_external_tokens = min(request.num_external_tokens, outcome.num_external_tokens)
+        if outcome.error is None:
+            request.num_computed_tokens = outcome.num_computed_tokens
             return False
-        request.error = f"KV load failed from token {bad} (kv_load_failure_policy=fail)"
+        request.error = outcome.error
         outputs.append(self._finish(request, RequestStatus.FINISHED_ERROR))
         return True
-
-    def _on_recved(self, rid: str, outputs: list[RequestOutput]) -> None:
-        load = self._recving.pop(rid, None)
-        if load is None:
-            hold = self._held.get(rid)
-            if hold is not None and hold.wait_recv:
-                hold.wait_recv = False
-                self._maybe_release(hold)
-            else:
-                logger.debug("finished_recving for %s, which is not loading", rid)
-            return
-        request = self.requests[rid]
-        bad = self._first_bad_token(request, load.start, load.end)
-        if bad is not None and self._load_failed(request, bad, load.start, outputs):
-            self.waiting.remove(request)
-            return
-        request.num_computed_tokens = load.end if bad is None else bad
-        request.status = RequestStatus.WAITING
-        self.block_manager.cache_blocks(request, request.num_computed_tokens)
 
     # -- finishing ------------------------------------------------------------------------------
     def _finish(self, request: Request, status: RequestStatus) -> RequestOutput:
         """End a request already removed from the queues: ``request_finished``, then free/hold."""
-        rid = request.request_id
         request.status = status
-        block_ids = self.block_manager.block_ids(rid)
-        result = FinishedRequest(False, None)
-        if self.connector is not None:
-            result = self.connector.request_finished(request, block_ids)
-        self._finished_ids.add(rid)
-        self._sync_loads.pop(rid, None)
-        wait_recv = self._recving.pop(rid, None) is not None
-        hold = _Hold(request, wait_send=result.delay_free, wait_recv=wait_recv)
-        if hold.wait_send or hold.wait_recv:
-            self._held[rid] = hold
-        else:
+        rid = request.request_id
+        finished = self.transfers.finish(request, (self.block_manager.block_ids(rid),))
+        if finished.free_now:
             self._release(rid)
-        return RequestOutput.of(request, result.kv_transfer_params)
-
-    def _maybe_release(self, hold: _Hold) -> None:
-        if not (hold.wait_send or hold.wait_recv):
-            del self._held[hold.request.request_id]
-            self._release(hold.request.request_id)
+        return RequestOutput.of(request, finished.kv_transfer_params)
 
     def _release(self, rid: str) -> None:
         if self.block_manager.has_blocks(rid):
@@ -480,8 +382,3 @@ class Scheduler:
 class _Admission(NamedTuple):
     num_new: int  # tokens to compute this step; -1: not schedulable this step
     confirmed: int  # tokens whose KV is in the cache before this step's loads
-
-
-class _Load(NamedTuple):
-    start: int  # tokens computed locally before the load
-    end: int  # tokens computed once the load is done

@@ -11,11 +11,11 @@ from kvbridge.connector.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorWorker,
 )
-from kvbridge.connector.worker_step import run_worker_step
 from kvbridge.engine.request import TokenLogprobs
 from kvbridge.engine.runner import ModelRunner, SeqChunk
 from kvbridge.engine.sampling import SamplingParams, compute_logprobs, make_generator, sample
 from kvbridge.engine.scheduler import SchedulerOutput, WorkerOutput
+from kvbridge.kit.worker_step import run_worker_step
 
 logger = logging.getLogger(__name__)
 

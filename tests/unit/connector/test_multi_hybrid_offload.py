@@ -23,7 +23,7 @@ from kvbridge.connector.types import (
     SchedulerStep,
     SimpleRequest,
 )
-from kvbridge.connector.worker_step import run_worker_step
+from kvbridge.kit.worker_step import run_worker_step
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 
 BS = 4

@@ -7,7 +7,7 @@ from multi_helpers import build, child
 
 from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.multi import MultiConnectorMetadata
-from kvbridge.connector.worker_step import run_worker_step
+from kvbridge.kit.worker_step import run_worker_step
 
 
 def _meta(children) -> MultiConnectorMetadata:  # type: ignore[no-untyped-def]

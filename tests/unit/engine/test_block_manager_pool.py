@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from kvbridge.connector.types import IntegrityError, SimpleRequest
 from kvbridge.engine.block_manager import BlockManager, DoubleFreeError
-from kvbridge.engine.hashing import BlockHasher
 from kvbridge.engine.request import Request
 from kvbridge.engine.sampling import SamplingParams
+from kvbridge.kit.hashing import BlockHasher
 
 BS = 4
 HASHER = BlockHasher(BS)

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from kvbridge.engine.hashing import BlockHasher
 from kvbridge.engine.request import Request
 from kvbridge.engine.sampling import SamplingParams
+from kvbridge.kit.hashing import BlockHasher
 
 TOKENS = list(range(100, 137))  # 37 tokens: 9 full blocks of 4 and one partial
 
@@ -51,7 +51,7 @@ def test_request_hashes_grow_with_generated_tokens() -> None:
 
 
 _CHILD = (
-    "from kvbridge.engine.hashing import BlockHasher\n"
+    "from kvbridge.kit.hashing import BlockHasher\n"
     "toks = list(range(100, 137))\n"
     "for algo in ('xxh3_128', 'sha256'):\n"
     "    print(algo, ','.join(x.hex() for x in BlockHasher(4, algo).hash_tokens(toks)))\n"

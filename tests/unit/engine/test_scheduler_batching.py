@@ -18,10 +18,10 @@ from kvbridge.connector.types import (
     SchedulerStep,
 )
 from kvbridge.engine.block_manager import BlockManager
-from kvbridge.engine.hashing import BlockHasher
 from kvbridge.engine.request import Request, RequestStatus
 from kvbridge.engine.sampling import SamplingParams
 from kvbridge.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, WorkerOutput
+from kvbridge.kit.hashing import BlockHasher
 
 BS = 4
 
@@ -87,7 +87,7 @@ def test_scheduler_half_modules_import_without_torch() -> None:
         "import sys\n"
         "sys.modules['torch'] = None  # any `import torch` now raises\n"
         "import kvbridge.engine.scheduler, kvbridge.engine.block_manager\n"
-        "import kvbridge.engine.request, kvbridge.engine.hashing\n"
+        "import kvbridge.engine.request, kvbridge.kit.hashing\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -24,9 +24,9 @@ from kvbridge.connector.types import (
     SchedulerStep,
     SimpleRequest,
 )
-from kvbridge.connector.worker_step import run_worker_step
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.request import RequestOutput, RequestStatus
+from kvbridge.kit.worker_step import run_worker_step
 from kvbridge.nixl.fake import FakeNixlWrapper
 from kvbridge.nixl.metadata import NixlConnectorMetadata, SendSpec
 from kvbridge.nixl.scheduler import NixlScheduler

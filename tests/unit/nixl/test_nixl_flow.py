@@ -18,7 +18,7 @@ from kvbridge.connector.base import ConnectorOutput, KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import SchedulerStep, SimpleRequest
-from kvbridge.connector.worker_step import run_worker_step
+from kvbridge.kit.worker_step import run_worker_step
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.fake import FakeNixlWrapper
 from kvbridge.nixl.scheduler import NixlScheduler

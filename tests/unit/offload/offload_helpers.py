@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from kvbridge.config import TransferConfig
-from kvbridge.connector.base import ConnectorOutput, KVConnectorScheduler, KVConnectorWorker
 from kvbridge.connector.types import (
     BlockIds,
     KVCacheGroupSpec,
     KVCacheSpec,
     ScheduledRequest,
-    SchedulerStep,
     SimpleRequest,
 )
-from kvbridge.kit.worker_step import run_worker_step
-from kvbridge.offload.scheduler import CPUOffloadScheduler
+from kvbridge.kit.driver import ConnectorDriver
 
 BLOCK_SIZE = 4
 
@@ -85,51 +81,11 @@ def scheduled_groups(
     return ScheduledRequest(req, tuple(list(b) for b in blocks), num_computed, num_scheduled)
 
 
-class Driver:
-    """Runs scheduler and worker halves step by step the way an engine would (SPEC §1)."""
-
-    def __init__(
-        self,
-        sched: KVConnectorScheduler,
-        worker: KVConnectorWorker | None = None,
-        check: Callable[[], None] | None = None,
-    ):
-        self.sched = sched
-        self.worker = worker
-        self.check: Callable[[], None] = _nothing
-        if check is not None:
-            self.check = check
-        elif isinstance(sched, CPUOffloadScheduler):
-            self.check = sched.check_integrity
-        self.step_id = 0
-        self.metas: list[Any] = []
-
-    def step(
-        self,
-        *sched_reqs: ScheduledRequest,
-        preempted: frozenset[str] = frozenset(),
-        worker_output: ConnectorOutput | None = None,
-    ) -> ConnectorOutput:
-        meta = self.sched.build_connector_meta(
-            SchedulerStep(self.step_id, tuple(sched_reqs), preempted_req_ids=preempted)
-        )
-        self.step_id += 1
-        self.metas.append(meta)
-        self.check()
-        if self.worker is None:
-            output = worker_output or ConnectorOutput()
-        else:
-            output = run_worker_step(self.worker, meta)
-        self.sched.update_connector_output(output)
-        self.check()
-        return output
+# Runs scheduler and worker halves step by step the way an engine would (SPEC §1).
+Driver = ConnectorDriver
 
 
 def kv_caches(s: KVCacheSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     shape = (s.num_blocks, 2, s.block_size, s.num_kv_heads, s.head_dim)
     return {f"layers.{i}": torch.randn(shape, generator=gen) for i in range(s.num_layers)}
-
-
-def _nothing() -> None:
-    return None

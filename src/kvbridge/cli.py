@@ -11,16 +11,13 @@ import importlib
 import logging
 import sys
 
-# bench name -> module exposing ``main(argv) -> int``; imported only when run.
+# bench name -> module exposing ``main(argv) -> int``; imported only when run. These check a
+# machine's links; development benchmarks live in the repository's benchmarks/.
 BENCHMARKS: dict[str, str] = {
     "engine": "kvbridge.bench.engine",
     "offload": "kvbridge.bench.offload",
     "nixl": "kvbridge.bench.nixl",
-    "nixl-modes": "kvbridge.bench.nixl_modes",
-    "ttft": "kvbridge.bench.ttft",
     "soak": "kvbridge.bench.soak",
-    "gpu": "kvbridge.bench.gpu_suite",
-    "pd-gpu": "kvbridge.bench.pd_gpu",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # command -> module exposing ``main(argv) -> int``.
@@ -31,15 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _run_module(module_name: str, argv: list[str], what: str) -> int:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            print(f"kvbridge: '{what}' is not built yet ({module_name} is missing).")
-            return 2
-        raise
-    result: int = module.main(argv)
+def _run_module(module_name: str, argv: list[str]) -> int:
+    result: int = importlib.import_module(module_name).main(argv)
     return result
 
 
@@ -106,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         if not rest or rest[0] not in BENCHMARKS:
             print(f"usage: kvbridge bench {{{','.join(BENCHMARKS)}}} [options]  (NAME --help)")
+            print("development benchmarks: python -m benchmarks.NAME, in a checkout of kvbridge")
             return 0 if not rest or rest[0] in ("-h", "--help") else 2
-        return _run_module(BENCHMARKS[rest[0]], rest[1:], f"bench {rest[0]}")
+        return _run_module(BENCHMARKS[rest[0]], rest[1:])
     module_name, _ = COMMANDS[args.command]
-    return _run_module(module_name, rest, args.command)
+    return _run_module(module_name, rest)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import msgspec
 import pytest
 import torch
 
-from kvbridge.nixl.raw_bench import run_raw_read
 from kvbridge.nixl.transport import (
     LOCAL_AGENT,
     LiveCounts,
@@ -177,13 +176,3 @@ def test_wrapper_rules_on_real_agents_in_one_process() -> None:
     assert held_b == LiveCounts(0, 2, 1, 1)  # close released what the test left behind
     assert held_a == LiveCounts(0, 0, 1, 0)
     assert b.close() == ZERO
-
-
-def test_raw_read_baseline_moves_the_right_bytes_and_counts_descriptors() -> None:
-    # blocks 1-3 are contiguous on both sides, so NIXL merges them into one descriptor
-    result = run_raw_read(BLOCK, NUM_BLOCKS, 4, 2, block_ids=[1, 2, 3, 9, 12], timeout_s=DEADLINE_S)
-    assert result.xfers_per_iter == 2
-    assert result.nixl_descs_per_iter == 3
-    assert result.bytes_per_iter == 5 * BLOCK
-    assert len(result.seconds) == 2
-    assert result.gb_per_s > 0

@@ -131,7 +131,7 @@ PICKLING_CALLS = {"send_pyobj", "recv_pyobj", "send_serialized", "recv_serialize
 def drives_own_children(rel: str) -> bool:
     """Benchmarks drive their own child processes over multiprocessing pipes (pickle, but
     local parent-child plumbing, never a socket a peer can reach); serving code must not."""
-    return rel.startswith("bench/") or rel == "nixl/raw_bench.py"
+    return rel.startswith("bench/")
 
 
 def offences(rel: str, source: str) -> list[str]:

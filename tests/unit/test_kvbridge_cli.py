@@ -16,7 +16,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, list[str]]]
     """The (module, argv) each command would run with; the root level is restored after."""
     calls: list[tuple[str, list[str]]] = []
 
-    def run(module: str, argv: list[str], what: str) -> int:
+    def run(module: str, argv: list[str]) -> int:
         calls.append((module, argv))
         return 0
 

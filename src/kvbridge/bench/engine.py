@@ -10,13 +10,11 @@ import argparse
 import logging
 import random
 import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
+from kvbridge.bench import harness
 from kvbridge.engine.loader import read_hf_config
 from kvbridge.engine.model_config import NAMED_CONFIGS, get_model_config
 from kvbridge.engine.runner import ModelRunner, SeqChunk
@@ -39,7 +37,7 @@ class BenchRow(NamedTuple):
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kvbridge bench engine", description=__doc__)
+    p = harness.parser("kvbridge bench engine", __doc__)
     p.add_argument("--model", default="tiny", help=f"named config ({', '.join(NAMED_CONFIGS)})")
     p.add_argument("--checkpoint", default=None, help="HF safetensors dir (overrides --model)")
     p.add_argument("--device", default="cpu")
@@ -55,16 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed prefill runs (best is shown)")
     args = p.parse_args(argv)
-    for key in ("prompt_len", "batch", "decode_steps", "block_size", "repeats"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')}: must be >= 1")
+    harness.positive(p, args, "prompt_len", "batch", "decode_steps", "block_size", "repeats")
     return args
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 def run_bench(
@@ -76,7 +66,8 @@ def run_bench(
     rng = random.Random(0)
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(prompt_len)] for _ in range(batch)]
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
-    sync = _sync(runner.device)
+    device = runner.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     prefill = [SeqChunk(f"r{i}", p, 0, t, True) for i, (p, t) in enumerate(zip(prompts, tables))]
     greedy = [SamplingParams()] * batch
     runner.execute(prefill)  # warm-up
@@ -129,20 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     rows.sort(key=lambda r: (r.phase != "prefill", r.batch))
     name = args.checkpoint or args.model
-    table = Table(
-        title=f"engine: {name} ({config.num_parameters() / 1e6:.1f}M params), "
+    title = (
+        f"engine: {name} ({config.num_parameters() / 1e6:.1f}M params), "
         f"{device} {str(dtype).removeprefix('torch.')}, prompt {args.prompt_len}, "
         f"{args.decode_steps} decode steps, torch threads {torch.get_num_threads()}"
     )
-    for col in ("phase", "batch", "tokens/step", "ms/step", "tokens/s"):
-        table.add_column(col, justify="left" if col == "phase" else "right")
+    columns = ("phase", "batch", "tokens/step", "ms/step", "tokens/s")
+    report = harness.Report("engine", title, columns)
     for r in rows:
-        table.add_row(
-            r.phase,
-            str(r.batch),
-            str(r.tokens_per_step),
-            f"{r.ms_per_step:.2f}",
-            f"{r.tokens_per_s:,.0f}",
-        )
-    Console().print(table)
+        cells = [r.phase, str(r.batch), str(r.tokens_per_step), f"{r.ms_per_step:.2f}"]
+        data = {**r._asdict(), "tokens_per_s": r.tokens_per_s}
+        report.add([*cells, f"{r.tokens_per_s:,.0f}"], data)
+    harness.emit([report], args)
     return 0

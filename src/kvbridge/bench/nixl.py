@@ -25,9 +25,10 @@ import argparse
 import importlib.metadata
 import statistics
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+from kvbridge.bench import harness
+from kvbridge.bench.harness import paired_ratio
 from kvbridge.bench.nixl_peer import (
     HOST,
     KV_HEADS,
@@ -82,35 +83,21 @@ class RunResult(NamedTuple):
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kvbridge bench nixl", description=__doc__)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--blocks", type=int, default=64, help="blocks per READ (per layer)")
-    parser.add_argument("--block-kib", type=int, default=64, help="bytes of one block-layer")
-    parser.add_argument("--iters", type=int, default=30, help="timed READ pairs per case")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    args = parser.parse_args(argv)
-    if min(args.layers, args.blocks, args.iters) < 1:
-        parser.error("--layers, --blocks and --iters must be >= 1")
+    p = harness.parser("kvbridge bench nixl", __doc__)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--blocks", type=int, default=64, help="blocks per READ (per layer)")
+    p.add_argument("--block-kib", type=int, default=64, help="bytes of one block-layer")
+    p.add_argument("--iters", type=int, default=30, help="timed READ pairs per case")
+    args = p.parse_args(argv)
+    harness.positive(p, args, "layers", "blocks", "iters")
     per_head_dim = 2 * TOKENS_PER_BLOCK * KV_HEADS * 4  # K and V, float32
     if args.block_kib < 1 or (args.block_kib * 1024) % per_head_dim:
-        parser.error(f"--block-kib: must be a positive multiple of {per_head_dim // 1024}")
+        p.error(f"--block-kib: must be a positive multiple of {per_head_dim // 1024}")
     return args
 
 
 def block_ids(pattern: str, blocks: int) -> list[int]:
     return list(range(blocks)) if pattern == "contiguous" else list(range(0, 2 * blocks, 2))
-
-
-def raw_first(i: int) -> bool:
-    """ABBA: timed pair ``i`` starts with the raw READ when ``i`` is odd."""
-    return i % 2 == 1
-
-
-def paired_ratio(connector: Sequence[float], raw: Sequence[float]) -> float:
-    """Median of ``raw[i] / connector[i]``: connector speed over raw speed, pair by pair."""
-    if len(connector) != len(raw) or not connector:
-        raise ValueError(f"need as many raw as connector times, got {len(raw)}/{len(connector)}")
-    return statistics.median(r / c for c, r in zip(connector, raw))
 
 
 # -- consumer (this process) -----------------------------------------------------------------
@@ -153,20 +140,15 @@ def run_case(
     producer.hold([s.request_id for s in specs])
     for tensor in (*cache.values(), *raw.cache.values()):
         tensor.zero_()
-    mine: list[float] = []
-    theirs: list[float] = []
     with raw.prepared(
         specs[0].local_block_ids, specs[0].remote_block_ids, merge=case.merge
     ) as xfer:
         _read(worker, specs[0])  # warm-up pair: the connector's handshake, NIXL's first use
         raw_descs = raw.read(xfer, telemetry=True).nixl_descs
-        for i, spec in enumerate(specs[1:]):
-            if raw_first(i):
-                theirs.append(raw.read(xfer).seconds)
-                mine.append(_read(worker, spec))
-            else:
-                mine.append(_read(worker, spec))
-                theirs.append(raw.read(xfer).seconds)
+        timed = iter(specs[1:])
+        mine, theirs = harness.abba(
+            lambda: _read(worker, next(timed)), lambda: raw.read(xfer).seconds, iters
+        )
     stats = worker.get_kv_connector_stats()
     data = stats.data if isinstance(stats, KVConnectorStats) else {}
     descs = data.get(keys.NUM_DESCRIPTORS, [])
@@ -280,47 +262,27 @@ def _cells(row: Row) -> list[str]:
     ]
 
 
-def _title(args: argparse.Namespace) -> str:
-    return (
+def report(args: argparse.Namespace, result: RunResult) -> harness.Report:
+    title = (
         f"NixlConnector READ vs raw NIXL READ of the same producer memory, DRAM, two processes "
         f"({_nixl_version()}, UCX): {args.blocks} blocks x {args.layers} layers x "
         f"{args.block_kib} KiB per READ, {args.iters} interleaved pairs per case; GB/s as "
         "median / best; paired ratio = median of raw time / connector time per pair"
     )
-
-
-def _caption(result: RunResult) -> str:
+    out = harness.Report("nixl", title, COLUMNS, words=COLUMNS[1:2])
+    for row in result.rows:
+        data = {"pattern": row.case.pattern, "merge": row.case.merge, "nbytes": row.nbytes}
+        out.add(_cells(row), {**data, **row.result._asdict()})
     correct = all(row.result.correct for row in result.rows)
-    return (
+    out.notes.append(
         f"bytes read (connector and raw) equal the producer's: {'PASS' if correct else 'FAIL'}; "
         f"{result.notes}"
     )
-
-
-def _table(args: argparse.Namespace, result: RunResult) -> Any:
-    from rich.table import Table
-
-    table = Table(title=_title(args), caption=_caption(result))
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in COLUMNS[:2] else "right")
-    for row in result.rows:
-        table.add_row(*_cells(row))
-    return table
-
-
-def _markdown(args: argparse.Namespace, result: RunResult) -> str:
-    lines = [_title(args), "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in result.rows]
-    return "\n".join([*lines, "", _caption(result)])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     result = run(args)
-    if args.markdown:
-        print(_markdown(args, result))
-    else:
-        from rich.console import Console
-
-        Console(width=200).print(_table(args, result))
+    harness.emit([report(args, result)], args)
     return 0 if result.ok else 1

@@ -12,6 +12,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from kvbridge.bench.harness import expect, reap, spawn
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorRole, KVConnectorWorker
 from kvbridge.connector.factory import create_connector
@@ -42,28 +43,34 @@ def make_spec(layers: int, blocks: int, block_kib: int) -> KVCacheSpec:
     )
 
 
-def kv_caches(spec: KVCacheSpec, seed: int | None) -> dict[str, torch.Tensor]:
-    """Per-layer caches: seeded random values, or zeros when ``seed`` is None."""
+def kv_caches(spec: KVCacheSpec, seed: int | None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Per-layer caches of ``spec.dtype`` on ``device``: seeded random values, or zeros when
+    ``seed`` is None."""
     import torch
 
     shape = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    dtype = getattr(torch, spec.dtype)
     out = {}
     for i in range(spec.num_layers):
         if seed is None:
-            out[f"layers.{i}"] = torch.zeros(shape)
+            out[f"layers.{i}"] = torch.zeros(shape, dtype=dtype, device=device)
         else:
-            out[f"layers.{i}"] = torch.randn(
-                shape, generator=torch.Generator().manual_seed(seed + i)
-            )
+            gen = torch.Generator(device=device).manual_seed(seed + i)
+            out[f"layers.{i}"] = torch.randn(shape, generator=gen, dtype=dtype, device=device)
     return out
 
 
-def nixl_config(role: str, engine_id: str, **extra: Any) -> TransferConfig:
+def nixl_config(
+    role: str, engine_id: str, kv_buffer_device: str = "cuda", **extra: Any
+) -> TransferConfig:
+    """A NixlConnector on loopback, side channel on a free port; ``extra`` goes to its extra
+    config (over the defaults)."""
     return TransferConfig.from_dict(
         {
             "kv_connector": "NixlConnector",
             "kv_role": role,
             "engine_id": engine_id,
+            "kv_buffer_device": kv_buffer_device,
             "kv_connector_extra_config": {
                 "side_channel_host": HOST,
                 "side_channel_port": 0,
@@ -143,17 +150,11 @@ class ProducerProcess:
     """Runs in the bench process; owns the producer process and the pipe to it."""
 
     def __init__(self, layers: int, blocks: int, block_kib: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, theirs = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=producer_main,
-            args=(theirs, layers, blocks, block_kib),
-            daemon=True,
-        )
-        self.proc.start()
+        self.conn, theirs = mp.Pipe()
+        self.proc = spawn(producer_main, theirs, layers, blocks, block_kib)
         theirs.close()
         try:
-            port = self._expect("ready")
+            port = expect(self.conn, "ready", TIMEOUT_S)
             if not isinstance(port, int) or port <= 0:
                 raise RuntimeError(f"producer reported no side-channel port ({port!r})")
         except BaseException:
@@ -161,24 +162,16 @@ class ProducerProcess:
             raise
         self.port = port
 
-    def _expect(self, kind: str) -> Any:
-        if not self.conn.poll(TIMEOUT_S):
-            raise TimeoutError(f"the producer sent no {kind!r} within {TIMEOUT_S:g}s")
-        got, payload = self.conn.recv()
-        if got != kind:
-            raise RuntimeError(f"the producer sent {got!r}, expected {kind!r}")
-        return payload
-
     def hold(self, ids: list[str]) -> None:
         self.conn.send(("hold", ids))
-        self._expect("held")
+        expect(self.conn, "held", TIMEOUT_S)
 
     def wait_released(self, expected: int, timeout_s: float = 5.0) -> int:
         """How many holds are released, once ``expected`` are or after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.conn.send(("released", []))
-            released: int = self._expect("released")
+            released: int = expect(self.conn, "released", TIMEOUT_S)
             if released >= expected or time.monotonic() > deadline:
                 return released
             time.sleep(0.01)
@@ -187,9 +180,7 @@ class ProducerProcess:
         """Stop it; returns how many holds the consumer's done notifications released."""
         try:
             self.conn.send(("stop", []))
-            released: int = self._expect("stopped")
+            released: int = expect(self.conn, "stopped", TIMEOUT_S)
             return released
         finally:
-            self.proc.join(10)
-            if self.proc.is_alive():
-                self.proc.kill()
+            reap([self.proc], 10)

@@ -2,9 +2,10 @@
 
 It registers its own zeroed copy of the KV cache, fetches the producer's agent metadata over
 the producer's side channel and attaches it as the connector does (``RemoteEngines.attach``:
-the producer's per-block dlist, prepared once). ``prepared`` plans a READ with ``plan_read``,
-so it carries the connector's descriptors, and prepares its dlists outside timing; ``read``
-times one READ: make transfer + post + poll to DONE + release, no notification.
+the producer's per-block dlist, prepared once). ``prepared_read`` plans a READ with
+``plan_read``, so it carries the connector's descriptors, and prepares its dlists outside timing;
+``timed_read`` times one READ: make transfer + post + poll to DONE + release, no notification.
+Both take any agent: ``benchmarks/nixl_modes_peer.py`` runs them on the consumer worker's own.
 """
 
 from __future__ import annotations
@@ -23,20 +24,19 @@ from kvbridge.nixl.registration import cache_regions, check_kv_caches
 from kvbridge.nixl.remotes import RemoteEngine, RemoteEngines, memory_type
 from kvbridge.nixl.settings import NixlSettings
 from kvbridge.nixl.transfers import KVRegions, plan_read
-from kvbridge.nixl.transport import LOCAL_AGENT, DlistHandle, LiveCounts, XferItem
+from kvbridge.nixl.transport import LOCAL_AGENT, DlistHandle, LiveCounts, NixlTransport
 from kvbridge.nixl.wrapper import NixlWrapper
 
 ENGINE_ID = "bench-raw-reader"
 
 
 class PreparedRead(NamedTuple):
-    """A planned READ's dlists and indices; ``owned`` dlists were made for it alone."""
+    """A planned READ's dlists and indices."""
 
     local_dlist: DlistHandle
     local_indices: list[int]
     remote_dlist: DlistHandle
     remote_indices: list[int]
-    owned: tuple[DlistHandle, ...]
     num_descs: int  # descriptors of the plan
 
 
@@ -92,74 +92,21 @@ class RawReader:
             self.close()
             raise
 
-    @contextlib.contextmanager
     def prepared(
         self,
         local_ids: Sequence[Sequence[int]],
         remote_ids: Sequence[Sequence[int]],
         *,
         merge: bool,
-    ) -> Iterator[PreparedRead]:
+    ) -> contextlib.AbstractContextManager[PreparedRead]:
         """The connector's plan for these block ids (per KV cache group), dlists ready."""
-        plan = plan_read(
-            self.regions, self.remote.regions, self.group_layers, local_ids, remote_ids, merge=merge
-        )
-        owned: list[DlistHandle] = []
-        try:
-            if plan.merged:
-                local = self._prep(LOCAL_AGENT, plan.local_items, self.regions, owned)
-                remote = self._prep(
-                    self.remote.agent_name, plan.remote_items, self.remote.regions, owned
-                )
-                idx = list(range(plan.num_descs))
-                yield PreparedRead(local, idx, remote, idx, tuple(owned), plan.num_descs)
-            else:
-                yield PreparedRead(
-                    self.local_dlist,
-                    plan.local_indices,
-                    self.remote.dlist,
-                    plan.remote_indices,
-                    (),
-                    plan.num_descs,
-                )
-        finally:
-            for dlist in owned:
-                self._t.release_dlist_handle(dlist)
-
-    def _prep(
-        self, agent: str, items: list[XferItem], regions: KVRegions, owned: list[DlistHandle]
-    ) -> DlistHandle:
-        dlist = self._t.prep_xfer_dlist(agent, self._t.get_xfer_descs(items, memory_type(regions)))
-        owned.append(dlist)
-        return dlist
+        return prepared_read(
+            self._t, self.regions, self.local_dlist, self.remote, self.group_layers,
+            local_ids, remote_ids, merge=merge,
+        )  # fmt: skip
 
     def read(self, prepared: PreparedRead, *, telemetry: bool = False) -> RawSample:
-        """One timed READ; ``TimeoutError`` past ``timeout_s``, ``RuntimeError`` if it fails."""
-        t = self._t
-        deadline = time.monotonic() + self.timeout_s
-        descs = None
-        start = time.perf_counter()
-        handle = t.make_prepped_xfer(
-            "READ",
-            prepared.local_dlist,
-            prepared.local_indices,
-            prepared.remote_dlist,
-            prepared.remote_indices,
-        )
-        try:
-            state = t.transfer(handle)
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"raw READ not done in {self.timeout_s:g}s")
-                state = t.check_xfer_state(handle)
-            if state != "DONE":
-                raise RuntimeError(f"raw READ ended in {state}")
-            if telemetry:
-                info = t.get_xfer_telemetry(handle)
-                descs = None if info is None else info.desc_count
-        finally:
-            t.release_xfer_handle(handle)
-        return RawSample(time.perf_counter() - start, descs)
+        return timed_read(self._t, prepared, self.timeout_s, telemetry=telemetry)
 
     def close(self) -> LiveCounts:
         """Release everything (idempotent); returns what the agent still held then."""
@@ -168,3 +115,65 @@ class RawReader:
         finally:
             leaked = self._t.close()
         return leaked
+
+
+@contextlib.contextmanager
+def prepared_read(
+    t: NixlTransport,
+    regions: KVRegions,
+    local_dlist: DlistHandle,
+    remote: RemoteEngine,
+    group_layers: Sequence[Sequence[int]],
+    local_ids: Sequence[Sequence[int]],
+    remote_ids: Sequence[Sequence[int]],
+    *,
+    merge: bool,
+) -> Iterator[PreparedRead]:
+    """The connector's READ plan (``plan_read``) on agent ``t``, dlists ready: the per-block
+    dlists prepared once, or dlists of the merged runs made here and released on exit."""
+    plan = plan_read(regions, remote.regions, group_layers, local_ids, remote_ids, merge=merge)
+    if not plan.merged:
+        yield PreparedRead(
+            local_dlist, plan.local_indices, remote.dlist, plan.remote_indices, plan.num_descs
+        )
+        return
+    owned: list[DlistHandle] = []
+    try:
+        for agent, items, where in (
+            (LOCAL_AGENT, plan.local_items, regions),
+            (remote.agent_name, plan.remote_items, remote.regions),
+        ):
+            owned.append(t.prep_xfer_dlist(agent, t.get_xfer_descs(items, memory_type(where))))
+        idx = list(range(plan.num_descs))
+        yield PreparedRead(owned[0], idx, owned[1], idx, plan.num_descs)
+    finally:
+        for dlist in owned:
+            t.release_dlist_handle(dlist)
+
+
+def timed_read(
+    t: NixlTransport, prepared: PreparedRead, timeout_s: float, *, telemetry: bool = False
+) -> RawSample:
+    """One READ: make transfer + post + poll to DONE + release, timed; ``TimeoutError`` past
+    ``timeout_s``, ``RuntimeError`` if it fails. With ``telemetry``, NIXL's descriptor count."""
+    deadline = time.monotonic() + timeout_s
+    descs = None
+    start = time.perf_counter()
+    handle = t.make_prepped_xfer(
+        "READ", prepared.local_dlist, prepared.local_indices,
+        prepared.remote_dlist, prepared.remote_indices,
+    )  # fmt: skip
+    try:
+        state = t.transfer(handle)
+        while state == "PROC":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"raw READ not done in {timeout_s:g}s")
+            state = t.check_xfer_state(handle)
+        if state != "DONE":
+            raise RuntimeError(f"raw READ ended in {state}")
+        if telemetry:
+            info = t.get_xfer_telemetry(handle)
+            descs = None if info is None else info.desc_count
+    finally:
+        t.release_xfer_handle(handle)
+    return RawSample(time.perf_counter() - start, descs)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
+from kvbridge.bench import harness
 from kvbridge.copy.backend import CopyBackend, backend_name_for, copy_backend_class
 
 BLOCK_SHAPE = (2, 16, 8, 128)  # K and V, tokens per block, KV heads, head dim
@@ -46,7 +44,7 @@ class Ids(NamedTuple):
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kvbridge bench offload", description=__doc__)
+    parser = harness.parser("kvbridge bench offload", __doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--layers", type=int, default=None, help="default 32 (CUDA) / 4 (CPU)")
     parser.add_argument(
@@ -94,9 +92,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.iters = 20 if args.device == "cuda" else 9
     if args.threads is None and args.device == "cpu":
         args.threads = 1
-    counts = (args.layers, args.iters, args.threads or 1, args.chunk_mib, args.buffers)
-    if min(*counts, *args.blocks) < 1:
-        parser.error("--layers, --blocks, --iters, --threads, --chunk-mib, --buffers must be >= 1")
+    harness.positive(parser, args, "layers", "iters", "chunk_mib", "buffers")
+    if min(args.threads or 1, *args.blocks) < 1:
+        parser.error("--threads and --blocks: must be >= 1")
     return args
 
 
@@ -106,17 +104,18 @@ def _strategies(args: argparse.Namespace) -> list[str]:
     return list(CUDA_STRATEGIES) if args.strategy in (None, "all") else [args.strategy]
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], object], device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+def _pairs(
+    mine: Callable[[], object], base: Callable[[], object], args: argparse.Namespace
+) -> tuple[float, float]:
+    """Median seconds of ``mine`` and of its baseline over ``args.iters`` A B B A pairs, after
+    one untimed run of each."""
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    harness.timed(mine, sync)
+    harness.timed(base, sync)
+    mine_s, base_s = harness.abba(
+        lambda: harness.timed(mine, sync), lambda: harness.timed(base, sync), args.iters
+    )
+    return statistics.median(mine_s), statistics.median(base_s)
 
 
 def _check(backend: CopyBackend, ids: Ids) -> str:
@@ -199,24 +198,16 @@ def _measure(args: argparse.Namespace, strategy: str, n: int) -> list[Row]:
         return [Row(n, strategy, d, nbytes, None, None, f"skipped: {e}") for d in DIRECTIONS]
     try:
         check = _check(backend, ids)
-        cases = (
-            (lambda: backend.store(ids.store, ids.cpu).wait(), base_store),
-            (lambda: backend.load(ids.cpu, ids.load).wait(), base_load),
-        )
-        times: list[tuple[list[float], list[float]]] = [([], []) for _ in cases]
-        for _ in range(args.iters + 1):  # the first round warms up and is dropped
-            for (mine, base), (mine_t, base_t) in zip(cases, times):
-                mine_t.append(_timed(mine, device))
-                base_t.append(_timed(base, device))
+        times = [
+            _pairs(lambda: backend.store(ids.store, ids.cpu).wait(), base_store, args),
+            _pairs(lambda: backend.load(ids.cpu, ids.load).wait(), base_load, args),
+        ]
     except Exception as e:  # one broken strategy must not hide the others' numbers
         what = f"error: {type(e).__name__}: {e}"
         return [Row(n, strategy, d, nbytes, None, None, what) for d in DIRECTIONS]
     finally:
         backend.shutdown()
-    return [
-        Row(n, strategy, d, nbytes, statistics.median(t[1:]), statistics.median(b[1:]), check)
-        for d, (t, b) in zip(DIRECTIONS, times)
-    ]
+    return [Row(n, strategy, d, nbytes, t, b, check) for d, (t, b) in zip(DIRECTIONS, times)]
 
 
 def run(args: argparse.Namespace, rows: list[Row]) -> None:
@@ -229,26 +220,20 @@ def run(args: argparse.Namespace, rows: list[Row]) -> None:
                 torch.cuda.empty_cache()
 
 
-def _table(args: argparse.Namespace, rows: list[Row]) -> Table:
+COLUMNS = ("blocks", "strategy", "direction", "MiB", "kvbridge GB/s", "ceiling GB/s")
+
+
+def report(args: argparse.Namespace, rows: list[Row]) -> harness.Report:
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     baseline = "pinned<->device copy" if args.device == "cuda" else "one tensor.copy_"
-    table = Table(
-        title=(
-            f"offload copy backend, {where}: blocks x {args.layers} layers "
-            f"(64 KiB per block-layer, bf16), {args.gpu_ids} cache ids, {args.cpu_ids} CPU ids, "
-            f"{torch.get_num_threads()} torch threads, median of {args.iters}"
-            + (
-                f"; pipelined: {args.buffers} x {args.chunk_mib} MiB"
-                if args.device == "cuda"
-                else ""
-            )
-        ),
-        caption=f"ceiling: same-run {baseline} of the same bytes; check: round trip on random "
-        "data into poisoned destinations",
+    title = (
+        f"offload copy backend, {where}: blocks x {args.layers} layers "
+        f"(64 KiB per block-layer, bf16), {args.gpu_ids} cache ids, {args.cpu_ids} CPU ids, "
+        f"{torch.get_num_threads()} torch threads, median of {args.iters} A B B A pairs"
     )
-    columns = ("blocks", "strategy", "direction", "MiB", "kvbridge GB/s", "ceiling GB/s")
-    for col in (*columns, "ratio", "check"):
-        table.add_column(col, justify="left" if col in ("strategy", "direction") else "right")
+    if args.device == "cuda":
+        title += f"; pipelined: {args.buffers} x {args.chunk_mib} MiB"
+    out = harness.Report("offload", title, (*COLUMNS, "ratio", "check"), words=COLUMNS[1:3])
     for row in rows:
         cells = [str(row.blocks), row.strategy, row.direction, f"{row.nbytes / 2**20:.0f}"]
         if row.backend_s is None or row.baseline_s is None:
@@ -256,8 +241,19 @@ def _table(args: argparse.Namespace, rows: list[Row]) -> Table:
         else:
             mine, base = row.nbytes / row.backend_s / 1e9, row.nbytes / row.baseline_s / 1e9
             cells += [f"{mine:.1f}", f"{base:.1f}", f"{mine / base:.2f}"]
-        table.add_row(*cells, row.check if len(row.check) <= 40 else row.check[:37] + "...")
-    return table
+        out.add(
+            [*cells, row.check[:37] + "..." if len(row.check) > 40 else row.check], row._asdict()
+        )
+    out.notes.append(
+        f"ceiling: same-run {baseline} of the same bytes; check: round trip on random data into "
+        "poisoned destinations"
+    )
+    out.notes += [
+        f"{row.blocks} blocks, {row.strategy}: {row.check}"
+        for row in rows
+        if row.check != "PASS" and row.direction == DIRECTIONS[0]
+    ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,15 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows: list[Row] = []
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=150)
     try:
         run(args, rows)
     finally:
-        console.print(_table(args, rows))
-    for row in rows:
-        if row.check != "PASS" and row.direction == DIRECTIONS[0]:
-            console.print(f"{row.blocks} blocks, {row.strategy}: {row.check}", soft_wrap=True)
+        harness.emit([report(args, rows)], args)
     ok = all(row.check == "PASS" or row.check.startswith("skipped") for row in rows)
     return 0 if ok else 1

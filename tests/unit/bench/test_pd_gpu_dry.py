@@ -1,4 +1,4 @@
-"""``kvbridge bench pd-gpu`` on the CPU: real servers and proxy, both NIXL modes, tokens checked."""
+"""``benchmarks.pd_gpu`` on the CPU: real servers and proxy, both NIXL modes, tokens checked."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvbridge.bench import pd_gpu
-from kvbridge.bench.nixl_modes import visible_gpus
+from benchmarks import pd_gpu
+from benchmarks.nixl_modes import visible_gpus
 from kvbridge.engine.model_config import NAMED_CONFIGS
 from support.nixl_marks import needs_nixl
 
@@ -53,8 +53,9 @@ def test_dry_run_both_modes_same_tokens_and_kv_bytes_from_metrics(tmp_path: Path
     out = tmp_path / "pd.json"
     argv = ["--device", "cpu", "--model", "tiny", "--prompt-lens", "64,128,5000"]
     assert pd_gpu.main([*argv, "--repeats", "1", "--max-tokens", "8", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["notes"] == ["skipped 5000 tokens: tiny holds 4096 positions"]
+    result = json.loads(out.read_text())["reports"]["pd-gpu"]
+    assert result["notes"][0] == "skipped 5000 tokens: tiny holds 4096 positions"
+    assert "D's tokens equal the monolithic engine's, KV read from P: True" in result["notes"]
     rows = result["rows"]
     assert [(r["mode"], r["prompt_tokens"]) for r in rows] == [
         ("direct", 64), ("direct", 128), ("staged", 64), ("staged", 128),

@@ -1,40 +1,13 @@
-"""`kvbridge bench nixl`: the paired statistic, ABBA order, and one real run at tiny size."""
+"""`kvbridge bench nixl`: its arguments, and one real run at tiny size."""
 
 from __future__ import annotations
 
 import pytest
 
 from kvbridge.bench import nixl
-from kvbridge.bench.nixl import Case, paired_ratio, raw_first
+from kvbridge.bench.harness import paired_ratio
+from kvbridge.bench.nixl import Case
 from support.nixl_marks import needs_nixl
-
-
-def test_paired_ratio_is_the_median_of_raw_over_connector_per_pair() -> None:
-    connector = [1.0, 2.0, 4.0]
-    raw = [0.5, 4.0, 4.0]  # ratios 0.5, 2.0, 1.0
-    assert paired_ratio(connector, raw) == 1.0
-    assert paired_ratio([2.0, 1.0], [1.0, 2.0]) == pytest.approx((0.5 + 2.0) / 2)
-
-
-def test_paired_ratio_ignores_drift_that_hits_both_sides_of_a_pair() -> None:
-    """A slow phase of the machine slows both reads of its pairs: the ratio does not move."""
-    connector = [1.0, 1.0, 10.0, 10.0, 1.0]
-    raw = [0.8 * c for c in connector]
-    assert paired_ratio(connector, raw) == pytest.approx(0.8)
-
-
-@pytest.mark.parametrize(("connector", "raw"), [([1.0], [1.0, 2.0]), ([], [])])
-def test_paired_ratio_needs_one_raw_time_per_connector_time(
-    connector: list[float], raw: list[float]
-) -> None:
-    with pytest.raises(ValueError, match="as many raw as connector"):
-        paired_ratio(connector, raw)
-
-
-def test_abba_alternates_which_read_goes_first() -> None:
-    order = [raw_first(i) for i in range(6)]
-    assert order == [False, True, False, True, False, True]
-    assert sum(order) == len(order) // 2  # each side goes first in half of the pairs
 
 
 def test_block_kib_must_be_a_multiple_of_one_kib_head() -> None:
@@ -65,9 +38,8 @@ def test_a_tiny_run_reads_the_producers_bytes_both_ways_in_the_connectors_descri
         assert r.num_descs == (layers if row.case == Case("contiguous", True) else layers * blocks)
         if row.case.merge:
             assert r.raw_descs == r.num_descs
-    table = nixl._markdown(args, result).splitlines()
-    assert (
-        sum(line.startswith("| contiguous") or line.startswith("| fragmented") for line in table)
-        == 4
-    )
-    assert table[-1].startswith("bytes read (connector and raw) equal the producer's: PASS")
+    report = nixl.report(args, result)
+    table = report.markdown().splitlines()
+    assert sum(line.startswith(("| contiguous", "| fragmented")) for line in table) == 4
+    assert report.notes[0].startswith("bytes read (connector and raw) equal the producer's: PASS")
+    assert [(r["pattern"], r["merge"]) for r in report.data] == cases

@@ -1,8 +1,9 @@
-"""``kvbridge bench nixl-modes``: one request's KV through the NixlConnector, direct vs host-staged.
+"""One request's KV through the NixlConnector, direct vs host-staged, against raw NIXL.
 
-Per mode, a producer process and a consumer process (``nixl_modes_peer``), each a real
-``NixlWorker`` on Llama-3-8B-shaped bf16 blocks (8 KV heads, head dim 128, 16 tokens per block,
-64 KiB per block-layer; 8k tokens x 32 layers = 1 GiB by default). Modes name the two sides'
+``python -m benchmarks.nixl_modes``: per mode, a producer process and a consumer process
+(``nixl_modes_peer``), each a real ``NixlWorker`` on Llama-3-8B-shaped bf16 blocks (8 KV heads,
+head dim 128, 16 tokens per block, 64 KiB per block-layer; 8k tokens x 32 layers = 1 GiB by
+default). Modes name the two sides'
 ``kv_buffer_device``: ``direct`` (cuda/cuda: NIXL reads the KV cache where it lives),
 ``staged`` (cpu/cpu: stage-out to pinned host, DRAM->DRAM READ, stage-in), and the mixed
 ``staged-p`` (cpu/cuda) and ``staged-d`` (cuda/cpu). On ``--device cpu`` "cuda" means the cache
@@ -10,7 +11,8 @@ itself, in DRAM.
 
 Connector time = the producer's stage-out (SendSpec to live lease) + the consumer's load
 (``start_load_kv`` to ``finished_recving``: lease gate, READ, lease confirmation, stage-in).
-Raw = the same descriptors READ on the same two agents in the same run, nothing around it.
+Raw = the same descriptors READ on the same two agents in the same run, nothing around it; loads
+and raw READs alternate in A B B A order.
 The consumer runs with ``UCX_PROTO_INFO=y``; the lanes UCX chose for READs come from its log.
 """
 
@@ -19,17 +21,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import multiprocessing as mp
 import shutil
 import statistics
 import tempfile
+from multiprocessing import Pipe
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from kvbridge.bench.nixl_modes_peer import (
+from benchmarks.nixl_modes_peer import (
     PHASES,
     TOKENS_PER_BLOCK,
     ConsumerReport,
@@ -39,8 +38,9 @@ from kvbridge.bench.nixl_modes_peer import (
     make_spec,
     producer_main,
 )
+from benchmarks.ucx import read_lanes
+from kvbridge.bench import harness
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.raw_bench import parse_ucx_proto_info
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +51,7 @@ MODES: dict[str, tuple[str, str]] = {
     "staged-p": ("cpu", "cuda"),
     "staged-d": ("cuda", "cpu"),
 }
-# NVLink multicast stays off in every child (it can take a shared host's GPUs out of service).
-NVLINK_MULTICAST_OFF = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 RATIO_TARGET = 0.9
-
-
-def child_env(device: str, gpu: int | None) -> dict[str, str]:
-    """Variables every benchmark child gets on top of this process's environment."""
-    env = {"PYTHONUNBUFFERED": "1", **NVLINK_MULTICAST_OFF}
-    if device == "cuda" and gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    return env
 
 
 def visible_gpus() -> int:
@@ -75,29 +61,30 @@ def visible_gpus() -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kvbridge bench nixl-modes", description=__doc__)
+    p = harness.parser("python -m benchmarks.nixl_modes", __doc__)
     add = p.add_argument
     add("--device", choices=("cuda", "cpu"), default="cuda")
     add("--tokens", type=int, help="request tokens (default 8192 on cuda, 1024 on cpu)")
     add("--layers", type=int, help="KV layers (default 32 on cuda, 4 on cpu)")
-    add("--modes", help=f"comma-separated subset of {','.join(MODES)} (cpu: direct,staged)")
-    add("--iters", type=int, help="timed loads and raw reads per mode (3)")
+    modes = harness.subset(MODES)
+    add(
+        "--modes",
+        type=modes,
+        help=f"comma-separated subset of {','.join(MODES)} (cpu: direct,staged)",
+    )
+    add("--iters", type=int, default=3, help="timed loads and raw reads per mode")
     add("--gpus", help="producer,consumer GPU (default 0,1 with two GPUs, else 0,0)")
     add("--run-blocks", type=int, default=0, help="blocks per contiguous run (0: one run)")
     add("--timeout", type=float, default=300.0, help="seconds per mode")
     add("--keep-logs", action="store_true", help="keep the processes' logs")
-    add("--markdown", action="store_true", help="print a markdown table")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.tokens = args.tokens or (8192 if cuda else 1024)
     args.layers = args.layers or (32 if cuda else 4)
-    args.iters = args.iters or 3
-    args.modes = args.modes or (",".join(MODES) if cuda else "direct,staged")
-    unknown = [m for m in args.modes.split(",") if m not in MODES]
-    if unknown:
-        p.error(f"--modes: unknown mode {unknown[0]!r} (known: {', '.join(MODES)})")
-    if min(args.tokens, args.layers, args.iters) < 1 or args.run_blocks < 0:
-        p.error("--tokens, --layers and --iters must be >= 1, --run-blocks >= 0")
+    args.modes = args.modes or (list(MODES) if cuda else ["direct", "staged"])
+    harness.positive(p, args, "tokens", "layers", "iters")
+    if args.run_blocks < 0:
+        p.error("--run-blocks: must be >= 0")
     args.gpu_pair = None
     return args
 
@@ -129,54 +116,37 @@ def run_mode(args: argparse.Namespace, mode: str, geo: Geometry, logs: Path) -> 
     p_buf, d_buf = MODES[mode]
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     p_gpu, d_gpu = args.gpu_pair
-    p_side = Side(p_buf, child_env(args.device, p_gpu), str(logs / f"{mode}-producer.log"), level)
-    d_env = {**child_env(args.device, d_gpu), "UCX_PROTO_INFO": "y"}
+    p_env = harness.child_env(args.device, p_gpu)
+    p_side = Side(p_buf, p_env, str(logs / f"{mode}-producer.log"), level)
+    d_env = {**harness.child_env(args.device, d_gpu), "UCX_PROTO_INFO": "y"}
     d_side = Side(d_buf, d_env, str(logs / f"{mode}-consumer.log"), level)
-    ctx = mp.get_context("spawn")
-    p_end, d_end = ctx.Pipe()
-    report_rx, report_tx = ctx.Pipe(duplex=False)
+    tails = (p_side.log_path, d_side.log_path)
+    p_end, d_end = Pipe()
+    report_rx, report_tx = Pipe(duplex=False)
     procs = [
-        ctx.Process(target=producer_main, args=(p_end, geo, p_side), daemon=True),
-        ctx.Process(target=consumer_main, args=(d_end, report_tx, geo, d_side), daemon=True),
+        harness.spawn(producer_main, p_end, geo, p_side),
+        harness.spawn(consumer_main, d_end, report_tx, geo, d_side),
     ]
-    for proc in procs:
-        proc.start()
     for end in (p_end, d_end, report_tx):
         end.close()  # only the children hold them: a dead peer reads as EOF at once
     grace = 0.0  # a run that went wrong is killed at once
     try:
         if not report_rx.poll(args.timeout):
             raise TimeoutError(
-                f"mode {mode}: no report in {args.timeout:g}s{_tails(p_side, d_side)}"
+                f"mode {mode}: no report in {args.timeout:g}s{harness.log_tails(tails)}"
             )
         report = report_rx.recv()
         grace = 15.0
     except EOFError:
-        raise RuntimeError(f"mode {mode}: the consumer died{_tails(p_side, d_side)}") from None
+        raise RuntimeError(f"mode {mode}: the consumer died{harness.log_tails(tails)}") from None
     finally:
-        for proc in procs:
-            proc.join(grace)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+        harness.reap(procs, grace)
     if not isinstance(report, ConsumerReport):
-        raise RuntimeError(f"mode {mode} failed:\n{report}{_tails(p_side, d_side)}")
-    lanes = parse_ucx_proto_info(Path(d_side.log_path).read_text(errors="replace")).read
-    return _row(mode, geo, report, lanes)
+        raise RuntimeError(f"mode {mode} failed:\n{report}{harness.log_tails(tails)}")
+    return _row(mode, geo, report, read_lanes(d_side.log_path))
 
 
-def _tails(*sides: Side) -> str:
-    out = []
-    for side in sides:
-        try:
-            lines = Path(side.log_path).read_text(errors="replace").splitlines()[-12:]
-        except OSError:
-            lines = ["(no log)"]
-        out.append(f"\n--- {side.log_path}:\n" + "\n".join(lines))
-    return "".join(out)
-
-
-def _row(mode: str, geo: Geometry, r: ConsumerReport, lanes: tuple[str, ...]) -> dict[str, Any]:
+def _row(mode: str, geo: Geometry, r: ConsumerReport, lanes: list[str]) -> dict[str, Any]:
     med = statistics.median
     e2e = med(s.stage_out_s + s.load_s for s in r.loads)
     raw = med(s.seconds for s in r.raws)
@@ -207,7 +177,7 @@ def _row(mode: str, geo: Geometry, r: ConsumerReport, lanes: tuple[str, ...]) ->
         "correct": all(s.correct for s in [r.first, *r.loads]) and all(s.correct for s in r.raws),
         "holds_released": r.released,
         "holds": len(r.loads) + 1,
-        "ucx_read_lanes": list(lanes),
+        "ucx_read_lanes": lanes,
     }
 
 
@@ -221,7 +191,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     load_nixl_api()  # ImportError naming the package to install
     logs = Path(tempfile.mkdtemp(prefix="kvbridge-nixl-modes-"))
     rows = []
-    for mode in args.modes.split(","):
+    for mode in args.modes:
         try:
             rows.append(run_mode(args, mode, geo, logs))
         except (RuntimeError, TimeoutError, OSError) as e:  # the other modes still run
@@ -299,22 +269,18 @@ def summary(all_rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def report(console: Console, args: argparse.Namespace, rows: list[dict[str, Any]]) -> bool:
-    """Print the table (rich or markdown) and the target lines; True if all bytes were right."""
-    if args.markdown:
-        head = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-        body = ["| " + " | ".join(_cells(r)) + " |" for r in rows if "error" not in r]
-        console.print("\n".join([title(args), "", *head, *body]), markup=False)
-    else:
-        table = Table(title=title(args))
-        for col in COLUMNS:
-            table.add_column(col, justify="left" if col in (COLUMNS[0], COLUMNS[-1]) else "right")
-        for r in rows:
-            if "error" not in r:
-                table.add_row(*_cells(r))
-        console.print(table)
-    for line in summary(rows):
-        console.print(line, markup=False)
+def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> harness.Report:
+    """The table of the modes that ran; the target lines and failures as its notes."""
+    out = harness.Report("nixl-modes", title(args), COLUMNS, words=COLUMNS[-1:])
+    for r in rows:
+        if "error" not in r:
+            out.add(_cells(r), r)
+    out.notes += summary(rows)
+    return out
+
+
+def ok(rows: list[dict[str, Any]]) -> bool:
+    """Every mode ran, its bytes were right and every producer hold was released."""
     return all(r.get("correct") and r["holds_released"] == r["holds"] for r in rows)
 
 
@@ -323,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run(args)
     except (ValueError, ImportError) as e:
-        print(f"kvbridge bench nixl-modes: error: {e}")
+        print(f"nixl_modes: error: {e}")
         return 2
-    return 0 if report(Console(width=220), args, rows) else 1
+    harness.emit([report(args, rows)], args)
+    return 0 if ok(rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,13 +1,14 @@
-"""The two processes of ``kvbridge bench nixl-modes``: a producer and a consumer ``NixlWorker``.
+"""The two processes of ``benchmarks.nixl_modes``: a producer and a consumer ``NixlWorker``.
 
 Producer: registers a seeded Llama-shaped KV cache with its ``kv_buffer_device`` and, told to
 hold a request, does what its scheduler half would (a ``SendSpec``); it answers once the lease
 is live, with the seconds that took (the stage-out copy to its host buffer when host-staged).
-Consumer: loads ``iters + 1`` requests through the connector API (the first, with the handshake,
-untimed), each timed from ``start_load_kv`` until it is in ``finished_recving``; then raw READs
-of the same bytes with the same descriptors on the same two agents (the consumer worker's
-transport; dlists prepared outside the timing; no notification, lease confirmation or staging),
-one untimed and ``iters`` timed. Every load and raw READ is checked against the seed.
+Consumer: loads one request through the connector API (with the handshake, untimed) and reads
+its bytes raw once (untimed), then ``iters`` pairs of a load and a raw READ in A B B A order.
+A load is timed from ``start_load_kv`` until the request is in ``finished_recving``; a raw READ
+moves the same bytes with the same descriptors on the same two agents (the consumer worker's
+transport; dlists prepared outside the timing; no notification, lease confirmation or staging).
+Every load and raw READ is checked against the seed.
 Each process sets its environment (``CUDA_VISIBLE_DEVICES``, UCX) before torch or NIXL start and
 sends its output to a log file (UCX prints its protocol tables there).
 """
@@ -15,30 +16,27 @@ sends its output to a log file (UCX prints its protocol tables there).
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from kvbridge.bench.nixl_peer import recv_spec, step_worker
-from kvbridge.config import TransferConfig
+from kvbridge.bench import harness
+from kvbridge.bench.nixl_peer import kv_caches, nixl_config, recv_spec, step_worker
+from kvbridge.bench.nixl_raw_reader import prepared_read, timed_read
 from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.metadata import NixlConnectorMetadata, SendSpec
-from kvbridge.nixl.remotes import RemoteEngine, memory_type
-from kvbridge.nixl.transfers import plan_read
-from kvbridge.nixl.transport import LOCAL_AGENT
+from kvbridge.nixl.remotes import RemoteEngine
 from kvbridge.nixl.worker import NixlWorker
 
 if TYPE_CHECKING:
     import torch
 
-HOST = "127.0.0.1"
 PRODUCER_ID = "modes-producer"
 CONSUMER_ID = "modes-consumer"
 SEED = 4321
@@ -102,48 +100,9 @@ def make_spec(geo: Geometry) -> KVCacheSpec:
     )
 
 
-def kv_caches(spec: KVCacheSpec, device: str, seed: int | None) -> dict[str, torch.Tensor]:
-    """Per-layer bf16 caches on ``device``: seeded random values, or zeros for ``seed=None``."""
-    import torch
-
-    shape = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    out = {}
-    for i in range(spec.num_layers):
-        if seed is None:
-            out[f"layers.{i}"] = torch.zeros(shape, dtype=torch.bfloat16, device=device)
-        else:
-            gen = torch.Generator(device=device).manual_seed(seed + i)
-            out[f"layers.{i}"] = torch.randn(
-                shape, generator=gen, dtype=torch.bfloat16, device=device
-            )
-    return out
-
-
-def nixl_config(role: str, engine_id: str, kv_buffer_device: str) -> TransferConfig:
-    return TransferConfig.from_dict(
-        {
-            "kv_connector": "NixlConnector",
-            "kv_role": role,
-            "engine_id": engine_id,
-            "kv_buffer_device": kv_buffer_device,
-            "kv_connector_extra_config": {
-                "side_channel_host": HOST,
-                "side_channel_port": 0,
-                "transfer_timeout_s": TIMEOUT_S,
-            },
-        }
-    )
-
-
 def _enter(side: Side, device: str) -> None:
-    """Environment, output and threads of a fresh child, before torch or NIXL start."""
-    os.environ.update(side.env)
-    fd = os.open(side.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    logging.basicConfig(
-        level=side.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """A fresh child's environment, output and threads, before torch or NIXL start."""
+    harness.enter_child(side.env, side.log_path, side.log_level)
     import torch
 
     if device == "cpu":
@@ -151,16 +110,11 @@ def _enter(side: Side, device: str) -> None:
 
 
 def _expect(conn: Connection, kind: str) -> Any:
-    if not conn.poll(TIMEOUT_S):
-        raise TimeoutError(f"no {kind!r} from the peer within {TIMEOUT_S:g}s")
-    got, payload = conn.recv()
-    if got != kind:
-        raise RuntimeError(f"the peer sent {got!r}, expected {kind!r}: {payload}")
-    return payload
+    return harness.expect(conn, kind, TIMEOUT_S)
 
 
 def _worker(role: str, engine_id: str, side: Side, spec: KVCacheSpec) -> NixlWorker:
-    config = nixl_config(role, engine_id, side.kv_buffer_device)
+    config = nixl_config(role, engine_id, side.kv_buffer_device, transfer_timeout_s=TIMEOUT_S)
     worker = create_connector(config, KVConnectorRole.WORKER, spec)
     if not isinstance(worker, NixlWorker):
         raise TypeError(f"NixlConnector built a {type(worker).__name__}")
@@ -175,7 +129,7 @@ def producer_main(conn: Connection, geo: Geometry, side: Side) -> None:
     worker = _worker("kv_producer", PRODUCER_ID, side, spec)
     released = 0
     try:
-        cache = kv_caches(spec, geo.device, SEED)  # referenced until shutdown: NIXL reads it
+        cache = kv_caches(spec, SEED, geo.device)  # referenced until shutdown: NIXL reads it
         worker.register_kv_caches(cache)
         conn.send(("ready", worker.side_channel_port))
         while True:
@@ -254,25 +208,27 @@ def _consume(conn: Connection, geo: Geometry, side: Side) -> ConsumerReport:
     ids = list(geo.block_ids)
     worker = _worker("kv_consumer", CONSUMER_ID, side, spec)
     try:
-        cache = kv_caches(spec, geo.device, None)
+        cache = kv_caches(spec, None, geo.device)
         worker.register_kv_caches(cache)
-        expected = kv_caches(spec, geo.device, SEED)
+        expected = kv_caches(spec, SEED, geo.device)
         local = _local_tensors(worker, cache)
-        loads = [
-            _load_one(conn, worker, f"req-{i}", port, ids, cache, expected)
-            for i in range(geo.iters + 1)
-        ]
-        _raw_read(worker, ids)  # warm-up: the first READ after others' work runs slow
-        raws = []
-        for _ in range(geo.iters):
+        rids = (f"req-{i}" for i in range(geo.iters + 1))
+
+        def load() -> LoadSample:
+            return _load_one(conn, worker, next(rids), port, ids, cache, expected)
+
+        def raw() -> RawSample:
             _zero(local)
-            raw = _raw_read(worker, ids)
-            raws.append(raw._replace(correct=_equal(local, expected, ids)))
-        reg = worker.registered
+            sample = _raw_read(worker, ids)
+            return sample._replace(correct=_equal(local, expected, ids))
+
+        first = load()  # untimed: the handshake
+        raw()  # untimed: the first READ after others' work runs slow
+        loads, raws = harness.abba(load, raw, geo.iters)
         remote = _remote(worker)
-        memory = f"{remote.regions.memory_type}->{reg.regions.memory_type}"
+        memory = f"{remote.regions.memory_type}->{worker.registered.regions.memory_type}"
         nbytes = len(ids) * spec.num_layers * spec.block_bytes_per_layer
-        return ConsumerReport(nbytes, memory, loads[0], loads[1:], raws, released=0)
+        return ConsumerReport(nbytes, memory, first, loads, raws, released=0)
     finally:
         worker.shutdown()
 
@@ -357,44 +313,13 @@ def _remote(worker: NixlWorker) -> RemoteEngine:
 
 def _raw_read(worker: NixlWorker, ids: list[int]) -> RawSample:
     """One READ of the connector's descriptors on its own transport, nothing around it."""
-    reg, remote = worker.registered, _remote(worker)
-    t = reg.transport
+    reg = worker.registered
     layers = [list(range(len(reg.regions.layer_names)))]
     merge = worker.settings.merge_contiguous_blocks
-    plan = plan_read(reg.regions, remote.regions, layers, [ids], [ids], merge=merge)
-    made = []
-    if plan.merged:
-        local = t.prep_xfer_dlist(
-            LOCAL_AGENT, t.get_xfer_descs(plan.local_items, memory_type(reg.regions))
-        )
-        made.append(local)
-        far = t.prep_xfer_dlist(
-            remote.agent_name, t.get_xfer_descs(plan.remote_items, memory_type(remote.regions))
-        )
-        made.append(far)
-        li = ri = list(range(plan.num_descs))
-    else:
-        local, far, li, ri = reg.local_dlist, remote.dlist, plan.local_indices, plan.remote_indices
-    deadline = time.monotonic() + TIMEOUT_S
-    handle = None
-    try:
-        start = time.perf_counter()
-        handle = t.make_prepped_xfer("READ", local, li, far, ri)
-        state = t.transfer(handle)
-        while state == "PROC":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"raw READ not done in {TIMEOUT_S:g}s")
-            state = t.check_xfer_state(handle)
-        telemetry = t.get_xfer_telemetry(handle)
-        t.release_xfer_handle(handle)
-        handle = None
-        seconds = time.perf_counter() - start
-    finally:
-        if handle is not None:
-            t.release_xfer_handle(handle)
-        for dlist in made:
-            t.release_dlist_handle(dlist)
-    if state != "DONE":
-        raise RuntimeError(f"raw READ ended in {state}")
-    descs = telemetry.desc_count if telemetry is not None else plan.num_descs
-    return RawSample(seconds, descs, correct=False)
+    with prepared_read(
+        reg.transport, reg.regions, reg.local_dlist, _remote(worker), layers, [ids], [ids],
+        merge=merge,
+    ) as xfer:  # fmt: skip
+        sample = timed_read(reg.transport, xfer, TIMEOUT_S, telemetry=True)
+    descs = xfer.num_descs if sample.nixl_descs is None else sample.nixl_descs
+    return RawSample(sample.seconds, descs, correct=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvbridge.nixl.raw_bench import parse_ucx_proto_info
+from benchmarks.ucx import parse_ucx_proto_info
 
 SAMPLE = """\
 [1795624798.95] [vm:5373 :0]   +--------+-------------+-----------------------------------+

@@ -1,4 +1,4 @@
-"""``kvbridge bench pd-gpu``: prefill on one GPU, decode on another, against one engine.
+"""Prefill on one GPU, decode on another, against one engine: ``python -m benchmarks.pd_gpu``.
 
 Per NIXL mode (``direct``: both sides ``kv_buffer_device`` cuda; ``staged``: both cpu), three
 processes: ``kvbridge serve`` as the prefill engine (kv_producer) on the first GPU and as the
@@ -35,21 +35,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
-from rich.console import Console
-from rich.table import Table
 
-from kvbridge.bench.nixl_modes import MODES, child_env, visible_gpus
-from kvbridge.bench.pd_gpu_client import (
-    D_KEYS,
-    Completion,
-    complete,
-    metric_delta,
-    metrics_text,
-)
+from benchmarks.nixl_modes import MODES, visible_gpus
+from benchmarks.pd_gpu_client import D_KEYS, Completion, complete, metric_delta, metrics_text
+from benchmarks.ucx import read_lanes
+from kvbridge.bench import harness
 from kvbridge.demo.processes import ProcessSet, ServiceError, ServiceProcess
 from kvbridge.demo.stack import BLOCK_SIZE, transfer_config
+from kvbridge.engine.loader import read_hf_config
 from kvbridge.engine.model_config import NAMED_CONFIGS, ModelConfig
-from kvbridge.nixl.raw_bench import parse_ucx_proto_info
 
 logger = logging.getLogger(__name__)
 
@@ -64,32 +58,26 @@ class Urls(NamedTuple):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kvbridge bench pd-gpu", description=__doc__)
+    p = harness.parser("python -m benchmarks.pd_gpu", __doc__)
     add = p.add_argument
     add("--device", choices=("cuda", "cpu"), default="cuda")
     add("--model", default="llama3.1-8b", help="named config (random weights) or checkpoint dir")
-    add("--prompt-lens", default="2048,8192,32768", help="comma-separated prompt lengths")
-    add("--gpus", default="0,1", help="prefill GPU,decode GPU (the monolithic engine: decode's)")
-    add("--modes", default="direct,staged", help=f"comma-separated subset of {','.join(MODES)}")
+    lens = harness.int_list
+    add("--prompt-lens", type=lens, default=[2048, 8192, 32768], help="comma-separated lengths")
+    add("--gpus", type=lens, default=[0, 1], help="prefill GPU,decode GPU (mono: decode's)")
+    modes = harness.subset(MODES)
+    add("--modes", type=modes, default=["direct", "staged"], help=f"subset of {','.join(MODES)}")
     add("--repeats", type=int, default=2, help="timed prompts per length (median)")
     add("--max-tokens", type=int, default=16, help="greedy tokens per request")
     add("--seed", type=int, default=0, help="weight seed")
     add("--startup-timeout", type=float, help="seconds for servers to listen (300 cuda, 120 cpu)")
     add("--request-timeout", type=float, default=600.0)
-    add("--json", metavar="PATH", help="also write the rows as JSON")
     add("--keep-logs", action="store_true", help="keep the servers' configs and logs")
     args = p.parse_args(argv)
     args.startup_timeout = args.startup_timeout or (300.0 if args.device == "cuda" else 120.0)
-    try:
-        args.lens = [int(n) for n in args.prompt_lens.split(",")]
-        args.gpu_pair = tuple(int(g) for g in args.gpus.split(","))
-    except ValueError:
-        p.error("--prompt-lens and --gpus take comma-separated integers")
-    args.mode_list = args.modes.split(",")
-    if any(m not in MODES for m in args.mode_list):
-        p.error(f"--modes: expected a subset of {','.join(MODES)}")
-    if len(args.gpu_pair) != 2 or min(args.lens) < 2 or min(args.repeats, args.max_tokens) < 1:
-        p.error("--gpus takes two indices; prompt lengths >= 2; --repeats, --max-tokens >= 1")
+    harness.positive(p, args, "repeats", "max_tokens")
+    if len(args.gpus) != 2 or min(args.prompt_lens) < 2:
+        p.error("--gpus takes two indices; prompt lengths must be >= 2")
     return args
 
 
@@ -108,16 +96,13 @@ def preflight(args: argparse.Namespace) -> str | None:
         n = visible_gpus()
         if n < 2:
             return f"--device cuda needs two GPUs (prefill and decode); {n} visible"
-        if not all(0 <= g < n for g in args.gpu_pair):
-            return f"--gpus {args.gpus}: only GPUs 0..{n - 1} are visible"
+        if not all(0 <= g < n for g in args.gpus):
+            return f"--gpus {args.gpus[0]},{args.gpus[1]}: only GPUs 0..{n - 1} are visible"
     return None
 
 
 def model_config(model: str) -> ModelConfig:
-    if model in NAMED_CONFIGS:
-        return NAMED_CONFIGS[model]
-    raw = json.loads((Path(model) / "config.json").read_text())
-    return ModelConfig.from_hf_dict(raw, name=Path(model).name)
+    return NAMED_CONFIGS[model] if model in NAMED_CONFIGS else read_hf_config(model)
 
 
 # -- servers -------------------------------------------------------------------------------------
@@ -141,7 +126,7 @@ def serve_config(args: argparse.Namespace, role: str, buffer: str, blocks: int) 
         "port": 0,
         "block_size": BLOCK_SIZE,
         "num_gpu_blocks": blocks,
-        "max_num_batched_tokens": max(args.lens),  # a prompt is one prefill step
+        "max_num_batched_tokens": max(args.prompt_lens),  # a prompt is one prefill step
         "enable_prefix_caching": True,
         "kv_transfer_config": transfer,
     }
@@ -158,7 +143,7 @@ def _start(
     gpu: int | None,
     extra: dict[str, str] | None = None,
 ) -> ServiceProcess:
-    env = {**os.environ, **child_env(args.device, gpu), **(extra or {})}
+    env = {**os.environ, **harness.child_env(args.device, gpu), **(extra or {})}
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")  # several servers share the cores
     service = ServiceProcess(name, argv, procs.run_dir / f"{name}.log", env)
@@ -171,9 +156,9 @@ def start_servers(
     procs: ProcessSet, args: argparse.Namespace, mode: str, *, with_mono: bool
 ) -> Urls:
     """Prefill, decode (and the monolithic server) in parallel, then the proxy."""
-    blocks = math.ceil((max(args.lens) + args.max_tokens) / BLOCK_SIZE) + 16
+    blocks = math.ceil((max(args.prompt_lens) + args.max_tokens) / BLOCK_SIZE) + 16
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    p_gpu, d_gpu = args.gpu_pair
+    p_gpu, d_gpu = args.gpus
     p_buf, d_buf = MODES[mode]
     # short name -> (role, kv_buffer_device, GPU)
     plan = {"prefill": ("kv_producer", p_buf, p_gpu), "decode": ("kv_consumer", d_buf, d_gpu)}
@@ -204,7 +189,7 @@ def make_prompts(args: argparse.Namespace, vocab: int) -> dict[int, list[list[in
     rng = random.Random(args.seed + 1)
     return {
         n: [[rng.randrange(vocab) for _ in range(n)] for _ in range(args.repeats + 1)]
-        for n in args.lens
+        for n in args.prompt_lens
     }
 
 
@@ -234,10 +219,9 @@ def run_mode(
                     samples.append((got, mono[(n, i)], moved))
             procs.check_alive()
             rows.append(_row(mode, n, samples))
-    log = procs.run_dir / f"{mode}-decode.log"
-    lanes = parse_ucx_proto_info(log.read_text(errors="replace")).read
+    lanes = read_lanes(str(procs.run_dir / f"{mode}-decode.log"))
     for row in rows:
-        row["ucx_read_lanes"] = list(lanes)
+        row["ucx_read_lanes"] = lanes
     return rows
 
 
@@ -322,32 +306,36 @@ def _cells(r: dict[str, Any]) -> list[str]:
 
 
 def report(
-    console: Console, args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str]
-) -> bool:
-    where = "CPU" if args.device == "cpu" else f"GPU {args.gpu_pair[0]} -> GPU {args.gpu_pair[1]}"
-    table = Table(
-        title=f"P/D over NIXL vs one engine: {args.model} on {where}; TTFT at the client, "
+    args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str]
+) -> harness.Report:
+    """The table; under it ``notes`` and the verdicts: the 8k TTFT target, tokens equal."""
+    where = "CPU" if args.device == "cpu" else f"GPU {args.gpus[0]} -> GPU {args.gpus[1]}"
+    title = (
+        f"P/D over NIXL vs one engine: {args.model} on {where}; TTFT at the client, "
         f"median of {args.repeats}; connector columns from D's /metrics"
     )
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("mode", COLUMNS[-1]) else "right")
+    out = harness.Report("pd-gpu", title, COLUMNS, words=COLUMNS[-1:])
     for r in rows:
-        table.add_row(*_cells(r))
-    console.print(table)
-    for note in notes:
-        console.print(note, markup=False)
+        out.add(_cells(r), r)
+    out.notes += notes
     for r in rows:
         if r["prompt_tokens"] == 8192:
             ratio = r["ttft_disagg_ms"] / r["ttft_mono_ms"]
             verdict = "met" if ratio <= TTFT_TARGET else "MISSED"
             line = f"{r['mode']}: 8k P/D TTFT within {TTFT_TARGET}x of monolithic: {verdict}"
-            console.print(f"{line} ({ratio:.2f}x)", markup=False)
-    ok = all(r["remote_tokens_ok"] and r["same_tokens"] == r["compared"] for r in rows)
-    console.print(f"D's tokens equal the monolithic engine's, KV read from P: {ok}", markup=False)
+            out.notes.append(f"{line} ({ratio:.2f}x)")
+    out.notes.append(f"D's tokens equal the monolithic engine's, KV read from P: {tokens_ok(rows)}")
     agree = modes_agree(rows)
     if agree is not None:
-        console.print(f"D's tokens equal across modes (same KV bytes): {agree}", markup=False)
-    return ok and bool(rows)
+        out.notes.append(f"D's tokens equal across modes (same KV bytes): {agree}")
+    return out
+
+
+def tokens_ok(rows: list[dict[str, Any]]) -> bool:
+    """D loaded every prompt token but the last from P and gave the monolithic engine's tokens."""
+    return bool(rows) and all(
+        r["remote_tokens_ok"] and r["same_tokens"] == r["compared"] for r in rows
+    )
 
 
 def modes_agree(rows: list[dict[str, Any]]) -> bool | None:
@@ -365,16 +353,18 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     model = model_config(args.model)
     limit = model.max_position_embeddings
     notes = [
-        f"skipped {n} tokens: {args.model} holds {limit} positions" for n in args.lens if n > limit
+        f"skipped {n} tokens: {args.model} holds {limit} positions"
+        for n in args.prompt_lens
+        if n > limit
     ]
-    args.lens = [n for n in args.lens if n <= limit]
-    if not args.lens:
+    args.prompt_lens = [n for n in args.prompt_lens if n <= limit]
+    if not args.prompt_lens:
         raise ValueError(f"--prompt-lens: every length exceeds {args.model}'s {limit} positions")
     prompts = make_prompts(args, model.vocab_size)
     mono: dict[tuple[int, int], tuple[Completion, Completion]] = {}
     run_dir = Path(tempfile.mkdtemp(prefix="kvbridge-pd-gpu-"))
     rows: list[dict[str, Any]] = []
-    for mode in args.mode_list:
+    for mode in args.modes:
         try:
             with ProcessSet(run_dir) as procs:
                 rows += run_mode(args, mode, prompts, mono, procs)
@@ -392,15 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problem = preflight(args)
     if problem is not None:
-        print(f"kvbridge bench pd-gpu: {problem}", file=sys.stderr)
+        print(f"pd_gpu: {problem}", file=sys.stderr)
         return 2
     try:
         rows, notes = run(args)
     except (ValueError, OSError) as e:
-        print(f"kvbridge bench pd-gpu: error: {e}", file=sys.stderr)
+        print(f"pd_gpu: error: {e}", file=sys.stderr)
         return 1
-    ok = report(Console(width=220), args, rows, notes)
-    if args.json:
-        out = {"args": vars(args), "rows": rows, "notes": notes}
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
-    return 0 if ok and not any(n.startswith("FAILED") for n in notes) else 1
+    harness.emit([report(args, rows, notes)], args)
+    return 0 if tokens_ok(rows) and not any(n.startswith("FAILED") for n in notes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``kvbridge bench ttft``: time to first token, recompute vs reload from the CPU tier.
+"""Time to first token, recompute vs reload from the CPU tier: ``python -m benchmarks.ttft``.
 
 For each prompt length, on one ``LLMEngine`` with ``SimpleCPUOffloadConnector``:
 1. a fresh prompt is prefilled (TTFT *recompute*; its blocks are then stored to the CPU tier);
@@ -6,7 +6,8 @@ For each prompt length, on one ``LLMEngine`` with ``SimpleCPUOffloadConnector``:
 3. the same prompt again: every block but the last token's comes back from the CPU tier
    (TTFT *reload*). Its first token must equal the recompute's (greedy).
 The baseline is the recompute in the same run; the table shows the speedup and the achieved
-prefill TFLOP/s, so the recompute is known to be a fair (SDPA/flash) baseline.
+prefill TFLOP/s, so the recompute is known to be a fair (SDPA/flash) baseline. With
+``--decode-tokens N`` the same engine then decodes N tokens at batch 1 after the shortest prompt.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import statistics
 import time
 from typing import NamedTuple
 
-from rich.console import Console
-from rich.table import Table
-
+from kvbridge.bench import harness
 from kvbridge.config import TransferConfig
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.model_config import NAMED_CONFIGS, ModelConfig
@@ -43,15 +42,27 @@ class TTFTRow(NamedTuple):
         return self.recompute_ms / self.reload_ms
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kvbridge bench ttft", description=__doc__.splitlines()[0])
+class TTFTResult(NamedTuple):
+    rows: list[TTFTRow]
+    decode_tokens_per_s: float | None  # None: not measured (--decode-tokens 0)
+    init_s: float  # building the engine (model weights, caches)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = harness.parser("python -m benchmarks.ttft", __doc__)
     p.add_argument("--model", default="tiny", help=f"named config ({', '.join(NAMED_CONFIGS)})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--prompt-lens", default="256,1024", help="comma-separated prompt lengths")
+    lens = harness.int_list
+    p.add_argument("--prompt-lens", type=lens, default=[256, 1024], help="comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="timed prompts per length (median)")
     p.add_argument("--block-size", type=int, default=16)
-    return p.parse_args(argv)
+    p.add_argument("--decode-tokens", type=int, default=0, help="batch-1 decode after (0: none)")
+    args = p.parse_args(argv)
+    harness.positive(p, args, "repeats", "block_size")
+    if min(args.prompt_lens) < 1 or args.decode_tokens < 0:
+        p.error("--prompt-lens: must be >= 1; --decode-tokens: must be >= 0")
+    return args
 
 
 def prefill_flops(model: ModelConfig, n: int) -> float:
@@ -83,9 +94,10 @@ def _drop_gpu_cache(engine: LLMEngine) -> None:
 
 
 def build_engine(args: argparse.Namespace, max_len: int) -> LLMEngine:
-    """One engine whose GPU pool and CPU tier each hold one prompt of ``max_len`` tokens."""
+    """One engine whose GPU pool and CPU tier each hold one prompt of ``max_len`` tokens (and
+    its ``--decode-tokens``)."""
     bs = args.block_size
-    blocks = -(-max_len // bs) + 8
+    blocks = -(-(max_len + args.decode_tokens) // bs) + 8
     transfer = TransferConfig(
         kv_connector="SimpleCPUOffloadConnector",
         kv_connector_extra_config={"num_cpu_blocks": blocks},
@@ -96,7 +108,7 @@ def build_engine(args: argparse.Namespace, max_len: int) -> LLMEngine:
             block_size=bs,
             num_gpu_blocks=blocks,
             max_num_batched_tokens=max_len,
-            max_model_len=max_len + bs,
+            max_model_len=max_len + args.decode_tokens + bs,
             device=args.device,
             dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
             kv_transfer_config=transfer,
@@ -151,52 +163,56 @@ def measure_decode(
     return (produced - 1) / elapsed if elapsed > 0 else 0.0
 
 
-def table(rows: list[TTFTRow], title: str) -> Table:
-    t = Table(title=title)
-    for col in (
-        "prompt tokens",
-        "KV GiB",
-        "TTFT recompute ms",
-        "prefill TFLOP/s",
-        "TTFT reload ms",
-        "tokens from CPU",
-        "speedup",
-        "same first token",
-    ):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(
-            f"{r.prompt_len:,}",
-            f"{r.kv_gib:.3f}",
-            f"{r.recompute_ms:.1f}",
-            f"{r.prefill_tflops:.1f}",
-            f"{r.reload_ms:.1f}",
-            f"{r.reloaded_tokens:,}",
-            f"{r.speedup:.1f}x",
-            "yes" if r.same_token else "NO",
+COLUMNS = (
+    *("prompt tokens", "KV GiB", "TTFT recompute ms", "prefill TFLOP/s", "TTFT reload ms"),
+    *("tokens from CPU", "speedup", "same first token"),
+)
+
+
+def report(args: argparse.Namespace, result: TTFTResult) -> harness.Report:
+    title = (
+        f"TTFT recompute vs CPU-tier reload: {args.model} on {args.device}, median of "
+        f"{args.repeats}; engine built in {result.init_s:.1f} s"
+    )
+    out = harness.Report("ttft", title, COLUMNS)
+    for r in result.rows:
+        cells = [f"{r.prompt_len:,}", f"{r.kv_gib:.3f}", f"{r.recompute_ms:.1f}"]
+        cells += [f"{r.prefill_tflops:.1f}", f"{r.reload_ms:.1f}", f"{r.reloaded_tokens:,}"]
+        cells += [f"{r.speedup:.1f}x", "yes" if r.same_token else "NO"]
+        out.add(cells, {**r._asdict(), "speedup": r.speedup})
+    if result.decode_tokens_per_s is not None:
+        shortest = min(args.prompt_lens)
+        out.notes.append(
+            f"decode, batch 1 after a {shortest}-token prompt: "
+            f"{result.decode_tokens_per_s:.1f} tokens/s"
         )
-    return t
+    return out
 
 
-def run(args: argparse.Namespace) -> list[TTFTRow]:
+def run(args: argparse.Namespace) -> TTFTResult:
     rng = random.Random(0)
-    lengths = [int(n) for n in args.prompt_lens.split(",")]
-    with build_engine(args, max(lengths)) as engine:
+    start = time.perf_counter()
+    with build_engine(args, max(args.prompt_lens)) as engine:
+        init_s = time.perf_counter() - start
         vocab = engine.model_config.vocab_size
-        warm = [rng.randrange(vocab) for _ in range(4 * args.block_size)]
+        warm_len = min(4 * args.block_size, max(args.prompt_lens))
+        warm = [rng.randrange(vocab) for _ in range(warm_len)]
         for _ in range(2):  # warm-up: kernels, allocator, both copy directions
             _run(engine, warm)
             _drop_gpu_cache(engine)
-        return [measure(engine, args, n, rng) for n in lengths]
+        rows = [measure(engine, args, n, rng) for n in args.prompt_lens]
+        decode = None
+        if args.decode_tokens:
+            decode = measure_decode(engine, min(args.prompt_lens), args.decode_tokens, rng)
+    return TTFTResult(rows, decode, init_s)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    start = time.perf_counter()
-    rows = run(args)
-    title = (
-        f"TTFT recompute vs CPU-tier reload: {args.model} on {args.device} "
-        f"({time.perf_counter() - start:.0f} s)"
-    )
-    Console().print(table(rows, title))
-    return 0 if all(r.same_token for r in rows) else 1
+    args = parse_args(argv)
+    result = run(args)
+    harness.emit([report(args, result)], args)
+    return 0 if all(r.same_token for r in result.rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""The client side of ``kvbridge bench pd-gpu``: one streamed request, and /metrics deltas."""
+"""The client side of ``benchmarks.pd_gpu``: one streamed request, and /metrics deltas."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 from kvbridge.demo.report import Scrape
 
 if TYPE_CHECKING:
-    from kvbridge.bench.pd_gpu import Urls
+    from benchmarks.pd_gpu import Urls
 
 # key -> (D's sample name, its ``key`` label or ""): one request's connector work on D.
 _D_SAMPLES: dict[str, tuple[str, str]] = {

@@ -1,0 +1,53 @@
+"""``benchmarks.ttft`` and ``benchmarks.gpu_suite`` on the CPU, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_suite, ttft
+
+
+def test_ttft_reloads_every_block_but_the_last_and_answers_the_same(tmp_path: Path) -> None:
+    out = tmp_path / "ttft.json"
+    argv = ["--prompt-lens", "16,32", "--repeats", "1", "--block-size", "4"]
+    assert ttft.main([*argv, "--decode-tokens", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["reports"]["ttft"]
+    assert [r["prompt_len"] for r in report["rows"]] == [16, 32]
+    for r in report["rows"]:
+        assert r["same_token"] and r["reloaded_tokens"] == r["prompt_len"] - 4
+        assert r["recompute_ms"] > 0 and r["reload_ms"] > 0
+    assert report["notes"][0].startswith("decode, batch 1 after a 16-token prompt: ")
+
+
+def test_ttft_rejects_bad_lengths() -> None:
+    for bad in (["--prompt-lens", "16,x"], ["--prompt-lens", "0"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            ttft.parse_args(bad)
+
+
+def test_the_gpu_suite_runs_its_parts_on_the_cpu_into_one_results_file(tmp_path: Path) -> None:
+    argv = ["--device", "cpu", "--model", "tiny", "--parts", "offload,ttft", "--out", str(tmp_path)]
+    argv += ["--prompt-lens", "32", "--blocks", "8,16", "--decode-tokens", "2"]
+    assert gpu_suite.main(argv) == 0
+    reports = json.loads((tmp_path / "results.json").read_text())["reports"]
+    assert [r["blocks"] for r in reports["offload"]["rows"]] == [8, 8, 16, 16]
+    assert all(r["check"] == "PASS" for r in reports["offload"]["rows"])
+    assert reports["ttft"]["rows"][0]["same_token"]
+    assert (tmp_path / "offload.png").is_file() and (tmp_path / "ttft.png").is_file()
+
+
+def test_a_part_that_fails_is_reported_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(args: object) -> object:
+        raise RuntimeError("no GPU here")
+
+    monkeypatch.setitem(gpu_suite.RUNNERS, "offload", broken)
+    argv = ["--device", "cpu", "--model", "tiny", "--parts", "offload,ttft", "--out", str(tmp_path)]
+    assert gpu_suite.main([*argv, "--prompt-lens", "16", "--decode-tokens", "0"]) == 1
+    reports = json.loads((tmp_path / "results.json").read_text())["reports"]
+    assert "RuntimeError: no GPU here" in reports["offload"]["notes"][0]
+    assert reports["ttft"]["rows"]

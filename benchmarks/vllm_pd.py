@@ -21,8 +21,9 @@ Measured per request:
 - READ time: each connector's own transfer timing (vLLM: ``vllm:nixl_xfer_time_seconds``,
   kvbridge: ``kvbridge:xfer_time_seconds``), post to completion seen; mean over the run.
 
-Usage: ``python benchmarks/vllm_pd.py [--requests 30] [--json out.json]`` (writes the tiny
-checkpoint of examples/vllm/tiny_checkpoint.py unless ``--model DIR``).
+Usage: ``python -m benchmarks.vllm_pd [--requests 30] [--json out.json]`` from the repository
+root (writes the tiny checkpoint of examples/vllm/tiny_checkpoint.py unless ``--model DIR``);
+``--json`` saves the summary rows and every raw sample.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from kvbridge.bench import harness
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_ARGS = "--block-size 32 --enforce-eager --max-model-len 512"
@@ -298,22 +301,21 @@ def summary(r: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def table(results: dict[str, dict[str, Any]]) -> str:
+def report(head: str, results: dict[str, dict[str, Any]]) -> harness.Report:
+    """The two stacks side by side, a row per measure, with kvbridge/vLLM ratios; the raw
+    samples go to the JSON."""
+    columns = ("measure", LABELS["vllm"], LABELS["kvbridge"], "kvbridge/vLLM")
+    out = harness.Report("vllm-pd", head, columns)
     a, b = (summary(results[s]) for s in STACKS)
-    rows = [("", LABELS["vllm"], LABELS["kvbridge"], "kvbridge/vLLM")]
     for key in a:
         x, y = a[key], b[key]
         ratio = f"{y / x:.2f}x" if x and y is not None else "-"
-        rows.append((key, _fmt(x), _fmt(y), ratio))
+        out.add([key, _fmt(x), _fmt(y), ratio], {"measure": key, "vllm": x, "kvbridge": y})
     texts = [results[s]["texts"] for s in STACKS]
     same, n = sum(p == q for p, q in zip(*texts)), len(texts[0])
-    rows.append(("answers identical", f"{same}/{n}", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in rows
-    ]
-    return "\n".join(lines)
+    out.notes.append(f"answers identical: {same}/{n}")
+    out.samples = results
+    return out
 
 
 def _fmt(v: float | None) -> str:
@@ -321,7 +323,7 @@ def _fmt(v: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.parser("python -m benchmarks.vllm_pd", __doc__)
     ap.add_argument("--model", type=Path, help="checkpoint dir (default: a fresh tiny Llama)")
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
@@ -329,11 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2, help="stack runs each (order A B B A)")
     ap.add_argument("--vllm-args", default=CPU_ARGS, help=f"extra vllm serve args ({CPU_ARGS})")
-    ap.add_argument("--json", type=Path, help="write config, raw samples and summary here")
     ap.add_argument("--logs", type=Path, help="keep the servers' logs here")
     args = ap.parse_args(argv)
-    if args.warmup < 1 or args.requests < 1 or args.rounds < 1:
-        ap.error("--warmup, --requests and --rounds must be at least 1")
+    harness.positive(ap, args, "warmup", "requests", "rounds")
     logs = args.logs or Path(tempfile.mkdtemp(prefix="vllm-pd-bench-"))
     logs.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -358,16 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         f"round, max_tokens {args.max_tokens}, one at a time through kvbridge proxy; "
         f"{args.rounds} rounds, one stack up at a time, order A B B A"
     )
-    print(head)
-    print(table(results))
-    if args.json:
-        out = {
-            "header": head,
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "summary": {s: summary(results[s]) for s in STACKS},
-            "raw": results,
-        }
-        args.json.write_text(json.dumps(out, indent=1))
+    harness.emit([report(head, results)], args)
     print(f"logs: {logs}", file=sys.stderr)
     return 0
 

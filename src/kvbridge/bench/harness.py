@@ -139,6 +139,7 @@ class Report:
     cells: list[list[str]] = field(default_factory=list)
     data: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    samples: Any = None  # JSON-able raw measurements the rows summarise, saved with them
 
     def add(self, cells: Sequence[str], data: Any = None) -> None:
         if len(cells) != len(self.columns):
@@ -161,7 +162,8 @@ class Report:
         return "\n".join([self.title, "", *head, *body])
 
     def as_json(self) -> dict[str, Any]:
-        return {"title": self.title, "rows": self.data, "notes": self.notes}
+        out = {"title": self.title, "rows": self.data, "notes": self.notes}
+        return out if self.samples is None else {**out, "samples": self.samples}
 
 
 def console() -> Console:

@@ -5,8 +5,6 @@ your engine"). Every name but the config's is imported on first use, so ``import
 stays light and never imports torch.
 """
 
-# ruff: noqa: F401  (the TYPE_CHECKING imports below are what ``__getattr__`` serves)
-
 from __future__ import annotations
 
 import importlib
@@ -100,52 +98,50 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-if TYPE_CHECKING:
-    from kvbridge.connector.base import (
-        ConnectorOutput,
-        KVConnectorBase,
-        KVConnectorHandshakeMetadata,
-        KVConnectorMetadata,
-        KVConnectorRole,
-        KVConnectorScheduler,
-        KVConnectorWorker,
-        KVConnectorWorkerMetadata,
-        SupportsHMA,
-    )
-    from kvbridge.connector.codec import MetadataCodecError, decode_metadata, encode_metadata
-    from kvbridge.connector.factory import (
-        create_connector,
-        register_connector,
-        registered_connectors,
-    )
-    from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
-    from kvbridge.connector.types import (
-        BlockIds,
-        BlockRemoved,
-        BlockStored,
-        FinishedRequest,
-        IntegrityError,
-        KVCacheGroupSpec,
-        KVCacheLayout,
-        KVCacheSpec,
-        MatchResult,
-        RequestView,
-        ScheduledRequest,
-        SchedulerStep,
-        SimpleRequest,
-    )
-    from kvbridge.kit.driver import ConnectorDriver
-    from kvbridge.kit.hashing import BlockHasher
-    from kvbridge.kit.queries import SupportsRequestState, has_request_state, loading_child
-    from kvbridge.kit.transfers import (
-        Admission,
-        ConnectorContractError,
-        Finished,
-        LoadOutcome,
-        TransferReport,
-        TransferTracker,
-    )
-    from kvbridge.kit.wire import decode_output, encode_output
-    from kvbridge.kit.worker_step import run_worker_step
-    from kvbridge.nixl.fake import FakeNixlWrapper
-    from kvbridge.nixl.fake_fabric import FakeFabric
+if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers
+    from kvbridge.connector.base import ConnectorOutput as ConnectorOutput
+    from kvbridge.connector.base import KVConnectorBase as KVConnectorBase
+    from kvbridge.connector.base import KVConnectorHandshakeMetadata as KVConnectorHandshakeMetadata
+    from kvbridge.connector.base import KVConnectorMetadata as KVConnectorMetadata
+    from kvbridge.connector.base import KVConnectorRole as KVConnectorRole
+    from kvbridge.connector.base import KVConnectorScheduler as KVConnectorScheduler
+    from kvbridge.connector.base import KVConnectorWorker as KVConnectorWorker
+    from kvbridge.connector.base import KVConnectorWorkerMetadata as KVConnectorWorkerMetadata
+    from kvbridge.connector.base import SupportsHMA as SupportsHMA
+    from kvbridge.connector.codec import MetadataCodecError as MetadataCodecError
+    from kvbridge.connector.codec import decode_metadata as decode_metadata
+    from kvbridge.connector.codec import encode_metadata as encode_metadata
+    from kvbridge.connector.factory import create_connector as create_connector
+    from kvbridge.connector.factory import register_connector as register_connector
+    from kvbridge.connector.factory import registered_connectors as registered_connectors
+    from kvbridge.connector.stats import KVConnectorStats as KVConnectorStats
+    from kvbridge.connector.stats import MultiKVConnectorStats as MultiKVConnectorStats
+    from kvbridge.connector.types import BlockIds as BlockIds
+    from kvbridge.connector.types import BlockRemoved as BlockRemoved
+    from kvbridge.connector.types import BlockStored as BlockStored
+    from kvbridge.connector.types import FinishedRequest as FinishedRequest
+    from kvbridge.connector.types import IntegrityError as IntegrityError
+    from kvbridge.connector.types import KVCacheGroupSpec as KVCacheGroupSpec
+    from kvbridge.connector.types import KVCacheLayout as KVCacheLayout
+    from kvbridge.connector.types import KVCacheSpec as KVCacheSpec
+    from kvbridge.connector.types import MatchResult as MatchResult
+    from kvbridge.connector.types import RequestView as RequestView
+    from kvbridge.connector.types import ScheduledRequest as ScheduledRequest
+    from kvbridge.connector.types import SchedulerStep as SchedulerStep
+    from kvbridge.connector.types import SimpleRequest as SimpleRequest
+    from kvbridge.kit.driver import ConnectorDriver as ConnectorDriver
+    from kvbridge.kit.hashing import BlockHasher as BlockHasher
+    from kvbridge.kit.queries import SupportsRequestState as SupportsRequestState
+    from kvbridge.kit.queries import has_request_state as has_request_state
+    from kvbridge.kit.queries import loading_child as loading_child
+    from kvbridge.kit.transfers import Admission as Admission
+    from kvbridge.kit.transfers import ConnectorContractError as ConnectorContractError
+    from kvbridge.kit.transfers import Finished as Finished
+    from kvbridge.kit.transfers import LoadOutcome as LoadOutcome
+    from kvbridge.kit.transfers import TransferReport as TransferReport
+    from kvbridge.kit.transfers import TransferTracker as TransferTracker
+    from kvbridge.kit.wire import decode_output as decode_output
+    from kvbridge.kit.wire import encode_output as encode_output
+    from kvbridge.kit.worker_step import run_worker_step as run_worker_step
+    from kvbridge.nixl.fake import FakeNixlWrapper as FakeNixlWrapper
+    from kvbridge.nixl.fake_fabric import FakeFabric as FakeFabric

@@ -30,12 +30,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kvbridge.config import TransferConfig
+from kvbridge.connector.gauges import connector_gauges, nonzero
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.sampling import SamplingParams
-from kvbridge.nixl.scheduler import NixlScheduler
 from kvbridge.nixl.transport import LiveCounts
 from kvbridge.nixl.worker import NixlWorker
-from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker
 from kvbridge.serve.config_file import ServeConfig
 from kvbridge.serve.http_server import BackgroundServer
@@ -121,7 +120,6 @@ class SoakResult:
 # -- the audit of an idle engine -----------------------------------------------------------------
 class EngineBaseline(NamedTuple):
     free_blocks: int
-    own_dlists: tuple[int, ...]  # per NIXL worker: dlists that are not a remote's (the cache's)
 
 
 def connector_parts(engine: LLMEngine) -> list[Any]:
@@ -137,15 +135,13 @@ def connector_parts(engine: LLMEngine) -> list[Any]:
 
 
 def engine_baseline(engine: LLMEngine) -> EngineBaseline:
-    transports = [
-        p.registered.transport for p in connector_parts(engine) if isinstance(p, NixlWorker)
-    ]
-    dlists = tuple(t.num_live_dlist_handles - t.num_remote_agents for t in transports)
-    return EngineBaseline(engine.block_manager.num_free_blocks, dlists)
+    return EngineBaseline(engine.block_manager.num_free_blocks)
 
 
 def idle_problems(engine: LLMEngine, base: EngineBaseline) -> list[str]:
-    """What an engine with nothing to do still holds (empty: clean); integrity errors raise."""
+    """What an engine with nothing to do still holds (empty: clean); integrity errors raise.
+
+    Connector leaks are read from the connectors' own gauges, as ``/metrics`` exports them."""
     engine.check_integrity()
     out: list[str] = []
     if engine.has_unfinished_requests() or engine.has_pending_transfers():
@@ -153,29 +149,14 @@ def idle_problems(engine: LLMEngine, base: EngineBaseline) -> list[str]:
     if engine.block_manager.num_free_blocks != base.free_blocks:
         lost = base.free_blocks - engine.block_manager.num_free_blocks
         out.append(f"{lost} GPU blocks not back in the free pool")
-    own_dlists = iter(base.own_dlists)
+    transfer = engine.config.kv_transfer_config
+    name = transfer.kv_connector if transfer is not None else "none"
+    out += nonzero(connector_gauges(name, engine.scheduler_connector, engine.worker_connector))
     for part in connector_parts(engine):
-        if isinstance(part, CPUOffloadScheduler) and (part.pool.num_pins or part.pool.num_storing):
-            out.append(f"CPU pool: {part.pool.num_pins} pins, {part.pool.num_storing} storing")
-        elif isinstance(part, CPUOffloadWorker) and part.num_inflight_jobs:
+        if isinstance(part, CPUOffloadWorker) and part.num_inflight_jobs:  # it has no gauges yet
             out.append(f"CPU offload worker: {part.num_inflight_jobs} copies in flight")
-        elif isinstance(part, NixlScheduler):
-            held, loading = part.num_held_for_remote_decode, part.num_waiting_for_remote_kv
-            if held or loading:
-                out.append(f"NIXL scheduler: {held} held, {loading} loading")
         elif isinstance(part, NixlWorker):
             part.check_integrity()
-            t = part.registered.transport
-            extra = t.num_live_dlist_handles - t.num_remote_agents - next(own_dlists)
-            if part.leases.num_live or part.num_inflight_loads:
-                out.append(
-                    f"NIXL worker: {part.leases.num_live} leases, {part.num_inflight_loads} loads"
-                )
-            if t.num_live_xfer_handles or extra:
-                out.append(
-                    f"NIXL transport: {t.num_live_xfer_handles} transfer handles, "
-                    f"{extra} extra dlists"
-                )
     return out
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 
 from kvbridge.config import ConfigError, TransferConfig
+from kvbridge.connector.gauges import Gauges
 from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
 from kvbridge.connector.types import (
     BlockIds,
@@ -136,6 +137,11 @@ class KVConnectorScheduler(ABC):
     def get_kv_connector_stats(self) -> Stats | None:
         return None
 
+    def get_kv_connector_gauges(self) -> Gauges:
+        """What this half holds now (``kvbridge.connector.gauges``): key -> value, each 0 once
+        nothing is in flight or held. Called between steps, from the engine's thread."""
+        return {}
+
     def check_integrity(self) -> None:  # noqa: B027
         """Raise if internal bookkeeping is inconsistent; tests call it after every step."""
 
@@ -207,6 +213,10 @@ class KVConnectorWorker(ABC):
 
     def get_kv_connector_stats(self) -> Stats | None:
         return None
+
+    def get_kv_connector_gauges(self) -> Gauges:
+        """As the scheduler half's: what this worker holds now (handles, leases)."""
+        return {}
 
     # -- start-up ------------------------------------------------------------------------------
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:

@@ -10,6 +10,7 @@ Rules (one test each in tests/unit/connector/test_multi_*.py):
 - ``finished_recving`` and load-error block ids are unions over the children.
 - Hybrid (multi-group) caches only if every child supports HMA; children must agree on layout.
 - Handshake metadata is the first child's that is not None; stats are grouped per child name.
+- Gauges are reported per child, labelled by its name (``name[i]`` when two children share one).
 - ``shutdown`` reaches every child even if one raises, then re-raises the first error.
 - A request being loaded asynchronously by one child is hidden from the other children's
   store planning until it is reported in ``finished_recving``.

@@ -15,6 +15,7 @@ from kvbridge.connector.base import (
     SupportsHMA,
 )
 from kvbridge.connector.factory import create_connector
+from kvbridge.connector.gauges import MultiKVConnectorGauges, child_labels
 from kvbridge.connector.multi import (
     MultiConnectorMetadata,
     MultiWorkerMetadata,
@@ -58,6 +59,7 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
             self.shutdown()
             raise
         self.names = [c.kv_connector for c in self.child_configs]
+        self.labels = child_labels(self.names)  # the children's gauges' connector labels
         self._loader: dict[str, _Loader] = {}  # req id -> the child that won its load
         self._async_loading: dict[str, int] = {}  # req id -> loader, until finished_recving
         self._extra_async_saves: dict[str, int] = {}  # req id -> delaying children - 1
@@ -183,6 +185,12 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
     def get_kv_connector_stats(self) -> MultiKVConnectorStats | None:
         return MultiKVConnectorStats.collect(
             (name, child.get_kv_connector_stats()) for name, child in zip(self.names, self.children)
+        )
+
+    def get_kv_connector_gauges(self) -> MultiKVConnectorGauges:
+        return MultiKVConnectorGauges.collect(
+            (label, child.get_kv_connector_gauges())
+            for label, child in zip(self.labels, self.children)
         )
 
     def check_integrity(self) -> None:

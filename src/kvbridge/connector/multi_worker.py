@@ -12,6 +12,7 @@ from kvbridge.connector.base import (
     KVConnectorWorker,
 )
 from kvbridge.connector.factory import create_connector
+from kvbridge.connector.gauges import MultiKVConnectorGauges, child_labels
 from kvbridge.connector.multi import MultiConnectorMetadata, MultiWorkerMetadata, child_configs
 from kvbridge.connector.multi_scheduler import shutdown_all
 from kvbridge.connector.stats import MultiKVConnectorStats
@@ -28,6 +29,7 @@ class MultiWorker(KVConnectorWorker):
         super().__init__(config, cache_spec)
         self.child_configs = child_configs(config)
         self.names = [c.kv_connector for c in self.child_configs]
+        self.labels = child_labels(self.names)  # the children's gauges' connector labels
         self.children: list[KVConnectorWorker] = []
         try:
             for child in self.child_configs:
@@ -110,6 +112,12 @@ class MultiWorker(KVConnectorWorker):
     def get_kv_connector_stats(self) -> MultiKVConnectorStats | None:
         return MultiKVConnectorStats.collect(
             (name, child.get_kv_connector_stats()) for name, child in zip(self.names, self.children)
+        )
+
+    def get_kv_connector_gauges(self) -> MultiKVConnectorGauges:
+        return MultiKVConnectorGauges.collect(
+            (label, child.get_kv_connector_gauges())
+            for label, child in zip(self.labels, self.children)
         )
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:

@@ -15,6 +15,7 @@ from kvbridge.connector.base import (
     KVConnectorScheduler,
     SupportsHMA,
 )
+from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.types import (
     BlockIds,
     FinishedRequest,
@@ -57,8 +58,10 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
 
     - Consumer: a request with valid ``do_remote_prefill`` params gets every prompt token but
       the last from the producer, asynchronously; invalid params fall back to local prefill.
-    - Producer: a finished ``do_remote_decode`` request keeps its prompt blocks (every group's)
-      until the worker reports it in ``finished_sending`` (consumer done, or lease lapsed).
+    - Producer: a ``do_remote_decode`` request that finished by length keeps its prompt blocks
+      (every group's) until the worker reports it in ``finished_sending`` (consumer done, or
+      lease lapsed); one that ended otherwise (aborted, failed) frees them at once: its
+      ``kv_transfer_params`` reach no consumer, so nobody would read them.
     - A consumer request that ends while its load is in flight is cancelled and reported in
       ``finished_recving`` once nothing writes into its blocks (the engine holds them until then).
     """
@@ -74,7 +77,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
         self._pending_recv: dict[str, RecvSpec] = {}  # planned, not yet shipped
         self._recving: set[str] = set()  # shipped, awaiting finished_recving
         self._pending_send: dict[str, SendSpec] = {}
-        self._sending: set[str] = set()  # shipped, awaiting finished_sending
+        self._sending: dict[str, int] = {}  # shipped, awaiting finished_sending -> its blocks
         self._aborts: dict[str, bool] = {}  # request id -> report it in finished_recving
         self._releases: list[RemoteRelease] = []
         self.load_failures: dict[str, str] = {}  # request id -> why its load failed
@@ -184,7 +187,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             reqs_to_release=self._releases,
         )
         self._recving.update(self._pending_recv)
-        self._sending.update(self._pending_send)
+        self._sending.update((rid, spec.num_blocks) for rid, spec in self._pending_send.items())
         self._pending_recv, self._pending_send, self._aborts, self._releases = {}, {}, {}, []
         return meta
 
@@ -198,7 +201,8 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
 
     def update_connector_output(self, output: ConnectorOutput) -> None:
         self._recving -= output.finished_recving
-        self._sending -= output.finished_sending
+        for rid in output.finished_sending:
+            self._sending.pop(rid, None)
         meta = output.worker_meta
         if not isinstance(meta, NixlWorkerMetadata):
             return
@@ -242,6 +246,10 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
                 self.config.kv_role,
             )
             return FinishedRequest(False, None)
+        reason = request.finish_reason
+        if reason is not None and reason != "length":  # None: the engine does not say
+            logger.info("request %s ended (%s): no consumer will read it; not holding", rid, reason)
+            return FinishedRequest(False, None)
         if request.num_computed_tokens < request.num_prompt_tokens:
             logger.info("request %s ended before its prompt was computed; not holding", rid)
             return FinishedRequest(False, None)
@@ -277,6 +285,10 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
         return FinishedRequest(True, params_out)
 
     # -- introspection --------------------------------------------------------------------------
+    def get_kv_connector_gauges(self) -> GaugeValues:
+        held = sum(s.num_blocks for s in self._pending_send.values()) + sum(self._sending.values())
+        return {"num_blocks_held_for_remote_decode": held}
+
     @property
     def num_held_for_remote_decode(self) -> int:
         return len(self._pending_send) + len(self._sending)
@@ -305,7 +317,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
     def check_integrity(self) -> None:
         if set(self._pending_recv) & self._recving:
             raise IntegrityError("NixlScheduler: a load is both planned and in flight")
-        if set(self._pending_send) & self._sending:
+        if self._pending_send.keys() & self._sending.keys():
             raise IntegrityError("NixlScheduler: a hold is both planned and shipped")
 
 

@@ -23,6 +23,7 @@ import msgspec
 
 from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.connector.base import KVConnectorWorker, KVConnectorWorkerMetadata
+from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
 from kvbridge.nixl.handshake import (
@@ -312,6 +313,22 @@ class NixlWorker(KVConnectorWorker):
         return self.stats.take()
 
     # -- introspection and shutdown -------------------------------------------------------------
+    def get_kv_connector_gauges(self) -> GaugeValues:
+        """Leases, loads and transport handles; a dlist counts unless it is the cache's own or
+        the one of an attached producer in good standing (those stay while idle)."""
+        reg = self._reg
+        if reg is None:
+            return {}
+        t, reader = reg.transport, reg.reader
+        standing = 1 + (0 if reader is None else sum(1 for e in reader.engines if not e.stale))
+        return {
+            "num_live_leases": self.leases.num_live,
+            "nixl_num_inflight_xfer_handles": t.num_live_xfer_handles,
+            "nixl_num_inflight_dlist_handles": max(0, t.num_live_dlist_handles - standing),
+            "nixl_num_inflight_loads": self.num_inflight_loads,
+            "nixl_num_remote_agents": t.num_remote_agents,
+        }
+
     @property
     def num_inflight_loads(self) -> int:
         reader = None if self._reg is None else self._reg.reader

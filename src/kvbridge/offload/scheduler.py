@@ -9,6 +9,7 @@ from enum import StrEnum
 
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import ConnectorOutput, KVConnectorScheduler, SupportsHMA
+from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import (
     BlockIds,
@@ -207,6 +208,13 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         return self._stats.take()
+
+    def get_kv_connector_gauges(self) -> GaugeValues:
+        pool = self.pool
+        return {
+            "num_pinned_cpu_blocks": pool.num_pinned,
+            "num_storing_cpu_blocks": pool.num_storing,
+        }
 
     @property
     def num_tracked_requests(self) -> int:

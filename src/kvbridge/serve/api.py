@@ -80,6 +80,7 @@ def build_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await loop.refresh_gauges()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app

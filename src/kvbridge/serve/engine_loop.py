@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from kvbridge.connector.gauges import LabelledGauges, connector_gauges
 from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
 from kvbridge.engine.engine import LLMEngine
 from kvbridge.engine.request import RequestOutput
@@ -171,6 +172,18 @@ class EngineLoop:
         result: T = future.result(timeout_s)
         return result
 
+    async def refresh_gauges(self, timeout_s: float = 1.0) -> None:
+        """Have the engine thread set the gauges now (call from the event loop). Steps set them
+        too, but an idle engine's connector can still change (a producer found gone is
+        detached); an engine thread that does not answer in ``timeout_s`` leaves the last."""
+        metrics = self.metrics
+        if metrics is None or not self.healthy:
+            return
+        try:
+            await asyncio.to_thread(self.call, lambda _: self._record_gauges(metrics), timeout_s)
+        except (RuntimeError, TimeoutError) as e:
+            logger.debug("gauges not refreshed: %s", e or type(e).__name__)
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Fail open requests, stop the thread, shut the engine down. Idempotent."""
         self._commands.put(_Stop())
@@ -291,12 +304,16 @@ class EngineLoop:
     def _record_engine_metrics(self) -> None:
         if self.metrics is None:
             return
-        engine = self.engine
-        stats: KVConnectorStats | MultiKVConnectorStats | None = engine.take_kv_connector_stats()
+        stats: KVConnectorStats | MultiKVConnectorStats | None = (
+            self.engine.take_kv_connector_stats()
+        )
         self.metrics.record_connector_stats(stats, name=self.connector_name)
-        sched, blocks = engine.scheduler, engine.block_manager
+        self._record_gauges(self.metrics)
+
+    def _record_gauges(self, metrics: ServerMetrics) -> None:
+        sched, blocks = self.engine.scheduler, self.engine.block_manager
         held = [rid for rid, r in sched.requests.items() if r.is_finished]
-        self.metrics.set_gauges(
+        metrics.set_gauges(
             {
                 "num_requests_running": len(sched.running),
                 "num_requests_waiting": len(sched.waiting),
@@ -305,6 +322,12 @@ class EngineLoop:
                 "num_blocks_held_by_connector": sum(len(blocks.block_ids(r)) for r in held),
             }
         )
+        metrics.set_connector_gauges(self.connector_gauges())
+
+    def connector_gauges(self) -> LabelledGauges:
+        """Both connector halves' gauges by connector label (call in the engine thread)."""
+        e = self.engine
+        return connector_gauges(self.connector_name, e.scheduler_connector, e.worker_connector)
 
     def _close(self, reason: str) -> None:
         """Fail every open or queued request; later ``submit`` calls get 503."""

@@ -5,11 +5,14 @@ Connector stats arrive as deltas (``KVConnectorStats`` counters and samples, or 
 ``connector`` label; every other key is still exported, as
 ``kvbridge:connector_events_total{connector,key}`` (counters) or
 ``kvbridge:connector_samples{connector,key}`` (samples, count and sum), so nothing is dropped.
+Connector gauges arrive as snapshots, labelled by connector (``set_connector_gauges``), and are
+exported under their own key, ``kvbridge:<key>{connector}``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kvbridge.connector.gauges import GAUGE_HELP
 from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
 
 logger = logging.getLogger(__name__)
@@ -69,8 +73,9 @@ OFFLOAD_TIME: dict[str, str] = {
     "gpu_to_cpu_time_s": "gpu_to_cpu",
     "cpu_to_gpu_time_s": "cpu_to_gpu",
 }
-# gauge key -> (metric name, help). The engine loop sets these after every step; a connector
-# may move one by reporting a stats counter under the same key (a +/- delta, never summed twice).
+# Engine gauge key -> (metric name, help); the engine loop sets these after every step.
+# Connector gauges come from the connector halves themselves (``kvbridge.connector.gauges``):
+# ``kvbridge:<key>{connector=...}``, one series per key a connector reports.
 GAUGE_METRICS: dict[str, tuple[str, str]] = {
     "num_requests_running": ("kvbridge:num_requests_running", "requests being computed"),
     "num_requests_waiting": ("kvbridge:num_requests_waiting", "requests waiting or loading KV"),
@@ -83,21 +88,8 @@ GAUGE_METRICS: dict[str, tuple[str, str]] = {
         "kvbridge:num_blocks_held_by_connector",
         "blocks of finished requests kept for the connector (remote decode reads, late loads)",
     ),
-    "num_blocks_held_for_remote": (
-        "kvbridge:num_blocks_held_for_remote_decode",
-        "blocks kept for a remote decode engine to read",
-    ),
-    "num_live_leases": ("kvbridge:num_live_leases", "P/D leases not yet released or expired"),
-    "num_pinned_cpu_blocks": ("kvbridge:num_pinned_cpu_blocks", "CPU tier blocks pinned"),
-    "num_inflight_xfer_handles": (
-        "kvbridge:nixl_num_inflight_xfer_handles",
-        "NIXL transfer handles not yet released",
-    ),
-    "num_inflight_dlist_handles": (
-        "kvbridge:nixl_num_inflight_dlist_handles",
-        "NIXL descriptor-list handles not yet released",
-    ),
 }
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 
 
 class ServerMetrics:
@@ -155,6 +147,7 @@ class ServerMetrics:
             registry=r,
         )  # fmt: skip
         self._gauges: dict[str, Gauge] = {}  # key -> gauge, created when first reported
+        self._connector_gauges: dict[str, Gauge | None] = {}  # key -> gauge (label: connector)
         self._other_counters = Counter(
             "kvbridge:connector_events", "other connector counters", ["connector", "key"],
             registry=r,
@@ -166,6 +159,10 @@ class ServerMetrics:
         self._other_gauges = Gauge(
             "kvbridge:engine_gauge", "other engine gauges", ["key"], registry=r
         )
+        self._other_connector_gauges = Gauge(
+            "kvbridge:connector_gauge", "connector gauges whose own name is taken",
+            ["connector", "key"], registry=r,
+        )  # fmt: skip
         for source in SOURCES:
             self.prompt_tokens_by_source.labels(source=source)
 
@@ -214,8 +211,6 @@ class ServerMetrics:
         for key, value in stats.data.items():
             if isinstance(value, list):
                 self._record_samples(connector, key, value)
-            elif key in GAUGE_METRICS:
-                self._gauge(key).inc(value)
             elif value < 0:
                 logger.warning("connector %s: stats key %s went down by %s", connector, key, value)
             elif key in self._counters:
@@ -245,6 +240,32 @@ class ServerMetrics:
                 self._gauge(key).set(value)
             else:
                 self._other_gauges.labels(key=key).set(value)
+
+    def set_connector_gauges(self, gauges: Mapping[str, Mapping[str, int]]) -> None:
+        """The connector halves' gauges now (connector label -> key -> value), as
+        ``kvbridge:<key>{connector=label}``."""
+        for connector, values in gauges.items():
+            for key, value in values.items():
+                gauge = self._connector_gauge(key)
+                if gauge is None:
+                    self._other_connector_gauges.labels(connector=connector, key=key).set(value)
+                else:
+                    gauge.labels(connector=connector).set(value)
+
+    def _connector_gauge(self, key: str) -> Gauge | None:
+        """The series of ``key``; None when its name is taken (it goes to the catch-all)."""
+        if key not in self._connector_gauges:
+            name = "kvbridge:" + _UNSAFE.sub("_", key)
+            doc = GAUGE_HELP.get(key, f"connector gauge {key!r}")
+            try:
+                gauge: Gauge | None = Gauge(name, doc, ["connector"], registry=self.registry)
+            except ValueError:  # another series has this name
+                logger.warning(
+                    "connector gauge %r: %s is taken; exported with a key label", key, name
+                )
+                gauge = None
+            self._connector_gauges[key] = gauge
+        return self._connector_gauges[key]
 
     def _gauge(self, key: str) -> Gauge:
         gauge = self._gauges.get(key)

@@ -16,7 +16,7 @@ from kvbridge.connector.base import ConnectorOutput, KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.types import SchedulerStep
 from kvbridge.nixl.connector import NixlConnector
-from kvbridge.nixl.metadata import NixlConnectorMetadata, NixlWorkerMetadata
+from kvbridge.nixl.metadata import NixlConnectorMetadata
 from kvbridge.nixl.scheduler import NixlScheduler
 
 
@@ -209,19 +209,29 @@ def test_remote_decode_request_holds_its_prompt_blocks_and_returns_params() -> N
     assert sched.num_held_for_remote_decode == 0 and not sched.has_request_state("p-1")
 
 
-def test_params_advertise_the_port_the_worker_bound() -> None:
-    sched = scheduler(side_channel_port=0)
-    req = request("p-2", 4, {"do_remote_decode": True}, computed=4)
-    assert sched.request_finished(req, [1]) == (False, None)  # port not known yet: no hold
-    sched.update_connector_output(
-        ConnectorOutput(
-            worker_meta=NixlWorkerMetadata(side_channel_host="127.0.0.1", side_channel_port=41234)
-        )
-    )
-    delay, params = sched.request_finished(
-        request("p-3", 4, {"do_remote_decode": True}, computed=4), [1]
-    )
-    assert delay and params is not None and params["remote_port"] == 41234
+@pytest.mark.parametrize("reason", ["abort", "error", "stop", "rejected"])
+def test_remote_decode_request_not_ended_by_length_frees_at_once(reason: str) -> None:
+    """vLLM's rule: only a request that finished by length hands its params to a consumer;
+    an aborted or failed one reaches none, so its blocks are freed now, not at the lease's end."""
+    sched = scheduler()
+    req = replace(request("p-1", 10, {"do_remote_decode": True}, computed=10), finish_reason=reason)
+    assert sched.request_finished_all_groups(req, ([9, 3, 5],)) == (False, None)
+    assert meta(sched).reqs_to_send == {}
+    assert sched.get_kv_connector_gauges() == {"num_blocks_held_for_remote_decode": 0}
+    assert not sched.has_request_state("p-1")
+
+
+@pytest.mark.parametrize("reason", ["length", None])  # None: the engine does not say
+def test_held_blocks_gauge_counts_blocks_until_finished_sending(reason: str | None) -> None:
+    sched = scheduler(groups=2)
+    req = replace(request("p-1", 10, {"do_remote_decode": True}, computed=10), finish_reason=reason)
+    assert sched.request_finished_all_groups(req, ([9, 3, 5], [1, 2, 4])).delay_free
+    gauge = "num_blocks_held_for_remote_decode"
+    assert sched.get_kv_connector_gauges() == {gauge: 6}  # planned, not shipped yet
+    meta(sched)
+    assert sched.get_kv_connector_gauges() == {gauge: 6}  # shipped, held
+    sched.update_connector_output(ConnectorOutput(finished_sending=frozenset({"p-1"})))
+    assert sched.get_kv_connector_gauges() == {gauge: 0}
 
 
 @pytest.mark.parametrize(

@@ -61,19 +61,30 @@ def test_multi_stats_are_labelled_per_child():
     assert _value(m, hits, connector="SimpleCPUOffloadConnector") == 64
 
 
-def test_single_connector_uses_its_name_and_gauges_appear_only_when_reported():
+def test_single_connector_uses_its_name_and_engine_gauges():
     m = ServerMetrics("tiny")
-    assert _value(m, "kvbridge:num_pinned_cpu_blocks") is None
     stats = KVConnectorStats()
     stats.incr("num_failed_transfers", 1)
-    stats.incr("num_pinned_cpu_blocks", 3)  # a gauge moved by deltas
-    m.record_connector_stats(stats, name="NixlConnector")
-    stats = KVConnectorStats()
-    stats.incr("num_pinned_cpu_blocks", -1)
     m.record_connector_stats(stats, name="NixlConnector")
     m.set_gauges({"num_requests_running": 2, "some_engine_value": 7, "flag": True})
     assert _value(m, "kvbridge:nixl_num_failed_transfers_total", connector="NixlConnector") == 1
-    assert _value(m, "kvbridge:num_pinned_cpu_blocks") == 2
     assert _value(m, "kvbridge:num_requests_running") == 2
     assert _value(m, "kvbridge:engine_gauge", key="some_engine_value") == 7
     assert _value(m, "kvbridge:engine_gauge", key="flag") is None
+
+
+def test_connector_gauges_are_snapshots_labelled_by_connector():
+    m = ServerMetrics("tiny")
+    assert _value(m, "kvbridge:num_pinned_cpu_blocks") is None  # none until a connector says
+    m.set_connector_gauges({"NixlConnector": {"num_live_leases": 3, "brand_new": 1},
+                            "SimpleCPUOffloadConnector": {"num_pinned_cpu_blocks": 5}})  # fmt: skip
+    m.set_connector_gauges({"NixlConnector": {"num_live_leases": 1, "brand_new": 0},
+                            "SimpleCPUOffloadConnector": {"num_pinned_cpu_blocks": 0}})  # fmt: skip
+    assert _value(m, "kvbridge:num_live_leases", connector="NixlConnector") == 1  # set, not added
+    assert _value(m, "kvbridge:num_pinned_cpu_blocks",
+                  connector="SimpleCPUOffloadConnector") == 0  # fmt: skip
+    assert _value(m, "kvbridge:brand_new", connector="NixlConnector") == 0
+    # a key whose series name is taken still shows, under the catch-all with a key label
+    m.set_connector_gauges({"NixlConnector": {"prompt_tokens": 4}})
+    other = _value(m, "kvbridge:connector_gauge", connector="NixlConnector", key="prompt_tokens")
+    assert other == 4

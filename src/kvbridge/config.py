@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -102,6 +103,8 @@ class TransferConfig:
     ) -> TransferConfig:
         """Build from a vLLM ``--kv-transfer-config`` dict; unknown keys raise ``ConfigError``.
 
+        The connector's ``check_config`` then validates ``kv_connector_extra_config`` (a
+        MultiConnector's: every child's), so a misspelled key fails here, naming its path.
         With ``parent``, a missing ``engine_id`` is inherited (MultiConnector children).
         """
         if not isinstance(data, Mapping):
@@ -113,7 +116,7 @@ class TransferConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
-                f"{unknown[0]}: unknown kv-transfer-config key; "
+                f"{unknown[0]}: unknown kv-transfer-config key;{did_you_mean(unknown[0], known)} "
                 f"known keys: {', '.join(sorted(known))}"
             )
         if "kv_connector" not in values:
@@ -122,7 +125,11 @@ class TransferConfig:
             values["engine_id"] = parent.engine_id
         if values.get("engine_id") is None:
             values.pop("engine_id", None)
-        return cls(**values)
+        config = cls(**values)
+        from kvbridge.connector.factory import get_connector_class  # it imports this module
+
+        get_connector_class(config).check_config(config)
+        return config
 
     @classmethod
     def from_json(cls, text: str) -> TransferConfig:
@@ -163,8 +170,8 @@ def check_extra_keys(
     for key, value in extra.items():
         if key not in allowed:
             raise ConfigError(
-                f"kv_connector_extra_config.{key}: unknown key for {where}; "
-                f"known keys: {', '.join(sorted(allowed)) or '(none)'}"
+                f"kv_connector_extra_config.{key}: unknown key for {where};"
+                f"{did_you_mean(key, allowed)} known keys: {', '.join(sorted(allowed)) or '(none)'}"
             )
         types = allowed[key]
         if value is not None and not isinstance(value, types):
@@ -177,6 +184,12 @@ def check_extra_keys(
         if isinstance(value, bool) and not _accepts_bool(types):
             raise ConfigError(f"kv_connector_extra_config.{key}: expected a number, got bool")
     return extra
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`` did you mean 'x'?`` for the known key closest to a misspelled ``key``, else ``""``."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" did you mean {close[0]!r}?" if close else ""
 
 
 def _accepts_bool(types: type | tuple[type, ...]) -> bool:

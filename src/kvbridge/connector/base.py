@@ -254,6 +254,12 @@ class KVConnectorBase:
         return cls.required_kv_layout
 
     @classmethod
+    def check_config(cls, config: TransferConfig) -> None:
+        """Refuse ``kv_connector_extra_config`` this connector cannot use (unknown or ill-typed
+        keys, bad values) with ``ConfigError`` naming the key; needs no cache, so
+        ``TransferConfig.from_dict`` calls it at parse time. Default: accept anything."""
+
+    @classmethod
     def check_cache_spec(cls, config: TransferConfig, spec: KVCacheSpec) -> None:
         """Refuse a cache this connector cannot serve (hybrid without HMA, wrong layout)."""
         if spec.num_groups > 1 and not cls.supports_hma(config):

@@ -92,6 +92,10 @@ class MultiConnector(KVConnectorBase):
     """Composes child connectors: the first child that matches loads, every child stores."""
 
     @classmethod
+    def check_config(cls, config: TransferConfig) -> None:
+        child_configs(config)  # each child is parsed, so checked, by TransferConfig.from_dict
+
+    @classmethod
     def supports_hma(cls, config: TransferConfig | None = None) -> bool:
         if config is None:
             return False

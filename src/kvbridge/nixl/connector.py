@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorBase
 from kvbridge.nixl.scheduler import NixlScheduler
+from kvbridge.nixl.settings import NixlSettings
 from kvbridge.nixl.worker import NixlWorker
 
 
@@ -17,10 +18,12 @@ class NixlConnector(KVConnectorBase):
     whose lease is not longer), ``abort_timeout_s`` (480), ``transfer_timeout_s`` (30),
     ``side_channel_host`` (``kv_ip``), ``side_channel_port`` (``kv_port``; 0 picks a free port),
     ``backends`` (["UCX"]), ``nixl_wrapper`` ("nixl" | "fake" | a callable agent_name ->
-    NixlTransport), ``merge_contiguous_blocks`` (true), ``num_threads`` (2, handshake threads),
-    ``max_handshake_bytes`` (64 MiB), ``enforce_handshake_compat`` (true), ``slow_transfer_s``
-    (1). Deprecated aliases: ``abort_request_timeout``, ``nixl_side_channel_host``,
-    ``nixl_side_channel_port``, ``kv_lease_duration``.
+    NixlTransport), ``fake_nixl`` (with "fake", the fake's knobs: ``cycles_before_xfer_done``,
+    ``fail_next_xfers``, ``fail_xfers_on_post``), ``merge_contiguous_blocks`` (true),
+    ``num_threads`` (2, handshake threads), ``max_handshake_bytes`` (64 MiB),
+    ``enforce_handshake_compat`` (true), ``slow_transfer_s`` (1). Deprecated aliases:
+    ``abort_request_timeout``, ``nixl_side_channel_host``, ``nixl_side_channel_port``,
+    ``kv_lease_duration``.
 
     ``kv_buffer_device``: "cuda" (default) lets NIXL read the KV cache where it lives; "cpu"
     stages through a registered host mirror of the cache (pinned on CUDA), for hosts where UCX
@@ -31,6 +34,10 @@ class NixlConnector(KVConnectorBase):
     scheduler_cls = NixlScheduler
     worker_cls = NixlWorker
     needs_block_dense_layout = True
+
+    @classmethod
+    def check_config(cls, config: TransferConfig) -> None:
+        NixlSettings.from_config(config)
 
     @classmethod
     def supports_hma(cls, config: TransferConfig | None = None) -> bool:

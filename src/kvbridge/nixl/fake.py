@@ -105,8 +105,15 @@ class FakeNixlWrapper(NixlTransport):
     REMOTE_AGENT_NAME = "fake-remote"
 
     def __init__(
-        self, agent_name: str = "fake", *, cycles_before_xfer_done: int = 0, **_ignored: object
+        self,
+        agent_name: str = "fake",
+        *,
+        cycles_before_xfer_done: int = 0,
+        fail_next_xfers: int = 0,
+        fail_xfers_on_post: bool = False,
+        **_ignored: object,
     ) -> None:
+        """The keywords are the knobs ``kv_connector_extra_config.fake_nixl`` may set."""
         if cycles_before_xfer_done < 0:
             raise ValueError(f"cycles_before_xfer_done must be >= 0, got {cycles_before_xfer_done}")
         self.agent_name = agent_name
@@ -120,7 +127,8 @@ class FakeNixlWrapper(NixlTransport):
         self._xfers: dict[XferHandle, _Xfer] = {}
         self._remote_agents: set[str] = set()
         self._inbox: dict[str, list[bytes]] = {}
-        self._fail_next: list[FailMode] = []
+        mode: FailMode = "post" if fail_xfers_on_post else "check"
+        self._fail_next: list[FailMode] = [mode] * fail_next_xfers
         self._injected: dict[str, list[BaseException]] = {}
         self._closed = False
 

@@ -263,8 +263,11 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             )
             return FinishedRequest(False, None)
         if self._port == 0:
-            logger.warning("request %s: side channel port not known yet; not holding", rid)
-            return FinishedRequest(False, None)
+            raise RuntimeError(
+                f"NixlScheduler: request {rid} asks for remote decode, but side_channel_port is 0 "
+                "and no worker has said which port it bound; call set_xfer_handshake_metadata "
+                "with the workers' get_handshake_metadata() before the first request"
+            )
         held = tuple(list(g[:n]) for g in block_ids)
         self._pending_send[rid] = SendSpec(
             request_id=rid,

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from kvbridge.config import ConfigError, TransferConfig, apply_renamed_keys, check_extra_keys
+from kvbridge.config import (
+    ConfigError,
+    TransferConfig,
+    apply_renamed_keys,
+    check_extra_keys,
+    did_you_mean,
+)
 
 # key -> accepted types
 _ALLOWED: dict[str, type | tuple[type, ...]] = {
@@ -18,6 +24,7 @@ _ALLOWED: dict[str, type | tuple[type, ...]] = {
     "side_channel_port": int,
     "backends": list,
     "nixl_wrapper": (str, Callable),  # type: ignore[dict-item]
+    "fake_nixl": dict,
     "merge_contiguous_blocks": bool,
     "num_threads": int,
     "max_handshake_bytes": int,
@@ -32,6 +39,12 @@ _ALIASES: dict[str, str] = {
     "kv_lease_duration": "kv_lease_duration_s",
 }
 WRAPPER_NAMES = ("nixl", "fake")
+# FakeNixlWrapper's knobs settable from the config (``fake_nixl``) -> type; all >= 0
+FAKE_KNOBS: dict[str, type] = {
+    "cycles_before_xfer_done": int,
+    "fail_next_xfers": int,
+    "fail_xfers_on_post": bool,
+}
 DEFAULT_HEARTBEAT_S = 5.0
 BEATS_PER_LEASE = 3  # a derived heartbeat renews a lease this many times per lease duration
 
@@ -53,6 +66,7 @@ class NixlSettings:
     side_channel_port: int = 14579
     backends: tuple[str, ...] = ("UCX",)
     nixl_wrapper: str | Callable[..., Any] = "nixl"
+    fake_nixl: dict[str, Any] = field(default_factory=dict)  # knobs of FakeNixlWrapper
     merge_contiguous_blocks: bool = True
     num_threads: int = 2
     max_handshake_bytes: int = 64 << 20
@@ -138,3 +152,18 @@ class NixlSettings:
                 f"kv_connector_extra_config.nixl_wrapper: {self.nixl_wrapper!r} is not one of "
                 f"{', '.join(WRAPPER_NAMES)} (or a callable returning a NixlTransport)"
             )
+        if self.fake_nixl and self.nixl_wrapper != "fake":
+            raise ConfigError(
+                "kv_connector_extra_config.fake_nixl: knobs of the fake transport; set "
+                "nixl_wrapper: 'fake' too, or drop fake_nixl"
+            )
+        for knob, value in self.fake_nixl.items():
+            where = f"kv_connector_extra_config.fake_nixl.{knob}"
+            kind = FAKE_KNOBS.get(knob)
+            if kind is None:
+                raise ConfigError(
+                    f"{where}: unknown knob;{did_you_mean(knob, FAKE_KNOBS)} known knobs: "
+                    f"{', '.join(FAKE_KNOBS)}"
+                )
+            if type(value) is not kind or (isinstance(value, int) and value < 0):
+                raise ConfigError(f"{where}: expected {kind.__name__} >= 0, got {value!r}")

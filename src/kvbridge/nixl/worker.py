@@ -70,7 +70,7 @@ def make_transport_factory(settings: NixlSettings) -> TransportFactory:
     if wrapper == "fake":
         from kvbridge.nixl.fake import FakeNixlWrapper
 
-        return lambda name: FakeNixlWrapper(name)
+        return lambda name: FakeNixlWrapper(name, **settings.fake_nixl)
     from kvbridge.nixl.wrapper import NixlWrapper
 
     return lambda name: NixlWrapper(name, backends=settings.backends)

@@ -145,16 +145,13 @@ def derive_cpu_config(
     return CPUPoolSize(num_cpu_blocks, capacity, block_bytes)
 
 
-def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadConfig:
-    """Validate ``config.kv_connector_extra_config`` against ``spec``; errors name the key."""
+def check_offload_extra(config: TransferConfig) -> dict[str, Any]:
+    """The checks of ``kv_connector_extra_config`` that need no cache spec; errors name the key."""
     extra = check_extra_keys(config, _KEYS, where=_WHERE)
-    group_windows(spec)
-    block_size = extra.get("block_size")
-    if block_size is not None and block_size != spec.block_size:
-        raise ConfigError(
-            f"kv_connector_extra_config.block_size: {block_size} differs from the engine's "
-            f"block size {spec.block_size}; the CPU tier stores whole engine blocks"
-        )
+    for key in ("cpu_bytes_to_use", "cpu_bytes_to_use_per_rank", "num_cpu_blocks"):
+        value = extra.get(key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"kv_connector_extra_config.{key}: must be > 0, got {value}")
     backend = extra.get("kv_offload_backend")
     if backend not in (None, "cpu"):
         raise ConfigError(
@@ -175,6 +172,21 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
             f"kv_connector_extra_config.copy_strategy: {strategy!r} is not one of "
             f"{', '.join(COPY_STRATEGIES)} (or STORE/LOAD, e.g. 'direct/pipelined')"
         )
+    return extra
+
+
+def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadConfig:
+    """Validate ``config.kv_connector_extra_config`` against ``spec``; errors name the key."""
+    extra = check_offload_extra(config)
+    group_windows(spec)
+    block_size = extra.get("block_size")
+    if block_size is not None and block_size != spec.block_size:
+        raise ConfigError(
+            f"kv_connector_extra_config.block_size: {block_size} differs from the engine's "
+            f"block size {spec.block_size}; the CPU tier stores whole engine blocks"
+        )
+    min_prefix = extra.get("lazy_offload_min_prefix_tokens")
+    strategy = extra.get("copy_strategy")
     size = derive_cpu_config(
         spec,
         cpu_bytes_to_use=extra.get("cpu_bytes_to_use"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorBase
 from kvbridge.connector.types import KVCacheSpec
-from kvbridge.offload.config import group_windows
+from kvbridge.offload.config import check_offload_extra, group_windows
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker
 
@@ -40,6 +40,10 @@ class SimpleCPUOffloadConnector(KVConnectorBase):
     scheduler_cls = CPUOffloadScheduler
     worker_cls = CPUOffloadWorker
     needs_block_dense_layout = True
+
+    @classmethod
+    def check_config(cls, config: TransferConfig) -> None:
+        check_offload_extra(config)
 
     @classmethod
     def check_cache_spec(cls, config: TransferConfig, spec: KVCacheSpec) -> None:

@@ -152,11 +152,14 @@ def test_cpu_tier_pins_show_while_a_load_is_in_flight_then_drain_to_zero(
         pinned = "kvbridge:num_pinned_cpu_blocks"
         g = wait_gauges(server, lambda g: g[pinned] > 0, f"{role}'s CPU load in flight")
         assert g[pinned] >= 2, g
+        copies = "kvbridge:kv_offload_num_inflight_copies"
+        assert metric_value(server.metrics(), copies, connector=CPU) == 1  # the worker's view
         gated_offload.OPEN.set()
         r = answer.result(timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["token_ids"] == _reference(first, 2)
     wait_gauges(server, all_zero, f"{role} drained")
+    assert metric_value(server.metrics(), copies, connector=CPU) == 0
 
 
 def _body(prompt: list[int]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from kvbridge.config import TransferConfig
-from kvbridge.connector.types import BlockStored
+from kvbridge.connector.types import BlockStored, IntegrityError
 from kvbridge.nixl.transport import LOCAL_AGENT
 from kvbridge.nixl.worker import NixlWorker
 from kvbridge.offload.scheduler import CPUOffloadScheduler
@@ -98,7 +98,7 @@ def test_a_pinned_cpu_block_is_reported() -> None:
         ]
         assert len(stored) == 4 and sched.pool.num_cached == 4
         pinned = sched.pool.prepare_load(stored[:1])  # a pin nobody will drop
-        with pytest.raises(RuntimeError, match="pins"):
+        with pytest.raises(IntegrityError, match="pins"):
             idle_problems(e, base)
         sched.pool.complete_load(pinned, success=False)
         assert idle_problems(e, base) == []

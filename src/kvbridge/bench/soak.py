@@ -35,7 +35,6 @@ from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.sampling import SamplingParams
 from kvbridge.nixl.transport import LiveCounts
 from kvbridge.nixl.worker import NixlWorker
-from kvbridge.offload.worker import CPUOffloadWorker
 from kvbridge.serve.config_file import ServeConfig
 from kvbridge.serve.http_server import BackgroundServer
 from kvbridge.serve.proxy import build_proxy_app
@@ -153,9 +152,7 @@ def idle_problems(engine: LLMEngine, base: EngineBaseline) -> list[str]:
     name = transfer.kv_connector if transfer is not None else "none"
     out += nonzero(connector_gauges(name, engine.scheduler_connector, engine.worker_connector))
     for part in connector_parts(engine):
-        if isinstance(part, CPUOffloadWorker) and part.num_inflight_jobs:  # it has no gauges yet
-            out.append(f"CPU offload worker: {part.num_inflight_jobs} copies in flight")
-        elif isinstance(part, NixlWorker):
+        if isinstance(part, NixlWorker):
             part.check_integrity()
     return out
 

@@ -31,6 +31,7 @@ GAUGE_HELP: dict[str, str] = {
     "nixl_num_remote_agents": "producer agents loaded (attached); not a leak gauge",
     "num_pinned_cpu_blocks": "CPU tier blocks pinned by a load",
     "num_storing_cpu_blocks": "CPU tier blocks reserved by a store in flight",
+    "kv_offload_num_inflight_copies": "CPU tier copy jobs (loads and stores) not yet ended",
 }
 # Gauges that count what a connector keeps while idle (0 is not expected after a drain).
 STANDING_GAUGES = frozenset({"nixl_num_remote_agents"})

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.connector.base import KVConnectorMetadata, KVConnectorWorker
+from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.layout import block_rows
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
@@ -198,6 +199,9 @@ class CPUOffloadWorker(KVConnectorWorker):
     @property
     def num_inflight_jobs(self) -> int:
         return sum(len(b.jobs) for b in self._inflight)
+
+    def get_kv_connector_gauges(self) -> GaugeValues:
+        return {"kv_offload_num_inflight_copies": self.num_inflight_jobs}
 
     # -- helpers --------------------------------------------------------------------------
     def _launch_pending(self, *, loads: bool, stores: bool) -> None:

@@ -95,7 +95,7 @@ def test_worker_half_reports_nixl_handles_under_the_childs_label() -> None:
     try:
         worker.register_kv_caches(caches)
         gauges = worker.get_kv_connector_gauges().per_connector
-        assert set(gauges) == {"NixlConnector"}  # the CPU worker reports nothing of its own
+        assert gauges["SimpleCPUOffloadConnector"] == {"kv_offload_num_inflight_copies": 0}
         assert set(gauges["NixlConnector"]) == NIXL_WORKER_KEYS
         assert all(v == 0 for v in gauges["NixlConnector"].values())
     finally:

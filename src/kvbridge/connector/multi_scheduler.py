@@ -103,6 +103,20 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
         loader = self._loader.get(request_id)
         return None if loader is None else self.names[loader.child]
 
+    def has_request_state(self, request_id: str) -> bool:
+        """Whether this half or any child keeps state for ``request_id``; ``TypeError`` if a
+        child cannot say."""
+        mine = (self._loader, self._async_loading, self._extra_async_saves)
+        if any(request_id in m for m in mine):
+            return True
+        for name, child in zip(self.names, self.children):
+            probe = getattr(child, "has_request_state", None)
+            if probe is None:
+                raise TypeError(f"{name} cannot say whether it keeps state for a request")
+            if probe(request_id):
+                return True
+        return False
+
     def build_connector_meta(self, step: SchedulerStep) -> MultiConnectorMetadata:
         parts = []
         for i, child in enumerate(self.children):

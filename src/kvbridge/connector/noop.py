@@ -45,6 +45,9 @@ class NoOpScheduler(KVConnectorScheduler, SupportsHMA):
     ) -> FinishedRequest:
         return FinishedRequest(False, None)
 
+    def has_request_state(self, request_id: str) -> bool:
+        return False
+
 
 class NoOpWorker(KVConnectorWorker):
     """Runs in a worker; registers nothing."""

@@ -221,6 +221,10 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         """Requests this half keeps state for (zero once all have finished and drained)."""
         return len(self._requests)
 
+    def has_request_state(self, request_id: str) -> bool:
+        """Whether a match, a pin or a store of ``request_id`` is still tracked."""
+        return request_id in self._requests
+
     def check_integrity(self) -> None:
         """Pool invariants, plus: every pin and reservation belongs to a live job or match."""
         self.pool.check_integrity()

@@ -26,6 +26,7 @@ from kvbridge.connector.types import (
 )
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.request import RequestOutput, RequestStatus
+from kvbridge.kit.queries import has_request_state
 from kvbridge.kit.worker_step import run_worker_step
 from kvbridge.nixl.fake import FakeNixlWrapper
 from kvbridge.nixl.metadata import NixlConnectorMetadata, SendSpec
@@ -217,10 +218,7 @@ class Composite:
 
     def has_state(self, rid: str) -> bool:
         """Per-request state left in the composite or either child."""
-        cpu = self.sched.children[1]
-        in_cpu = isinstance(cpu, CPUOffloadScheduler) and rid in cpu._requests
-        in_multi = rid in self.sched._loader or rid in self.sched._async_loading
-        return in_cpu or in_multi or self.nixl.has_request_state(rid)
+        return has_request_state(self.sched, rid)
 
     def cpu_worker(self) -> CPUOffloadWorker:
         child = self.worker.children[1]

@@ -14,73 +14,33 @@ from kvbridge.config import ConfigError, TransferConfig
 
 __version__ = "0.1.0"
 
-# name -> module that defines it; imported on first access.
-_LAZY: dict[str, str] = {
-    # the contract: roles, halves, metadata, what crosses between them
-    **dict.fromkeys(
-        (
-            "ConnectorOutput",
-            "KVConnectorBase",
-            "KVConnectorHandshakeMetadata",
-            "KVConnectorMetadata",
-            "KVConnectorRole",
-            "KVConnectorScheduler",
-            "KVConnectorWorker",
-            "KVConnectorWorkerMetadata",
-            "SupportsHMA",
-        ),
-        "kvbridge.connector.base",
+# module -> the names it defines that kvbridge exports; each imported on first access.
+_EXPORTS: dict[str, str] = {
+    "kvbridge.connector.base": (
+        "ConnectorOutput KVConnectorBase KVConnectorHandshakeMetadata "
+        "KVConnectorMetadata KVConnectorRole KVConnectorScheduler KVConnectorWorker "
+        "KVConnectorWorkerMetadata SupportsHMA"
     ),
-    **dict.fromkeys(
-        (
-            "BlockIds",
-            "BlockRemoved",
-            "BlockStored",
-            "FinishedRequest",
-            "IntegrityError",
-            "KVCacheGroupSpec",
-            "KVCacheLayout",
-            "KVCacheSpec",
-            "MatchResult",
-            "RequestView",
-            "ScheduledRequest",
-            "SchedulerStep",
-            "SimpleRequest",
-        ),
-        "kvbridge.connector.types",
+    "kvbridge.connector.types": (
+        "BlockIds BlockRemoved BlockStored FinishedRequest IntegrityError "
+        "KVCacheGroupSpec KVCacheLayout KVCacheSpec MatchResult RequestView "
+        "ScheduledRequest SchedulerStep SimpleRequest"
     ),
-    **dict.fromkeys(
-        ("create_connector", "register_connector", "registered_connectors"),
-        "kvbridge.connector.factory",
+    "kvbridge.connector.factory": "create_connector register_connector registered_connectors",
+    "kvbridge.connector.stats": "KVConnectorStats MultiKVConnectorStats",
+    "kvbridge.connector.codec": "MetadataCodecError decode_metadata encode_metadata",
+    "kvbridge.kit.wire": "decode_output encode_output",
+    "kvbridge.kit.transfers": (
+        "Admission ConnectorContractError Finished LoadOutcome TransferReport TransferTracker"
     ),
-    **dict.fromkeys(("KVConnectorStats", "MultiKVConnectorStats"), "kvbridge.connector.stats"),
-    # metadata across processes
-    **dict.fromkeys(
-        ("MetadataCodecError", "decode_metadata", "encode_metadata"), "kvbridge.connector.codec"
-    ),
-    **dict.fromkeys(("decode_output", "encode_output"), "kvbridge.kit.wire"),
-    # the engine kit
-    **dict.fromkeys(
-        (
-            "Admission",
-            "ConnectorContractError",
-            "Finished",
-            "LoadOutcome",
-            "TransferReport",
-            "TransferTracker",
-        ),
-        "kvbridge.kit.transfers",
-    ),
-    "BlockHasher": "kvbridge.kit.hashing",
-    "run_worker_step": "kvbridge.kit.worker_step",
-    "ConnectorDriver": "kvbridge.kit.driver",
-    **dict.fromkeys(
-        ("SupportsRequestState", "has_request_state", "loading_child"), "kvbridge.kit.queries"
-    ),
-    # test doubles
-    "FakeNixlWrapper": "kvbridge.nixl.fake",
-    "FakeFabric": "kvbridge.nixl.fake_fabric",
+    "kvbridge.kit.hashing": "BlockHasher",
+    "kvbridge.kit.worker_step": "run_worker_step",
+    "kvbridge.kit.driver": "ConnectorDriver",
+    "kvbridge.kit.queries": "SupportsRequestState has_request_state loading_child",
+    "kvbridge.nixl.fake": "FakeNixlWrapper",
+    "kvbridge.nixl.fake_fabric": "FakeFabric",
 }
+_LAZY = {name: module for module, names in _EXPORTS.items() for name in names.split()}
 
 __all__ = ["ConfigError", "TransferConfig", "__version__", *sorted(_LAZY)]
 

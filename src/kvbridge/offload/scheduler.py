@@ -235,16 +235,11 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
                 pins += job.wire.num_blocks
             else:
                 reserved += job.wire.num_blocks
-        if reserved != self.pool.num_storing:
+        storing, pinned = self.pool.num_storing, self.pool.num_pins
+        if (reserved, pins) != (storing, pinned):
             raise IntegrityError(
-                f"CPUOffloadScheduler integrity: {reserved} blocks in store jobs, "
-                f"pool has {self.pool.num_storing} storing"
-            )
-        held = self.pool.num_pins
-        if pins != held:
-            raise IntegrityError(
-                f"CPUOffloadScheduler integrity: {pins} pins by matches and loads, "
-                f"pool holds {held}"
+                f"CPUOffloadScheduler integrity: {reserved} blocks in store jobs and {pins} pins "
+                f"by matches and loads, but the pool has {storing} storing and {pinned} pinned"
             )
         owned = {j for s in self._requests.values() for j in s.jobs}
         if owned != set(self._jobs):

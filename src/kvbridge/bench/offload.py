@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from kvbridge.bench import harness
-from kvbridge.copy.backend import CopyBackend, backend_name_for, copy_backend_class
+from kvbridge.copy.backend import CopyBackend, copy_backend_class
 
 BLOCK_SHAPE = (2, 16, 8, 128)  # K and V, tokens per block, KV heads, head dim
 CUDA_STRATEGIES = ("serial", "pipelined", "direct")
@@ -159,8 +159,7 @@ def _backend(
     cpu_layers: list[torch.Tensor],
 ) -> CopyBackend:
     if args.device != "cuda":
-        cls = copy_backend_class(backend_name_for(args.device, user="bench offload"))
-        return cls(gpu_layers, cpu_layers)
+        return copy_backend_class(args.device, user="bench offload")(gpu_layers, cpu_layers)
     from kvbridge.copy.cuda import CUDACopyBackend
 
     return CUDACopyBackend(
@@ -179,7 +178,7 @@ def _measure(args: argparse.Namespace, strategy: str, n: int) -> list[Row]:
         torch.empty((2 * n, *BLOCK_SHAPE), dtype=torch.bfloat16, device=device)
         for _ in range(args.layers)
     ]
-    cls = copy_backend_class(backend_name_for(device, user="bench offload"))
+    cls = copy_backend_class(device, user="bench offload")
     cpu_layers = cls.allocate_cpu_layers(gpu_layers, n)
     nbytes = n * args.layers * gpu_layers[0][0].numel() * gpu_layers[0].element_size()
     numel = nbytes // 2

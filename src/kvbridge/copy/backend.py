@@ -21,6 +21,26 @@ _BACKENDS: dict[str, str] = {
     "cpu": "kvbridge.copy.cpu:CPUCopyBackend",
     "cuda": "kvbridge.copy.cuda:CUDACopyBackend",
 }
+# How the CUDA backend copies (``CUDACopyBackend``); "STORE/LOAD" picks one per direction.
+STRATEGIES = ("serial", "pipelined", "direct")
+
+
+class CopyStrategy(NamedTuple):
+    """The strategy of each direction."""
+
+    store: str
+    load: str
+
+
+def parse_strategy(value: str) -> CopyStrategy:
+    """``"NAME"`` for both directions or ``"STORE/LOAD"``, each one of ``STRATEGIES``."""
+    names = value.split("/")
+    if len(names) not in (1, 2) or any(n not in STRATEGIES for n in names):
+        raise ValueError(
+            f"copy_strategy: {value!r} is not one of {', '.join(STRATEGIES)} "
+            "(or STORE/LOAD, e.g. 'direct/pipelined')"
+        )
+    return CopyStrategy(names[0], names[-1])
 
 
 class CopyPlan(NamedTuple):
@@ -125,21 +145,14 @@ class CopyBackend(ABC):
         """Release streams and staging memory. Idempotent."""
 
 
-def copy_backend_class(name: str) -> type[CopyBackend]:
-    """The backend registered as ``name`` (``"cpu"`` or ``"cuda"``), imported on first use."""
-    if name not in _BACKENDS:
-        raise ValueError(f"copy backend {name!r} is not one of {', '.join(sorted(_BACKENDS))}")
-    module_name, class_name = _BACKENDS[name].split(":")
-    cls: type[CopyBackend] = getattr(importlib.import_module(module_name), class_name)
-    return cls
-
-
-def backend_name_for(device_type: str, *, user: str) -> str:
-    """Backend for KV tensors on ``device_type`` (``tensor.device.type``); ``user`` (who needs
-    the copies) starts the error message."""
+def copy_backend_class(device_type: str, *, user: str) -> type[CopyBackend]:
+    """The backend for KV tensors on ``device_type`` (``tensor.device.type``), imported on first
+    use; ``user`` (who needs the copies) starts the error message."""
     if device_type not in _BACKENDS:
         raise ValueError(
             f"{user}: no copy backend for KV caches on {device_type!r}; "
             f"supported: {', '.join(sorted(_BACKENDS))}"
         )
-    return device_type
+    module_name, class_name = _BACKENDS[device_type].split(":")
+    cls: type[CopyBackend] = getattr(importlib.import_module(module_name), class_name)
+    return cls

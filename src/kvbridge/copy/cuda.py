@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvbridge.copy.backend import CopyBackend, CopyHandle, CopyPlan, plan_runs
+from kvbridge.copy.backend import (
+    CopyBackend,
+    CopyHandle,
+    CopyPlan,
+    parse_strategy,
+    plan_runs,
+)
 from kvbridge.copy.staged import (
     pipelined_load,
     pipelined_store,
@@ -21,31 +27,12 @@ from kvbridge.copy.staged import (
 if TYPE_CHECKING:
     from kvbridge.copy.triton_copier import TritonCopier
 
-STRATEGIES = ("serial", "pipelined", "direct")
 DEFAULT_STRATEGY = "pipelined"
 # serial: upper bound of the one GPU staging buffer of a batch, larger batches go in chunks.
 DEFAULT_STAGING_BYTES = 256 << 20
 # pipelined: size of each of the rotating staging buffers.
 DEFAULT_CHUNK_BYTES = 32 << 20
 DEFAULT_NUM_BUFFERS = 2
-
-
-class CopyStrategy(NamedTuple):
-    """The strategy of each direction."""
-
-    store: str
-    load: str
-
-
-def parse_strategy(value: str) -> CopyStrategy:
-    """``"NAME"`` for both directions or ``"STORE/LOAD"``, each one of ``STRATEGIES``."""
-    names = value.split("/")
-    if len(names) not in (1, 2) or any(n not in STRATEGIES for n in names):
-        raise ValueError(
-            f"copy_strategy: {value!r} is not one of {', '.join(STRATEGIES)} "
-            "(or STORE/LOAD, e.g. 'direct/pipelined')"
-        )
-    return CopyStrategy(names[0], names[-1])
 
 
 class _EventHandle(CopyHandle):
@@ -224,4 +211,3 @@ def _recorded(stream: torch.cuda.Stream, *keep_alive: torch.Tensor) -> CopyHandl
     event = torch.cuda.Event()
     event.record(stream)
     return _EventHandle(event, keep_alive)
-

@@ -18,20 +18,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kvbridge.copy.backend import (
-    AllDone,
-    CopyBackend,
-    CopyHandle,
-    backend_name_for,
-    copy_backend_class,
-)
+from kvbridge.copy.backend import AllDone, CopyBackend, CopyHandle, copy_backend_class
 from kvbridge.nixl.transfers import KVRegions
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-_USER = "NixlConnector (kv_buffer_device: cpu)"
 
 
 class HostStaging:
@@ -43,7 +36,7 @@ class HostStaging:
         if not kv_layers:
             raise ValueError("HostStaging: no KV cache layers")
         first = kv_layers[0]
-        cls = copy_backend_class(backend_name_for(first.device.type, user=_USER))
+        cls = copy_backend_class(first.device.type, user="NixlConnector (kv_buffer_device: cpu)")
         self.host_layers: list[torch.Tensor] = cls.allocate_cpu_layers(kv_layers, first.shape[0])
         self._engines: list[CopyBackend] = [
             cls([kv_layers[i] for i in layers], [self.host_layers[i] for i in layers])

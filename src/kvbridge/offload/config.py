@@ -15,6 +15,7 @@ from typing import Any
 
 from kvbridge.config import ConfigError, TransferConfig, check_extra_keys
 from kvbridge.connector.types import KVCacheSpec
+from kvbridge.copy.backend import parse_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
 }
 # vLLM's default CPU capacity, server-wide (split by world size).
 DEFAULT_CPU_BYTES = 8 << 30
-# CUDA copy strategies (kvbridge/copy/cuda.py); "STORE/LOAD" picks one per direction.
-COPY_STRATEGIES = ("serial", "pipelined", "direct")
 ATTENTION_KINDS = ("full", "sliding_window")
 _GIB = float(1 << 30)
 
@@ -165,13 +164,11 @@ def check_offload_extra(config: TransferConfig) -> dict[str, Any]:
             f"got {min_prefix}"
         )
     strategy = extra.get("copy_strategy")
-    if strategy is not None and (
-        len(strategy.split("/")) > 2 or any(n not in COPY_STRATEGIES for n in strategy.split("/"))
-    ):
-        raise ConfigError(
-            f"kv_connector_extra_config.copy_strategy: {strategy!r} is not one of "
-            f"{', '.join(COPY_STRATEGIES)} (or STORE/LOAD, e.g. 'direct/pipelined')"
-        )
+    if strategy is not None:
+        try:
+            parse_strategy(strategy)
+        except ValueError as e:  # "copy_strategy: ... is not one of ..."
+            raise ConfigError(f"kv_connector_extra_config.{e}") from e
     return extra
 
 

@@ -13,7 +13,7 @@ from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.layout import block_rows
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
-from kvbridge.copy.backend import CopyBackend, CopyHandle, backend_name_for, copy_backend_class
+from kvbridge.copy.backend import CopyBackend, CopyHandle, copy_backend_class
 from kvbridge.offload.config import parse_offload_config
 from kvbridge.offload.metadata import CPUOffloadMetadata, CPUOffloadWorkerMetadata, TransferJob
 
@@ -74,7 +74,7 @@ class CPUOffloadWorker(KVConnectorWorker):
         if any(t.dtype != first.dtype or t.device != first.device for t in rows.values()):
             raise ValueError("CPUOffloadWorker: all KV cache layers must share dtype and device")
         groups = self._group_layers(rows)
-        cls = copy_backend_class(backend_name_for(first.device.type, user="CPUOffloadWorker"))
+        cls = copy_backend_class(first.device.type, user="CPUOffloadWorker")
         try:  # one CPU tensor per layer slot; slot j serves layer j of every group
             slots = cls.allocate_cpu_layers(max(groups, key=len), self.offload.num_cpu_blocks)
         except RuntimeError as e:

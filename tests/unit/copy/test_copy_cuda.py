@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbridge.bench.offload import main as bench_main
-from kvbridge.copy.backend import CopyHandle, plan_runs
-from kvbridge.copy.cuda import CopyStrategy, CUDACopyBackend, parse_strategy
+from kvbridge.copy.backend import CopyHandle, CopyStrategy, parse_strategy, plan_runs
+from kvbridge.copy.cuda import CUDACopyBackend
 from kvbridge.copy.staged import (
     InOrder,
     StagedChunk,

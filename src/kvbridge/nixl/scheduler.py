@@ -246,8 +246,9 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
                 self.config.kv_role,
             )
             return FinishedRequest(False, None)
-        reason = request.finish_reason
-        if reason is not None and reason != "length":  # None: the engine does not say
+        # None: the engine does not say (nor does a request type older than the field)
+        reason = getattr(request, "finish_reason", None)
+        if reason is not None and reason != "length":
             logger.info("request %s ended (%s): no consumer will read it; not holding", rid, reason)
             return FinishedRequest(False, None)
         if request.num_computed_tokens < request.num_prompt_tokens:

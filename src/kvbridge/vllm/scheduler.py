@@ -1,7 +1,8 @@
 """Runs in vLLM's scheduler process (EngineCore): vLLM's scheduler hooks -> kvbridge's.
 
 vLLM's ``Request`` already reads as kvbridge's ``RequestView`` (request id, prompt and all
-token ids, computed tokens, block hashes, kv_transfer_params), so it is passed through as is.
+token ids, computed tokens, block hashes, kv_transfer_params), so it is passed through as is;
+at its end, ``FinishedView`` adds the finish reason from vLLM's status.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from vllm.distributed.kv_events import KVCacheEvent as VllmKVCacheEvent
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbridge.connector.base import ConnectorOutput, KVConnectorScheduler, SupportsHMA
+from kvbridge.connector.gauges import LabelledGauges, label_gauges, merge_labelled
 from kvbridge.connector.types import (
     BlockRemoved,
     BlockStored,
@@ -51,6 +53,8 @@ class SchedulerAdapter:
         self._manager: KVCacheManager | None = None
         self._requests: dict[str, Request] = {}  # req id -> vLLM's request, until it finishes
         self._step_id = 0
+        self._worker_gauges: LabelledGauges = {}  # the worker half's last snapshot
+        self._sent_gauges: LabelledGauges | None = None  # the last snapshot handed to vLLM
 
     def bind_kv_cache_manager(self, manager: KVCacheManager) -> None:
         self._manager = manager
@@ -88,10 +92,11 @@ class SchedulerAdapter:
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
+        view = FinishedView(request)
         if isinstance(self.half, SupportsHMA):
-            done = self.half.request_finished_all_groups(request, block_ids)  # type: ignore[arg-type]
+            done = self.half.request_finished_all_groups(view, block_ids)
         else:
-            done = self.half.request_finished(request, block_ids[0])  # type: ignore[arg-type]
+            done = self.half.request_finished(view, block_ids[0])
         return done.delay_free, done.kv_transfer_params
 
     # -- per step ---------------------------------------------------------------------------
@@ -122,6 +127,8 @@ class SchedulerAdapter:
     def update_connector_output(self, out: KVConnectorOutput) -> None:
         meta = out.kv_connector_worker_meta
         stats = out.kv_connector_stats
+        if isinstance(stats, KVBridgeStats) and (worker_gauges := stats.gauges()):
+            self._worker_gauges = worker_gauges
         self.half.update_connector_output(
             ConnectorOutput(
                 finished_sending=frozenset(out.finished_sending or ()),
@@ -154,7 +161,14 @@ class SchedulerAdapter:
                 )
 
     def get_kv_connector_stats(self) -> KVBridgeStats | None:
-        return KVBridgeStats.wrap(self.name, self.half.get_kv_connector_stats())
+        """This step's stats, and both halves' gauges when they changed (vLLM hands them to
+        ``KVBridgePromMetrics.observe`` after the worker's, so this snapshot wins)."""
+        own = label_gauges(self.half.get_kv_connector_gauges(), self.name)
+        gauges = merge_labelled([own, self._worker_gauges])
+        changed = gauges != self._sent_gauges
+        self._sent_gauges = gauges
+        stats = self.half.get_kv_connector_stats()
+        return KVBridgeStats.wrap(self.name, stats, gauges if changed else None)
 
     def _block_ids(self, req_id: str) -> tuple[list[int], ...]:
         if self._manager is None:
@@ -162,6 +176,22 @@ class SchedulerAdapter:
                 "kvbridge: vLLM did not bind its KV cache manager before the first step"
             )
         return tuple(list(ids) for ids in self._manager.get_block_ids(req_id))
+
+
+class FinishedView:
+    """vLLM's ``Request`` as kvbridge's ``RequestView`` once it ended: read through, plus
+    ``finish_reason`` from vLLM's status ("length", "stop", "abort", "error", ...)."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    @property
+    def finish_reason(self) -> str | None:
+        reason = self._request.get_finished_reason()
+        return None if reason is None else str(reason)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
 
 
 def _scheduled(so: SchedulerOutput) -> Iterable[tuple[str, int, bool]]:

@@ -1,4 +1,4 @@
-"""What crosses vLLM's process boundaries for a kvbridge connector: metadata and stats.
+"""What crosses vLLM's process boundaries for a kvbridge connector: metadata, stats, gauges.
 
 vLLM ships these objects between its scheduler, workers and front end itself (pickled); each
 one wraps kvbridge's own msgspec value untouched, and pickles it as kvbridge's metadata codec
@@ -19,6 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kvbridge.connector import base as kvb
 from kvbridge.connector.codec import decode_metadata, encode_metadata
+from kvbridge.connector.gauges import LabelledGauges
 from kvbridge.connector.stats import KVConnectorStats as KVBStats
 from kvbridge.connector.stats import MultiKVConnectorStats
 
@@ -66,23 +67,44 @@ class KVBridgeWorkerMetadata(_CodecPickled, KVConnectorWorkerMetadata):
         )
 
 
+GAUGE_PREFIX = "gauge:"  # data key of a gauge snapshot: "gauge:<connector label>"
+
+
 class KVBridgeStats(KVConnectorStats):
     """kvbridge counters in vLLM's stats pipeline: ``data`` is connector -> key -> value.
 
     Counters add up and samples (lists) extend when vLLM aggregates workers and steps;
-    ``reduce`` flattens to ``"Connector.key"`` (samples as count/mean/max).
+    ``reduce`` flattens to ``"Connector.key"`` (samples as count/mean/max). Gauge snapshots
+    ride along under ``"gauge:<connector label>"``; the newer one wins when they meet.
     """
 
     @classmethod
-    def wrap(cls, name: str, stats: kvb.Stats | None) -> KVBridgeStats | None:
-        if stats is None or stats.is_empty():
-            return None
+    def wrap(
+        cls, name: str, stats: kvb.Stats | None, gauges: LabelledGauges | None = None
+    ) -> KVBridgeStats | None:
+        data: dict[str, Any] = {}
         if isinstance(stats, MultiKVConnectorStats):
-            return cls(data={n: dict(s.data) for n, s in stats.per_connector.items()})
-        return cls(data={name: dict(stats.data)})
+            data = {n: dict(s.data) for n, s in stats.per_connector.items() if not s.is_empty()}
+        elif stats is not None and not stats.is_empty():
+            data = {name: dict(stats.data)}
+        for label, values in (gauges or {}).items():
+            data[GAUGE_PREFIX + label] = dict(values)
+        return cls(data=data) if data else None
+
+    def gauges(self) -> LabelledGauges:
+        """The gauge snapshots carried: connector label -> key -> value."""
+        return {
+            name.removeprefix(GAUGE_PREFIX): dict(values)
+            for name, values in self.data.items()
+            if name.startswith(GAUGE_PREFIX)
+        }
 
     def per_connector(self) -> dict[str, KVBStats]:
-        return {name: KVBStats(data=dict(values)) for name, values in self.data.items()}
+        return {
+            name: KVBStats(data=dict(values))
+            for name, values in self.data.items()
+            if not name.startswith(GAUGE_PREFIX)
+        }
 
     def unwrap(self, name: str) -> kvb.Stats | None:
         """kvbridge's value again: ``name``'s own stats, or per child for a composite."""
@@ -92,18 +114,25 @@ class KVBridgeStats(KVConnectorStats):
         return MultiKVConnectorStats(per_connector=parts) if parts else None
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        mine = self.per_connector()
+        mine, gauges = self.per_connector(), self.gauges()
         for name, values in other.data.items():
-            mine.setdefault(name, KVBStats()).aggregate(KVBStats(data=dict(values)))
+            if name.startswith(GAUGE_PREFIX):
+                gauges.setdefault(name.removeprefix(GAUGE_PREFIX), {}).update(values)
+            else:
+                mine.setdefault(name, KVBStats()).aggregate(KVBStats(data=dict(values)))
         self.data = {name: s.data for name, s in mine.items()}
+        self.data.update((GAUGE_PREFIX + label, values) for label, values in gauges.items())
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {
+        out: dict[str, int | float] = {
             f"{name}.{key}": value
             for name, stats in sorted(self.per_connector().items())
             for key, value in stats.reduce().items()
         }
+        for label, values in sorted(self.gauges().items()):
+            out.update((f"{GAUGE_PREFIX}{label}.{key}", v) for key, v in sorted(values.items()))
+        return out
 
     def reset(self) -> None:
         self.data = {}

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from kvbridge.connector.base import KVConnectorWorker
+from kvbridge.connector.gauges import LabelledGauges, label_gauges
 from kvbridge.vllm.wire import KVBridgeMetadata, KVBridgeStats, KVBridgeWorkerMetadata
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ class WorkerAdapter:
     def __init__(self, name: str, half: KVConnectorWorker) -> None:
         self.name = name
         self.half = half
+        self._sent_gauges: LabelledGauges | None = None  # the last snapshot handed to vLLM
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.half.register_kv_caches(kv_caches)
@@ -62,7 +64,13 @@ class WorkerAdapter:
         return None if meta is None else KVBridgeWorkerMetadata(meta)
 
     def get_kv_connector_stats(self) -> KVBridgeStats | None:
-        return KVBridgeStats.wrap(self.name, self.half.get_kv_connector_stats())
+        """This step's stats, and the half's gauges when they changed (an idle step sends
+        nothing, so vLLM still sees an empty output)."""
+        gauges = label_gauges(self.half.get_kv_connector_gauges(), self.name)
+        changed = gauges != self._sent_gauges
+        self._sent_gauges = gauges
+        stats = self.half.get_kv_connector_stats()
+        return KVBridgeStats.wrap(self.name, stats, gauges if changed else None)
 
     def shutdown(self) -> None:
         self.half.shutdown()

@@ -160,29 +160,32 @@ def apply_renamed_keys(
 
 
 def check_extra_keys(
-    config: TransferConfig, allowed: Mapping[str, type | tuple[type, ...]], *, where: str
+    config: TransferConfig | Mapping[str, Any],
+    allowed: Mapping[str, type | tuple[type, ...]],
+    *,
+    where: str,
+    path: str = "kv_connector_extra_config",
 ) -> dict[str, Any]:
-    """Validate ``kv_connector_extra_config`` against ``allowed`` (key -> accepted types).
+    """Validate ``kv_connector_extra_config`` (or a mapping found at ``path``) against
+    ``allowed`` (key -> accepted types).
 
     Returns the dict; raises ``ConfigError`` naming the first unknown or ill-typed key.
     """
-    extra = config.kv_connector_extra_config
+    extra = dict(config.kv_connector_extra_config if isinstance(config, TransferConfig) else config)
     for key, value in extra.items():
         if key not in allowed:
             raise ConfigError(
-                f"kv_connector_extra_config.{key}: unknown key for {where};"
-                f"{did_you_mean(key, allowed)} known keys: {', '.join(sorted(allowed)) or '(none)'}"
+                f"{path}.{key}: unknown key for {where};{did_you_mean(key, allowed)} "
+                f"known keys: {', '.join(sorted(allowed)) or '(none)'}"
             )
         types = allowed[key]
         if value is not None and not isinstance(value, types):
             want = (
                 types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
             )
-            raise ConfigError(
-                f"kv_connector_extra_config.{key}: expected {want}, got {type(value).__name__}"
-            )
+            raise ConfigError(f"{path}.{key}: expected {want}, got {type(value).__name__}")
         if isinstance(value, bool) and not _accepts_bool(types):
-            raise ConfigError(f"kv_connector_extra_config.{key}: expected a number, got bool")
+            raise ConfigError(f"{path}.{key}: expected a number, got bool")
     return extra
 
 

@@ -11,7 +11,6 @@ from kvbridge.config import (
     TransferConfig,
     apply_renamed_keys,
     check_extra_keys,
-    did_you_mean,
 )
 
 # key -> accepted types
@@ -157,13 +156,8 @@ class NixlSettings:
                 "kv_connector_extra_config.fake_nixl: knobs of the fake transport; set "
                 "nixl_wrapper: 'fake' too, or drop fake_nixl"
             )
-        for knob, value in self.fake_nixl.items():
-            where = f"kv_connector_extra_config.fake_nixl.{knob}"
-            kind = FAKE_KNOBS.get(knob)
-            if kind is None:
-                raise ConfigError(
-                    f"{where}: unknown knob;{did_you_mean(knob, FAKE_KNOBS)} known knobs: "
-                    f"{', '.join(FAKE_KNOBS)}"
-                )
-            if type(value) is not kind or (isinstance(value, int) and value < 0):
-                raise ConfigError(f"{where}: expected {kind.__name__} >= 0, got {value!r}")
+        path = "kv_connector_extra_config.fake_nixl"
+        knobs = check_extra_keys(self.fake_nixl, FAKE_KNOBS, where="FakeNixlWrapper", path=path)
+        for knob, value in knobs.items():
+            if value is None or value < 0:
+                raise ConfigError(f"{path}.{knob}: must be >= 0, got {value!r}")

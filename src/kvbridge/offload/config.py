@@ -117,12 +117,6 @@ def derive_cpu_config(
     8 GiB server-wide. An explicit ``num_cpu_blocks`` must lie in 1..capacity; bytes that hold
     no block give one block (vLLM's ``max(1, ...)``).
     """
-    for key, value in (
-        ("cpu_bytes_to_use", cpu_bytes_to_use),
-        ("cpu_bytes_to_use_per_rank", cpu_bytes_to_use_per_rank),
-    ):
-        if value is not None and value <= 0:
-            raise ConfigError(f"kv_connector_extra_config.{key}: must be > 0, got {value}")
     if cpu_bytes_to_use_per_rank is not None:
         per_worker = int(cpu_bytes_to_use_per_rank)
     elif cpu_bytes_to_use is not None:

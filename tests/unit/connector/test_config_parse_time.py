@@ -104,11 +104,12 @@ def test_nixl_wrapper_fake_takes_its_knobs_from_fake_nixl() -> None:
     [
         ({"fake_nixl": {"cycles_before_xfer_done": 1}}, "fake_nixl: .*set nixl_wrapper: 'fake'"),
         ({"nixl_wrapper": "fake", "fake_nixl": {"cycles_before_done": 1}},
-         r"fake_nixl\.cycles_before_done: unknown knob; did you mean 'cycles_before_xfer_done'\?"),
+         r"fake_nixl\.cycles_before_done: unknown key for FakeNixlWrapper; did you mean "
+         r"'cycles_before_xfer_done'\?"),
         ({"nixl_wrapper": "fake", "fake_nixl": {"fail_next_xfers": -1}},
-         r"fake_nixl\.fail_next_xfers: expected int >= 0"),
+         r"fake_nixl\.fail_next_xfers: must be >= 0"),
         ({"nixl_wrapper": "fake", "fake_nixl": {"fail_xfers_on_post": 1}},
-         r"fake_nixl\.fail_xfers_on_post: expected bool"),
+         r"fake_nixl\.fail_xfers_on_post: expected bool, got int"),
     ],
 )  # fmt: skip
 def test_fake_nixl_knobs_are_checked(extra: dict[str, Any], message: str) -> None:

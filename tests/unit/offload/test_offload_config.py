@@ -14,7 +14,12 @@ from kvbridge.config import ConfigError
 from kvbridge.connector.base import KVConnectorRole
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.types import KVCacheGroupSpec, KVCacheLayout
-from kvbridge.offload.config import derive_cpu_config, parse_offload_config, warn_if_churning
+from kvbridge.offload.config import (
+    check_offload_extra,
+    derive_cpu_config,
+    parse_offload_config,
+    warn_if_churning,
+)
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 
 
@@ -39,11 +44,10 @@ def test_explicit_num_cpu_blocks_must_fit_capacity() -> None:
 
 
 def test_pool_sizing_errors_name_the_key() -> None:
-    s = spec()
     with pytest.raises(ConfigError, match="cpu_bytes_to_use: must be > 0"):
-        derive_cpu_config(s, cpu_bytes_to_use=-1)
+        check_offload_extra(config(cpu_bytes_to_use=-1))
     with pytest.raises(ConfigError, match="cpu_bytes_to_use_per_rank: must be > 0"):
-        derive_cpu_config(s, cpu_bytes_to_use_per_rank=0)
+        check_offload_extra(config(cpu_bytes_to_use_per_rank=0))
 
 
 def test_default_is_vllms_8_gib_split_by_world_size() -> None:

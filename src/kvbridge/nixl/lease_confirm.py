@@ -144,8 +144,11 @@ class LeaseConfirmer:
     """Runs in a consumer worker; owns its sockets to producers' side channels and open questions.
 
     ``ask`` opens a question (keyed by the consumer's request id), ``send_due`` sends the due
-    ones (one query per producer), ``collect`` returns the questions settled since. Not
-    thread-safe: the worker thread alone calls it.
+    ones (one query per producer), ``collect`` returns the questions settled since. A producer's
+    socket lives while a question to it is open: ``collect`` and ``cancel`` close the others (a
+    consumer outlives many producers; each kept socket held a descriptor, memory, and
+    reconnected to its exited producer forever). Not thread-safe: the worker thread alone
+    calls it.
     """
 
     def __init__(self, *, resend_s: float = 0.5, unknown_retry_s: float = 0.02) -> None:
@@ -176,6 +179,7 @@ class LeaseConfirmer:
 
     def cancel(self, key: str) -> None:
         self._questions.pop(key, None)
+        self._close_unasked()
 
     def is_open(self, key: str) -> bool:
         return key in self._questions
@@ -219,7 +223,18 @@ class LeaseConfirmer:
                     self._apply(endpoint, answer, now, settled)
         for key in settled:
             del self._questions[key]
+        self._close_unasked()
         return settled
+
+    @property
+    def num_sockets(self) -> int:
+        return len(self._socks)
+
+    def _close_unasked(self) -> None:
+        """Close the sockets of producers no open question is for."""
+        asked = {q.endpoint for q in self._questions.values()}
+        for endpoint in [e for e in self._socks if e not in asked]:
+            self._socks.pop(endpoint).close()
 
     def _apply(
         self, endpoint: Endpoint, answer: LeaseAnswer, now: float, settled: dict[str, Settled]

@@ -115,9 +115,15 @@ class CopyBackend(ABC):
     layer ``i`` of one side pairs with layer ``i`` of the other. Copies are ordered after the
     work already queued on the cache (the forward that wrote a stored block, the last reader of
     a loaded one); the caller keeps the blocks of a batch alive until its handle is done.
+    ``copy_strategy`` (``parse_strategy``; None: the default) matters where there is a choice.
     """
 
-    def __init__(self, gpu_layers: Sequence[torch.Tensor], cpu_layers: Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        gpu_layers: Sequence[torch.Tensor],
+        cpu_layers: Sequence[torch.Tensor],
+        copy_strategy: str | None = None,
+    ) -> None:
         if len(gpu_layers) != len(cpu_layers) or not gpu_layers:
             raise ValueError(
                 f"{type(self).__name__}: {len(gpu_layers)} cache layers but "

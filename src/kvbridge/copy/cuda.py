@@ -100,12 +100,12 @@ class CUDACopyBackend(CopyBackend):
         self,
         gpu_layers: Sequence[torch.Tensor],
         cpu_layers: Sequence[torch.Tensor],
-        copy_strategy: str = DEFAULT_STRATEGY,
+        copy_strategy: str | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         num_buffers: int = DEFAULT_NUM_BUFFERS,
     ) -> None:
-        self.strategy = parse_strategy(copy_strategy)
+        self.strategy = parse_strategy(copy_strategy or DEFAULT_STRATEGY)
         super().__init__(gpu_layers, cpu_layers)
         first = self.gpu_layers[0]
         if first.device.type != "cuda":

@@ -82,14 +82,9 @@ class CPUOffloadWorker(KVConnectorWorker):
                 f"kv_connector_extra_config.cpu_bytes_to_use: cannot allocate "
                 f"{self.offload.num_cpu_blocks} CPU blocks ({e}); lower it"
             ) from e
-        strategy = self.offload.copy_strategy
         try:
             for layers in groups:
-                cpu = slots[: len(layers)]
-                if strategy is not None and first.device.type == "cuda":
-                    self.backends.append(cls(layers, cpu, copy_strategy=strategy))  # type: ignore[call-arg]
-                else:
-                    self.backends.append(cls(layers, cpu))
+                self.backends.append(cls(layers, slots[: len(layers)], self.offload.copy_strategy))
         except Exception:
             self.shutdown()
             raise

@@ -1,9 +1,9 @@
 """The official ``openai`` client against kvbridge servers: clients, streamed answers collected
 into one record, prompts as the server builds them, and the logprob oracle helper.
 
-``compare_logprobs`` is the check a correctness oracle runs between two servers' answers to
-the same greedy request (e.g. a P/D decode server and a monolithic one): same tokens, and each
-token's logprob within a tolerance.
+``compare_logprobs`` runs kvbridge's correctness oracle (``kvbridge.oracle``) between two
+servers' answers to the same greedy request (e.g. a P/D decode server and a monolithic one):
+same tokens, and each token's logprob within the oracle's tolerance.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 
+from kvbridge.oracle import TOLERANCE, OracleError, Trace, check
 from kvbridge.serve.chat_protocol import ChatMessage
 from kvbridge.serve.chat_template import SimpleChatTemplate
 from kvbridge.serve.tokenizer import ByteTokenizer
@@ -117,15 +118,13 @@ async def acollect(stream: AsyncIterator[Any], *, chat: bool) -> list[Answer]:
     return [answers[i] for i in sorted(answers)]
 
 
-def compare_logprobs(got: Answer, want: Answer, *, tol: float = 1e-4) -> list[str]:
-    """What differs between two answers to the same greedy request: tokens, or a token's
-    logprob by more than ``tol``. Empty: they agree."""
-    if got.token_ids != want.token_ids:
-        return [f"tokens differ: {got.token_ids} vs {want.token_ids}"]
-    if len(got.logprobs) != len(got.token_ids) or len(want.logprobs) != len(want.token_ids):
-        return [f"logprobs missing: {len(got.logprobs)}/{len(want.logprobs)} entries"]
-    return [
-        f"token {i} ({t}): logprob {a:.6f} vs {b:.6f}"
-        for i, (t, a, b) in enumerate(zip(got.token_ids, got.logprobs, want.logprobs))
-        if abs(a - b) > tol
-    ]
+def compare_logprobs(got: Answer, want: Answer, *, tol: float = TOLERANCE) -> list[str]:
+    """What the oracle finds wrong with ``got`` against the reference ``want`` (same greedy
+    request): tokens, or a token's logprob off by more than ``tol``. Empty: they agree."""
+    try:
+        expected = Trace(tuple(want.token_ids), tuple(want.logprobs))
+        actual = Trace(tuple(got.token_ids), tuple(got.logprobs))
+    except OracleError as e:
+        return [f"logprobs missing: {e}"]
+    problem = check(expected, actual, tol).problem
+    return [] if problem is None else [problem]

@@ -1,4 +1,5 @@
-"""``kvbridge proxy``: P/D through the proxy equals monolithic; fallback, errors, round-robin."""
+"""``kvbridge proxy``: P/D through the proxy equals monolithic (by the logprob oracle, streamed
+and not); fallback, errors, round-robin."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from e2e.http_fixtures import (
+    ENGINE_KWARGS,
     RunningServer,
     closed_port_url,
     metric_value,
@@ -23,6 +25,8 @@ from e2e.http_fixtures import (
     sse_events,
 )
 from kvbridge.config import TransferConfig
+from kvbridge.engine.engine import EngineConfig
+from kvbridge.oracle import Trace, check, reference
 from kvbridge.serve.http_server import BackgroundServer
 from kvbridge.serve.proxy import build_proxy_app
 from support.nixl_marks import HAVE_NIXL
@@ -37,6 +41,12 @@ NOOP = TransferConfig(kv_connector="NoOpConnector")
 @pytest.fixture(scope="module")
 def expected() -> list[int]:
     return reference_tokens([PROMPT], max_tokens=5, ignore_eos=True)[0]
+
+
+@pytest.fixture(scope="module")
+def expected_trace() -> Trace:
+    """The monolithic engine's tokens and logprobs for ``PROMPT``: the oracle's reference."""
+    return reference([PROMPT], EngineConfig(**ENGINE_KWARGS), max_tokens=5)[tuple(PROMPT)]
 
 
 @contextmanager
@@ -91,20 +101,24 @@ def _wait_released(server: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("kind", ["nixl", "multi"])
-def test_pd_through_proxy_equals_monolithic(kind: str, expected: list[int]):
+def test_pd_through_proxy_equals_monolithic(kind: str, expected_trace: Trace):
     producer, consumer = _pd_configs(kind)
+    body = {**BODY, "logprobs": 2}
     with ExitStack() as stack:
         p = stack.enter_context(running_server(kv_transfer_config=producer))
         d = stack.enter_context(running_server(kv_transfer_config=consumer))
         client = stack.enter_context(proxy([p.url], [d.url]))
-        r = client.post("/v1/completions", json=BODY)
+        r = client.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["token_ids"] == expected
+        verdict = check(expected_trace, Trace.from_choices([r.json()["choices"][0]]))
+        assert verdict.ok and verdict.compared == 5, verdict
         assert r.json()["usage"]["prompt_tokens_details"]["external_tokens"] == len(PROMPT) - 1
-        with client.stream("POST", "/v1/completions", json={**BODY, "stream": True}) as s:
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
             events = sse_events(s.read().decode())
         assert events[-1] == "[DONE]"
-        assert [t for e in events[:-1] for t in e["choices"][0]["token_ids"]] == expected
+        streamed = Trace.from_choices(e["choices"][0] for e in events[:-1] if e["choices"])
+        verdict = check(expected_trace, streamed)
+        assert verdict.ok and verdict.compared == 5, verdict
         assert proxy_metric(client, "kvbridge:proxy_requests_total", route="disaggregated") == 2
         remote = metric_value(d.metrics(), "kvbridge:prompt_tokens_by_source_total",
                               source="remote")  # fmt: skip

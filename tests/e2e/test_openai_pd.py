@@ -1,6 +1,7 @@
 """The official ``openai`` client through ``kvbridge proxy`` + a prefill and a decode server
 (NIXL): chat and completions, sync and async, streamed and not, equal to a monolithic server's
-answers token by token and logprob by logprob."""
+answers token by token and logprob by logprob (``kvbridge.oracle``), and the oracle's control: KV
+computed by other weights is flagged, also where the greedy tokens match."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def stack() -> Iterator[Stack]:
 
 
 def _same(pd: Answer, mono: Answer) -> None:
-    assert pd.token_ids and not compare_logprobs(pd, mono, tol=1e-4)
+    assert pd.token_ids and not compare_logprobs(pd, mono)
     assert pd.text == mono.text and pd.finish_reason == mono.finish_reason
     assert [[t for t, _ in top] for top in pd.top] == [[t for t, _ in top] for top in mono.top]
 
@@ -159,6 +160,29 @@ def test_client_errors_pass_through_the_proxy(stack: Stack):
     assert [m.id for m in stack.proxy.models.list()] == ["tiny"]
 
 
+def test_control_kv_from_other_weights_fails_the_oracle_even_where_tokens_match(stack: Stack):
+    """The oracle's control (a deliberately broken P/D build): a producer on a checkpoint of
+    other weights (seed 1) computes each prompt's KV wrongly; the prompt matches, so D reads
+    its blocks. Every answer must fail the oracle against monolithic, including one whose greedy
+    token equals monolithic's: a token-only check (the demo's before this oracle) passes that
+    one, so this test fails with it."""
+    prompts = [f"Wrong bytes for prompt {i} of the control look right" for i in range(8)]
+    with ExitStack() as es:
+        other = es.enter_context(running_server(seed=1, kv_transfer_config=_nixl("kv_producer")))
+        url = es.enter_context(BackgroundServer(build_proxy_app([other.url], [stack.decode.url])))
+        client = es.enter_context(sync_client(url.url))
+        hidden = 0
+        for prompt in prompts:
+            body = _completion(prompt, max_tokens=1)
+            wrong = completion_answer(client.completions.create(**body))
+            want = completion_answer(stack.mono.completions.create(**body))
+            assert _remote(wrong) > 0  # D read the other weights' blocks
+            assert compare_logprobs(wrong, want), prompt
+            hidden += wrong.token_ids == want.token_ids
+        assert hidden > 0  # the tokens alone would have passed these
+        _wait_idle(stack.decode)
+
+
 def _idle(server: RunningServer) -> bool:
     return not server.loop.call(lambda e: e.has_unfinished_requests() or e.has_pending_transfers())
 
@@ -169,9 +193,13 @@ def test_requests_were_disaggregated_and_blocks_released(stack: Stack):
         text = c.get("/metrics").text
     assert (metric_value(text, "kvbridge:proxy_requests_total", route="local_prefill") or 0) == 0
     assert (metric_value(text, "kvbridge:proxy_requests_total", route="disaggregated") or 0) == 10
-    deadline = time.monotonic() + 30
     for server in (stack.prefill, stack.decode):
-        while not _idle(server):
-            assert time.monotonic() < deadline, "blocks still held after 30s"
-            time.sleep(0.02)
-        server.loop.call(lambda e: e.check_integrity())
+        _wait_idle(server)
+
+
+def _wait_idle(server: RunningServer) -> None:
+    deadline = time.monotonic() + 30
+    while not _idle(server):
+        assert time.monotonic() < deadline, "blocks still held after 30s"
+        time.sleep(0.02)
+    server.loop.call(lambda e: e.check_integrity())

@@ -3,42 +3,40 @@
 One process runs a prefill server and a decode server (``kvbridge serve`` apps, each with a
 MultiConnector of NixlConnector over real NIXL and a CPU offload tier small enough to evict),
 the P/D proxy in front, and an asyncio client that keeps ``--concurrency`` requests in flight
-and cancels ``--abort-fraction`` of them at a random moment. Then it proves: every completed
-request's greedy tokens equal a monolithic engine's, both engines are back where they started
-(no request, GPU block, CPU pin, lease, load, transfer handle or extra dlist left), nothing
-was logged at ERROR, and every WARNING is of an expected kind. Same-run baseline: the
-monolithic engine's requests/s on the same prompts, in-process (no HTTP, no P/D).
+and cancels ``--abort-fraction`` of them at a random moment. ``--faults 1`` injects, on D, a
+READ that never completes, a failing READ post and a remote disconnect, and restarts P half-way
+(``soak_faults``). Then it proves: every completed answer passes the logprob oracle
+(``kvbridge.oracle``) against a monolithic engine, both engines are back where they started
+within the lease + 1 s (no request, GPU block, CPU pin, lease, load, transfer handle or extra
+dlist left), nothing was logged at ERROR, and every WARNING is of an expected kind. Same-run
+baseline: the monolithic engine's requests/s on the same prompts, in-process (no HTTP, no P/D).
+``--producer-seed`` other than 0 gives P other weights: the oracle's control (wrong KV).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import random
 import re
-import sys
-import threading
 import time
-import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
-from kvbridge.config import TransferConfig
+from kvbridge.bench.soak_client import NO_ANSWER, Outcome, Restart, run_client
+from kvbridge.bench.soak_faults import FaultLog, FaultPlan
+from kvbridge.bench.soak_stack import ROLES, SoakStack, engine_kwargs
 from kvbridge.connector.gauges import connector_gauges, nonzero
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.sampling import SamplingParams
-from kvbridge.nixl.transport import LiveCounts
 from kvbridge.nixl.worker import NixlWorker
-from kvbridge.serve.config_file import ServeConfig
-from kvbridge.serve.http_server import BackgroundServer
-from kvbridge.serve.proxy import build_proxy_app
-from kvbridge.serve.server import ServerParts, build_server
+from kvbridge.oracle import TOP_K, Trace, check
+from kvbridge.serve.server import ServerParts
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +46,15 @@ EXPECTED_WARNINGS = (
     re.compile(r"CPU pool of \d+ blocks is smaller than the GPU cache"),
     re.compile(r"lease on \d+ blocks of \S+ lapsed"),
 )
-REQUEST_TIMEOUT_S = 60.0  # no answer by then: the soak reports a hang
-NO_ANSWER = -1  # _Outcome.status of a request that timed out
+# ... and with injected faults: loads that fail closed (D recomputes), the restarted
+# producer's lost side channel, and the proxy's fallback while P restarts.
+FAULT_WARNINGS = (
+    re.compile(r"injected (failure|disconnect)"),
+    re.compile(r"KV load failed for \S+ from token \d+ \(policy recompute\)"),
+    re.compile(r"load of \S+ failed: "),
+    re.compile(r"is gone: the side channel"),
+    re.compile(r"decode computes the prompt"),
+)
 _COUNTERS = (
     "prompt_tokens_by_source",
     "kv_offload_evictions",
@@ -58,6 +63,9 @@ _COUNTERS = (
     "nixl_num_kv_expired_reqs",
     "nixl_num_failed_transfers",
 )
+
+
+_MAY_BE_ZERO = ("seed", "producer_seed", "faults")
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,17 @@ class SoakConfig:
     gpu_blocks: int = 40  # a few requests' worth: the prefix cache evicts
     cpu_blocks: int = 64  # a quarter of the prompts' blocks: the CPU tier evicts too
     lease_s: float = 2.0
+    transfer_timeout_s: float = 3.0  # how long D waits for a READ (the stuck one) or handshake
     seed: int = 0
+    producer_seed: int = 0  # P's weights; not 0: the oracle's control (wrong KV)
+    faults: int = 0  # 1: inject FaultPlan.for_soak
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_fraction") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{f.name}: must be in [0, 1], got {value}")
-            if f.type == "int" and f.name != "seed" and value < 1:
+            if f.type == "int" and f.name not in _MAY_BE_ZERO and value < 1:
                 raise ValueError(f"{f.name}: must be >= 1, got {value}")
         if self.lease_s <= 0.5:
             raise ValueError(
@@ -95,12 +106,16 @@ class SoakResult:
     wall_s: float
     ttft_s: list[float]
     baseline_rps: float
-    mismatched: list[str] = field(default_factory=list)  # requests whose tokens differ
+    mismatched: list[str] = field(default_factory=list)  # answers the oracle flags
     bad_status: list[str] = field(default_factory=list)  # unexpected HTTP answers
     leaks: list[str] = field(default_factory=list)
     unexpected_logs: list[str] = field(default_factory=list)
     lapsed_leases: int = 0
     counters: dict[str, float] = field(default_factory=dict)
+    max_logprob_diff: float = 0.0  # largest |logprob - monolithic's| over passing answers
+    flagged_same_tokens: int = 0  # flagged answers whose tokens all equal monolithic's
+    drain_s: dict[str, float] = field(default_factory=dict)  # role -> client end to idle
+    faults: FaultLog | None = None  # what was injected
 
     @property
     def requests_per_s(self) -> float:
@@ -160,8 +175,9 @@ def idle_problems(engine: LLMEngine, base: EngineBaseline) -> list[str]:
 class LogAudit(logging.Handler):
     """Collects every WARNING-or-worse record while installed."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected: Sequence[re.Pattern[str]] = EXPECTED_WARNINGS) -> None:
         super().__init__(logging.WARNING)
+        self.expected = tuple(expected)
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -172,7 +188,7 @@ class LogAudit(logging.Handler):
             f"{r.levelname} {r.name}: {r.getMessage()[:200]}"
             for r in self.records
             if r.levelno >= logging.ERROR
-            or not any(p.search(r.getMessage()) for p in EXPECTED_WARNINGS)
+            or not any(p.search(r.getMessage()) for p in self.expected)
         ]
 
     def count(self, pattern: re.Pattern[str]) -> int:
@@ -190,146 +206,27 @@ def make_prompts(config: SoakConfig) -> list[list[int]]:
     ]
 
 
-def _transfer_config(role: str, config: SoakConfig) -> TransferConfig:
-    nixl = {
-        "kv_connector": "NixlConnector",
-        "kv_role": role,
-        "kv_connector_extra_config": {
-            "side_channel_port": 0,
-            "kv_lease_duration_s": config.lease_s,
-            "heartbeat_interval_s": 0.25,
-            "slow_transfer_s": 30.0,
-        },
-    }
-    offload = {
-        "kv_connector": "SimpleCPUOffloadConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"num_cpu_blocks": config.cpu_blocks},
-    }
-    connectors = {"connectors": [nixl, offload]}
-    return TransferConfig.from_dict(
-        {"kv_connector": "MultiConnector", "kv_role": role, "kv_connector_extra_config": connectors}
-    )
-
-
-def _engine_kwargs(config: SoakConfig) -> dict[str, Any]:
-    return {"model": "tiny", "block_size": config.block_size, "max_num_seqs": 16}
-
-
-class _Outcome(NamedTuple):
-    prompt: int
-    label: str
-    tokens: list[int] | None  # None: cancelled, or refused
-    status: int | None  # None: cancelled by the client
-    ttft: float | None
-
-
-class _HangReport:
-    """Logs every thread's stack at the first request that got no answer: what hung."""
-
-    def __init__(self) -> None:
-        self.logged = False
-
-    def log(self, why: str) -> None:
-        if self.logged:
-            return
-        self.logged = True
-        names = {t.ident: t.name for t in threading.enumerate()}
-        stacks = [
-            f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
-            for ident, frame in sys._current_frames().items()
-        ]
-        logger.error("%s; thread stacks:\n%s", why, "\n".join(stacks))
-
-
-async def _one(
-    client: httpx.AsyncClient, k: int, label: str, body: dict[str, Any], hang: _HangReport
-) -> _Outcome:
-    try:
-        return await _send(client, k, label, body)
-    except httpx.TimeoutException:
-        hang.log(f"request {label} got no answer within {REQUEST_TIMEOUT_S:g}s")
-        return _Outcome(k, label + " timed out", None, NO_ANSWER, None)
-
-
-async def _send(client: httpx.AsyncClient, k: int, label: str, body: dict[str, Any]) -> _Outcome:
-    start = time.perf_counter()
-    if not body["stream"]:
-        r = await client.post("/v1/completions", json=body)
-        ok = r.status_code == 200
-        return _Outcome(
-            k, label, r.json()["choices"][0]["token_ids"] if ok else None, r.status_code, None
-        )
-    tokens: list[int] = []
-    ttft = None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return _Outcome(k, label, None, r.status_code, None)
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line.removeprefix("data: "))
-            if "error" in event:
-                return _Outcome(k, label, None, int(event["error"]["code"]), None)
-            new = event["choices"][0]["token_ids"] if event["choices"] else []
-            if new and ttft is None:
-                ttft = time.perf_counter() - start
-            tokens.extend(new)
-    return _Outcome(k, label, tokens, 200, ttft)
-
-
-async def _client(url: str, config: SoakConfig, prompts: list[list[int]]) -> list[_Outcome]:
-    rng = random.Random(config.seed + 1)
-    gate = asyncio.Semaphore(config.concurrency)
-    hang = _HangReport()
-    limits = httpx.Limits(max_connections=4 * config.concurrency)
-    timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
-    async with httpx.AsyncClient(
-        base_url=url, timeout=timeout, trust_env=False, limits=limits
-    ) as c:
-
-        async def run(i: int) -> _Outcome:
-            k = rng.randrange(len(prompts))
-            stream = rng.random() < config.stream_fraction
-            cancel_after = rng.uniform(0.0, 0.15) if rng.random() < config.abort_fraction else None
-            label = f"#{i} (prompt {k}, {'streamed' if stream else 'plain'})"
-            body = {
-                "prompt": prompts[k],
-                "max_tokens": config.max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": stream,
-            }
-            async with gate:
-                if cancel_after is None:
-                    return await _one(c, k, label, body, hang)
-                try:
-                    return await asyncio.wait_for(_one(c, k, label, body, hang), cancel_after)
-                except TimeoutError:  # the client gives up and closes its connection
-                    return _Outcome(k, label + " cancelled", None, None, None)
-
-        return await asyncio.gather(*(run(i) for i in range(config.requests)))
-
-
-def _monolithic(config: SoakConfig, prompts: list[list[int]]) -> tuple[list[list[int]], float]:
-    """Expected greedy tokens per prompt, and the monolithic engine's requests/s on them."""
-    with LLMEngine(EngineConfig(**_engine_kwargs(config), num_gpu_blocks=512)) as engine:
+def _monolithic(config: SoakConfig, prompts: list[list[int]]) -> tuple[list[Trace], float]:
+    """The oracle's reference per prompt, and the monolithic engine's requests/s on them."""
+    with LLMEngine(EngineConfig(**engine_kwargs(config), num_gpu_blocks=512)) as engine:
         engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up, not timed
         start = time.perf_counter()
-        outs = engine.generate(
-            prompts, SamplingParams(max_tokens=config.max_tokens, ignore_eos=True)
-        )
-        return [o.token_ids for o in outs], len(prompts) / (time.perf_counter() - start)
+        params = SamplingParams(max_tokens=config.max_tokens, ignore_eos=True, logprobs=TOP_K)
+        outs = engine.generate(prompts, params)
+        return [Trace.from_output(o) for o in outs], len(prompts) / (time.perf_counter() - start)
 
 
-def _audit_idle(role: str, parts: ServerParts, base: EngineBaseline, timeout_s: float) -> list[str]:
-    deadline = time.monotonic() + timeout_s
+def _audit_idle(
+    role: str, parts: ServerParts, base: EngineBaseline, deadline: float
+) -> tuple[list[str], float]:
+    """What ``role``'s engine holds once idle or at ``deadline`` (monotonic), and when that
+    was (monotonic)."""
     while parts.loop.call(lambda e: e.has_unfinished_requests() or e.has_pending_transfers()):
         if time.monotonic() > deadline:
             break  # idle_problems names what is left
-        time.sleep(0.05)
-    return [f"{role}: {p}" for p in parts.loop.call(lambda e: idle_problems(e, base))]
+        time.sleep(0.02)
+    idle_at = time.monotonic()
+    return [f"{role}: {p}" for p in parts.loop.call(lambda e: idle_problems(e, base))], idle_at
 
 
 def _counters(role: str, parts: ServerParts) -> dict[str, float]:
@@ -348,44 +245,41 @@ def run_soak(config: SoakConfig) -> SoakResult:
     """Run the soak and audit the aftermath (see the module docstring)."""
     prompts = make_prompts(config)
     expected, baseline_rps = _monolithic(config, prompts)
-    audit = LogAudit()
+    plan = FaultPlan.for_soak(config.requests) if config.faults else FaultPlan()
+    audit = LogAudit(EXPECTED_WARNINGS + (FAULT_WARNINGS if plan.any else ()))
     # uvicorn's loggers do not propagate, and each server's config resets their handlers:
     # watch them once every server is configured.
     watched = [logging.getLogger(), logging.getLogger("uvicorn")]
-    servers: list[BackgroundServer] = []
-    engines: dict[str, tuple[ServerParts, EngineBaseline]] = {}
+    stack = SoakStack(config, plan)
     leaks: list[str] = []
     counters: dict[str, float] = {}
+    drain: dict[str, float] = {}
     try:
-        for role in ("producer", "consumer"):
-            serve = ServeConfig(
-                **_engine_kwargs(config),
-                num_gpu_blocks=config.gpu_blocks,
-                kv_transfer_config=_transfer_config(f"kv_{role}", config),
-            )
-            parts = build_server(serve)
-            servers.append(BackgroundServer(parts.app).start())
-            engines[role] = (parts, parts.loop.call(engine_baseline))
-        proxy = BackgroundServer(build_proxy_app([servers[0].url], [servers[1].url])).start()
-        servers.append(proxy)
+        url = stack.start()
+        bases = {r: stack.parts[r].loop.call(engine_baseline) for r in ROLES}
         for log in watched:
             log.addHandler(audit)
+        restart = (
+            Restart(plan.restart_after, stack.restart_producer) if plan.restart_after else None
+        )
         start = time.perf_counter()
-        outcomes = asyncio.run(_client(proxy.url, config, prompts))
+        outcomes = asyncio.run(run_client(url, config, prompts, restart))
         wall = time.perf_counter() - start
-        for role, (parts, base) in engines.items():
-            leaks += _audit_idle(role, parts, base, timeout_s=config.lease_s + 10)
-            counters.update(_counters(role, parts))
+        ended = time.monotonic()
+        for role in ROLES:  # the restarted P starts as empty as the first
+            found, idle_at = _audit_idle(
+                role, stack.parts[role], bases[role], ended + config.lease_s + 1.0
+            )
+            leaks += found
+            drain[role] = idle_at - ended
+            counters.update(_counters(role, stack.parts[role]))
     finally:
-        for server in reversed(servers):
-            server.stop()
+        leaks += stack.shutdown_leaks()
         for log in watched:
             log.removeHandler(audit)
-    for role, (parts, _) in engines.items():
-        for part in connector_parts(parts.loop.engine):
-            if isinstance(part, NixlWorker) and part.leaked != LiveCounts(0, 0, 0, 0):
-                leaks.append(f"{role}: NIXL transport held {part.leaked} at shutdown")
-    done = [o for o in outcomes if o.tokens is not None]
+    done = [o for o in outcomes if o.answer is not None]
+    verdicts = [(o, check(expected[o.prompt], o.answer)) for o in done if o.answer is not None]
+    flagged = [(o, v) for o, v in verdicts if not v.ok]
     return SoakResult(
         requests=config.requests,
         completed=len(done),
@@ -393,17 +287,27 @@ def run_soak(config: SoakConfig) -> SoakResult:
         wall_s=wall,
         ttft_s=[o.ttft for o in done if o.ttft is not None],
         baseline_rps=baseline_rps,
-        mismatched=[o.label for o in done if o.tokens != expected[o.prompt]],
-        bad_status=[
-            o.label if o.status == NO_ANSWER else f"{o.label}: HTTP {o.status}"
-            for o in outcomes
-            if o.tokens is None and o.status is not None
-        ],
+        mismatched=[f"{o.label}: {v.problem}" for o, v in flagged],
+        bad_status=_bad_status(outcomes),
         leaks=leaks,
         unexpected_logs=audit.unexpected(),
         lapsed_leases=audit.count(EXPECTED_WARNINGS[1]),
         counters=counters,
+        max_logprob_diff=max((v.max_abs_diff for _, v in verdicts if v.ok), default=0.0),
+        flagged_same_tokens=sum(
+            1 for o, _ in flagged if o.answer and o.answer.token_ids == expected[o.prompt].token_ids
+        ),
+        drain_s=drain,
+        faults=stack.faults if plan.any else None,
     )
+
+
+def _bad_status(outcomes: list[Outcome]) -> list[str]:
+    return [
+        o.label if o.status == NO_ANSWER else f"{o.label}: HTTP {o.status}"
+        for o in outcomes
+        if o.answer is None and o.status is not None
+    ]
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -432,7 +336,10 @@ def _table(config: SoakConfig, r: SoakResult) -> Table:
         ("requests/s through proxy + P + D", f"{r.requests_per_s:.1f}"),
         ("baseline: monolithic engine, in-process, requests/s", f"{r.baseline_rps:.1f}"),
         ("TTFT p50 / p99, streamed, ms", f"{p50:.0f} / {p99:.0f}"),
-        ("completed with tokens != monolithic", str(len(r.mismatched))),
+        ("completed answers the logprob oracle flags", str(len(r.mismatched))),
+        ("largest logprob difference of a passing answer", f"{r.max_logprob_diff:.2g}"),
+        *((f"{role}: idle after the client ended, s", f"{s:.2f}") for role, s in r.drain_s.items()),
+        *((f"injected: {k}", str(v)) for k, v in _injected(r.faults).items()),
         ("unexpected HTTP answers", str(len(r.bad_status))),
         ("leaks after the run", str(len(r.leaks))),
         ("log lines at ERROR, or an unexpected WARNING", str(len(r.unexpected_logs))),
@@ -442,6 +349,13 @@ def _table(config: SoakConfig, r: SoakResult) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _injected(log: FaultLog | None) -> dict[str, int]:
+    if log is None:
+        return {}
+    return {"stuck READs": log.stuck, "failed posts": log.failed_posts,
+            "remote disconnects": log.disconnects, "producer restarts": log.restarts}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from kvbridge.demo.processes import ProcessSet, ServiceError
 from kvbridge.demo.reference import compare
 from kvbridge.demo.report import RunSummary, percentile
 from kvbridge.demo.workload import PromptBuilder, RequestRecord, WorkloadSpec
+from kvbridge.oracle import Trace
 from kvbridge.serve.config_file import ProxyConfig, load_serve_config
 from kvbridge.serve.metrics import ServerMetrics
 from kvbridge.serve.tokenizer import ByteTokenizer
@@ -179,15 +180,26 @@ def test_each_turn_extends_the_previous_and_users_share_the_system_prompt():
     assert builder.longest_prompt(spec) >= len(second)
 
 
-def test_compare_counts_failures_and_different_answers():
-    def record(prompt: tuple[int, ...], tokens: tuple[int, ...], error: str | None = None):
-        return RequestRecord(0, 0, prompt, tokens, 0.01, 0.02, error)
+def test_compare_flags_failures_other_tokens_and_moved_logprobs():
+    """The demo's check is the logprob oracle: the third record has the right tokens but a
+    logprob off by 0.01, which the token-only check before it passed."""
 
-    expected = {(1, 2): (5, 6), (1, 3): (7,)}
-    records = [record((1, 2), (5, 6)), record((1, 3), (7, 8)), record((1, 2), (), "HTTP 500")]
-    same, bad = compare(records, expected)
-    assert same == 1
-    assert [m.record.token_ids for m in bad] == [(7, 8), ()]
+    def record(tokens: tuple[int, ...], logprobs: tuple[float, ...], error: str | None = None):
+        return RequestRecord(0, 0, (1, 2), tokens, 0.01, 0.02, error, logprobs)
+
+    expected: dict[tuple[int, ...], Trace] = {(1, 2): Trace((5, 6), (-1.0, -2.0))}
+    records = [
+        record((5, 6), (-1.0, -2.00001)),
+        record((5, 7), (-1.0, -2.0)),
+        record((5, 6), (-1.0, -2.01)),
+        record((), (), "HTTP 500"),
+        record((5, 6), ()),  # no logprobs in the answer
+    ]
+    same, bad, worst = compare(records, expected)
+    assert same == 1 and worst == pytest.approx(1e-5)
+    assert [m.problem.split(":")[0] for m in bad] == [
+        "token 1", "token 1 (6)", "HTTP 500", "2 tokens but 0 log-probabilities"
+    ]  # fmt: skip
 
 
 def test_summary_reads_the_series_the_servers_export():

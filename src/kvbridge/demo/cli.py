@@ -1,6 +1,6 @@
 """``kvbridge demo``: a prefill server, a decode server and the proxy as local processes, a
 multi-turn workload with shared prefixes through them, outputs checked against a monolithic
-engine, and a report of what was reused and moved."""
+engine by the logprob oracle (``kvbridge.oracle``), and a report of what was reused and moved."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from kvbridge.demo.reference import compare, reference_outputs
 from kvbridge.demo.report import RunSummary, fetch_metrics, render_report
 from kvbridge.demo.stack import BLOCK_SIZE, StackPlan, StackSizes, start_stack
 from kvbridge.demo.workload import PromptBuilder, WorkloadRunner, WorkloadSpec
+from kvbridge.oracle import TOLERANCE
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ Runs everything on this machine: `kvbridge serve` twice (prefill with kv_produce
 kv_consumer, both MultiConnector = NixlConnector + SimpleCPUOffloadConnector) and `kvbridge
 proxy`, on free 127.0.0.1 ports. Then the same workload once more on a stack without reuse
 (NIXL only, no prefix cache) for comparison. Exit code 0 only if every answer equals the
-monolithic engine's. Example config files for running the stack by hand: examples/."""
+monolithic engine's, token by token and logprob by logprob (within the oracle's tolerance).
+Example config files for running the stack by hand: examples/."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,16 +145,26 @@ def _run(
         )
         progress.update(task, total=1, completed=1)
     total = identical = 0
+    worst = 0.0
     for i, run in enumerate(runs):
-        same, mismatches = compare(run.records, expected)
-        runs[i] = replace(run, identical=same)
-        total, identical = total + len(run.records), identical + same
-        for m in mismatches[:3]:
+        verdicts = compare(run.records, expected)
+        runs[i] = replace(run, identical=verdicts.identical)
+        total, identical = total + len(run.records), identical + verdicts.identical
+        worst = max(worst, verdicts.max_abs_diff)
+        for m in verdicts.mismatches[:3]:
             r = m.record
-            what = r.error or f"got {list(r.token_ids)}, monolithic {list(m.expected)}"
-            console.print(f"{run.label}: user {r.user + 1} turn {r.turn + 1}: {what}", markup=False)
+            console.print(
+                f"{run.label}: user {r.user + 1} turn {r.turn + 1}: oracle mismatch: {m.problem}",
+                markup=False,
+            )
+        if len(verdicts.mismatches) > 3:
+            console.print(f"{run.label}: {len(verdicts.mismatches) - 3} more mismatches")
     render_report(console, runs)
-    console.print(f"outputs identical: {identical}/{total}", markup=False)
+    console.print(
+        f"outputs identical: {identical}/{total} (tokens and logprobs against the monolithic "
+        f"engine, tolerance {TOLERANCE:g}; largest logprob difference {worst:.2g})",
+        markup=False,
+    )
     return 0 if identical == total and total > 0 else 1
 
 

@@ -1,5 +1,6 @@
-"""The oracle: greedy tokens of a monolithic in-process engine (same model and seed, no
-connector) for every prompt the demo sent, compared with what the P/D stack answered."""
+"""The reference: a monolithic in-process engine (same model and seed, no connector) answers
+every prompt the demo sent, and ``kvbridge.oracle`` judges each served answer against it, token
+by token and log-probability by log-probability."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from kvbridge.demo.workload import RequestRecord
+from kvbridge.oracle import TOLERANCE, OracleError, Trace, check, reference
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +18,19 @@ Tokens = tuple[int, ...]
 
 
 class Mismatch(NamedTuple):
-    """A request whose served tokens differ from the monolithic engine's."""
+    """A request the oracle flagged (or that failed), and why."""
 
     record: RequestRecord
-    expected: Tokens
+    expected: Trace | None
+    problem: str
+
+
+class Comparison(NamedTuple):
+    """The oracle's verdicts on one run."""
+
+    identical: int  # answers that pass
+    mismatches: list[Mismatch]
+    max_abs_diff: float  # largest |logprob difference| over the passing answers' tokens
 
 
 def reference_outputs(
@@ -31,16 +42,15 @@ def reference_outputs(
     max_tokens: int,
     block_size: int,
     cpu_threads: int | None = None,
-) -> dict[Tokens, Tokens]:
-    """prompt -> greedy answer of an ``LLMEngine`` without a connector (each prompt once).
+) -> dict[Tokens, Trace]:
+    """prompt -> greedy ``Trace`` of an ``LLMEngine`` without a connector (each prompt once).
 
     ``cpu_threads``: torch's thread count on CPU, as the servers run (idle OpenMP threads
     spinning on a busy machine slow a tiny model down a hundredfold).
     """
     import torch
 
-    from kvbridge.engine.engine import EngineConfig, LLMEngine
-    from kvbridge.engine.sampling import SamplingParams
+    from kvbridge.engine.engine import EngineConfig
 
     unique = list(dict.fromkeys(prompts))
     if not unique:
@@ -55,20 +65,28 @@ def reference_outputs(
     )
     if device == "cpu" and cpu_threads is not None:
         torch.set_num_threads(cpu_threads)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    with LLMEngine(config) as engine:
-        outputs = engine.generate([list(p) for p in unique], params)
-    return {p: tuple(out.token_ids) for p, out in zip(unique, outputs)}
+    return reference(unique, config, max_tokens=max_tokens, ignore_eos=False)
 
 
 def compare(
-    records: Sequence[RequestRecord], expected: dict[Tokens, Tokens]
-) -> tuple[int, list[Mismatch]]:
-    """(how many answers equal the oracle's, the ones that do not); a failed request counts
-    as a mismatch."""
-    mismatches = [
-        Mismatch(r, expected.get(r.prompt, ()))
-        for r in records
-        if r.error is not None or expected.get(r.prompt) != r.token_ids
-    ]
-    return len(records) - len(mismatches), mismatches
+    records: Sequence[RequestRecord], expected: dict[Tokens, Trace], tol: float = TOLERANCE
+) -> Comparison:
+    """The oracle's verdict on each record; a failed request, or one with no reference or no
+    log-probabilities, is a mismatch."""
+    mismatches: list[Mismatch] = []
+    worst = 0.0
+    for r in records:
+        want = expected.get(r.prompt)
+        if r.error is not None or want is None:
+            mismatches.append(Mismatch(r, want, r.error or "no reference answer"))
+            continue
+        try:
+            verdict = check(want, Trace(r.token_ids, r.logprobs), tol)
+        except OracleError as e:
+            mismatches.append(Mismatch(r, want, str(e)))
+            continue
+        if verdict.problem is not None:
+            mismatches.append(Mismatch(r, want, verdict.problem))
+        else:
+            worst = max(worst, verdict.max_abs_diff)
+    return Comparison(len(records) - len(mismatches), mismatches, worst)

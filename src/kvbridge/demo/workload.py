@@ -81,6 +81,7 @@ class RequestRecord:
     ttft_s: float | None
     latency_s: float
     error: str | None = None
+    logprobs: tuple[float, ...] = ()  # each answer token's log-probability, for the oracle
 
 
 class PromptBuilder:
@@ -127,7 +128,8 @@ class PromptBuilder:
 
 class WorkloadRunner:
     """Runs in the demo's event loop; sends each user's turns in order (users concurrently)
-    through one URL, streaming, and records each request's answer and time to first token."""
+    through one URL, streaming, and records each request's answer (tokens and their
+    log-probabilities) and time to first token."""
 
     def __init__(
         self,
@@ -179,8 +181,10 @@ class WorkloadRunner:
             "max_tokens": self.spec.max_tokens,
             "temperature": 0.0,
             "stream": True,
+            "logprobs": 0,  # the sampled tokens' own log-probabilities: what the oracle checks
         }
         tokens: list[int] = []
+        logprobs: list[float] = []
         ttft: float | None = None
         error: str | None = None
         start = time.perf_counter()
@@ -194,14 +198,18 @@ class WorkloadRunner:
                         if "error" in event:
                             error = str(event["error"].get("message", event["error"]))
                             break
-                        new = event["choices"][0]["token_ids"] if event.get("choices") else []
+                        choice = event["choices"][0] if event.get("choices") else {}
+                        new = choice.get("token_ids") or []
                         if new and ttft is None:
                             ttft = time.perf_counter() - start
                         tokens.extend(new)
+                        logprobs.extend((choice.get("logprobs") or {}).get("token_logprobs", []))
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
             error = f"{type(e).__name__}: {e}"  # unreachable, or an answer we cannot read
         latency = time.perf_counter() - start
-        return RequestRecord(user, turn, tuple(prompt), tuple(tokens), ttft, latency, error)
+        return RequestRecord(
+            user, turn, tuple(prompt), tuple(tokens), ttft, latency, error, tuple(logprobs)
+        )
 
 
 async def _sse_payloads(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

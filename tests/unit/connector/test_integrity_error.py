@@ -51,7 +51,9 @@ def test_the_checker_sees_raises_in_nested_helpers() -> None:
 def test_pool_and_lease_table_raise_integrity_error() -> None:
     pool = CPUBlockPool(3, block_size=4)
     pool._free.pop()  # a block in no state
-    with pytest.raises(IntegrityError, match=r"CPUBlockPool integrity: block 2 is in no state \(leaked\)"):
+    with pytest.raises(
+        IntegrityError, match=r"CPUBlockPool integrity: block 2 is in no state \(leaked\)"
+    ):
         pool.check_integrity()
     table = LeaseTable(history_size=1)
     table._completed.add("r")

@@ -56,14 +56,16 @@ def test_dropped_stream_frees_its_blocks_before_the_abort_is_reported(
     assert not busy
     body = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True,
             "stream": True, "kv_transfer_params": {"do_remote_decode": True}}  # fmt: skip
-    with httpx.Client(base_url=p.url, timeout=60, trust_env=False) as client:
-        with client.stream("POST", "/v1/completions", json=body) as stream:
-            for line in stream.iter_lines():  # read up to the first token, then hang up
-                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["token_ids"]:
-                    break
-            steps_at_drop, free_running, _ = _engine_state(p)
-            assert free_running < free_before  # the request's blocks are in use
-    dropped = time.monotonic()
+    with (
+        httpx.Client(base_url=p.url, timeout=60, trust_env=False) as client,
+        client.stream("POST", "/v1/completions", json=body) as stream,
+    ):
+        for line in stream.iter_lines():  # read up to the first token, then hang up
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["token_ids"]:
+                steps_at_drop, free_running, busy = _engine_state(p)
+                assert busy and free_running < free_before  # its blocks are in use
+                break  # the stream closes: the client hangs up
+        dropped = time.monotonic()
     # Poll until /metrics reports the abort; by then the blocks must be back and nothing held.
     deadline = dropped + 10.0
     while not metric_value(text := p.metrics(), "kvbridge:request_success_total", **ABORTED):

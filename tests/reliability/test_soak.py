@@ -50,8 +50,8 @@ def check(config: SoakConfig, r: SoakResult) -> None:
 
 
 def test_short_soak_with_faults_leaks_nothing_and_passes_the_oracle() -> None:
-    """Checked against the old code: its audit waited lease + 10 s and compared tokens only
-    (the control below passes there); ``LeaseConfirmer`` kept a socket per producer."""
+    """Its broken build is the control below (P on other weights: wrong KV), whose answers fail
+    ``check``'s oracle assertion; the old soak had no faults and audited at lease + 10 s."""
     requests = int(os.environ.get("KVBRIDGE_SOAK_REQUESTS", "200"))
     config = SoakConfig(requests=requests, faults=1)
     check(config, run_soak(config))

@@ -4,7 +4,7 @@
   no connector, no copy engine, no engine.
 - A connector (every package the registry names, e.g. ``nixl``, ``offload``) imports only the
   contract, ``kvbridge.copy`` and itself: no engine, no other connector.
-- ``kvbridge.copy`` imports nothing else of kvbridge.
+- ``kvbridge.copy`` imports nothing else of kvbridge; the engine kit only the contract.
 - The engine imports no serving layer (``serve``, ``vllm``, ``demo``, ``bench``, ``cli``).
 - A scheduler half (each connector's ``scheduler``, MultiConnector's ``multi_scheduler``, the
   registered facades the factory imports) imports no torch at run time, itself or through
@@ -32,6 +32,7 @@ from kvbridge.connector.factory import _REGISTRY
 SRC = Path(__file__).resolve().parents[2] / "src"
 CONTRACT = ("kvbridge.config", "kvbridge.connector")
 COPY = "kvbridge.copy"
+KIT = "kvbridge.kit"
 SERVING = ("kvbridge.serve", "kvbridge.vllm", "kvbridge.demo", "kvbridge.bench", "kvbridge.cli")
 
 
@@ -162,6 +163,7 @@ RULES = [
         Rule(f"{c} imports only the contract, copy and itself", (c,), (*CONTRACT, COPY, c))
         for c in CONNECTORS
     ),
+    Rule("engine kit imports only the contract and itself", (KIT,), allowed=(*CONTRACT, KIT)),
     Rule("engine imports no serving layer", ("kvbridge.engine",), None, SERVING),
 ]
 

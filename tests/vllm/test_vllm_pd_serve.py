@@ -43,7 +43,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]  # engines start slowl
 # tolerance leaves room for kernel-order rounding, far below what wrong KV does (> 0.5 nats).
 TOL = 0.02
 MAX_TOKENS = 8
-TRANSFER_TIMEOUT_S = 15  # D's NIXL transfer_timeout_s (README default 30 s): the P-killed wait
+# D's NIXL transfer_timeout_s (README default 30 s): slack for loaded CI boxes; a dead P is
+# detected by its closed side channel, well before this
+TRANSFER_TIMEOUT_S = 60
 STARTUP_S = 300  # deadline for both engines to answer /health (about 40 s on an idle 2-core box)
 SOURCE = "vllm:prompt_tokens_by_source_total"
 OTHER_MODEL = README_MODEL + "-seed1"
@@ -308,4 +310,4 @@ def test_prefill_killed_before_decode_reads_decode_recomputes(stack: Stack) -> N
     moved = _wait_metric_change(stack, before)
     assert moved["external_kv_transfer"] == 0, moved  # nothing came from P: D computed it
     assert moved["local_compute"] == actual.body["usage"]["prompt_tokens"]
-    assert took < TRANSFER_TIMEOUT_S + 30, f"D took {took:.1f}s to give up on the dead P"
+    assert took < TRANSFER_TIMEOUT_S, f"D took {took:.1f}s to give up on the dead P"

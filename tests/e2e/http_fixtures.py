@@ -1,7 +1,8 @@
 """Helpers for the HTTP tests: real servers on 127.0.0.1, a monolithic oracle, metric parsing.
 
 ``StatsConnector`` (loaded through ``kv_connector_module_path="e2e.http_fixtures"``) moves
-nothing but reports the stats keys the NIXL and offload connectors use, every step.
+nothing but reports the stats keys the NIXL and offload connectors use, every step;
+``GaugeConnector`` moves nothing and reports one gauge, ``things_held``, set by the test.
 """
 
 from __future__ import annotations
@@ -128,3 +129,18 @@ class StatsConnector(NoOpConnector):
     """A NoOp connector whose scheduler half reports stats."""
 
     scheduler_cls = StatsScheduler
+
+
+class GaugeScheduler(NoOpScheduler):
+    """Runs in the scheduler; reports ``things_held`` = ``GaugeScheduler.value``."""
+
+    value = 0
+
+    def get_kv_connector_gauges(self) -> dict[str, int]:
+        return {"things_held": GaugeScheduler.value}
+
+
+class GaugeConnector(NoOpConnector):
+    """A NoOp connector whose scheduler half reports a gauge the test sets."""
+
+    scheduler_cls = GaugeScheduler

@@ -17,7 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
-from e2e.http_fixtures import ENGINE_KWARGS, RunningServer, metric_value, running_server
+from e2e.http_fixtures import (
+    ENGINE_KWARGS,
+    GaugeScheduler,
+    RunningServer,
+    metric_value,
+    running_server,
+)
 from kvbridge.config import TransferConfig
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.sampling import SamplingParams
@@ -171,3 +177,20 @@ def _reference(prompt: list[int], max_tokens: int) -> list[int]:
     with LLMEngine(EngineConfig(**{**ENGINE_KWARGS, **ENGINE})) as engine:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         return engine.generate([prompt], params)[0].token_ids
+
+
+def test_a_gauge_that_moves_while_the_engine_idles_shows_on_the_next_scrape() -> None:
+    """No request, so no step: only the scrape itself can read the connector (a producer found
+    gone is detached that way while a decode engine idles)."""
+    config = TransferConfig(
+        kv_connector="GaugeConnector", kv_connector_module_path="e2e.http_fixtures"
+    )
+    with running_server(kv_transfer_config=config) as s:
+        label = {"connector": "GaugeConnector"}
+        assert metric_value(s.metrics(), "kvbridge:things_held", **label) == 0
+        GaugeScheduler.value = 4
+        try:
+            assert metric_value(s.metrics(), "kvbridge:things_held", **label) == 4
+            assert s.loop.call(lambda e: e.num_steps) == 0
+        finally:
+            GaugeScheduler.value = 0

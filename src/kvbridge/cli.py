@@ -17,7 +17,6 @@ BENCHMARKS: dict[str, str] = {
     "engine": "kvbridge.bench.engine",
     "offload": "kvbridge.bench.offload",
     "nixl": "kvbridge.bench.nixl",
-    "soak": "kvbridge.bench.soak",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # command -> module exposing ``main(argv) -> int``.

@@ -1,6 +1,6 @@
 """Resource invariants: what an idle engine may still hold, and what must be gone at shutdown.
 
-Idle (``idle_problems``, shared with ``kvbridge bench soak``): every GPU block free again, the
+Idle (``idle_problems``, shared with ``benchmarks.soak``): every GPU block free again, the
 CPU tier with no pins and no store in flight, no NIXL lease, load, transfer handle or
 per-transfer dlist left (only the KV cache's own dlist and one per attached remote engine),
 every pool's ``check_integrity`` clean. After ``shutdown()``: every NIXL transport released
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kvbridge.bench.soak import EngineBaseline as Baseline
-from kvbridge.bench.soak import connector_parts, idle_problems
-from kvbridge.bench.soak import engine_baseline as baseline
+from benchmarks.soak_audit import EngineBaseline as Baseline
+from benchmarks.soak_audit import connector_parts, idle_problems
+from benchmarks.soak_audit import engine_baseline as baseline
 from kvbridge.engine.engine import LLMEngine
 from kvbridge.nixl.transport import LiveCounts, NixlTransport
 from kvbridge.nixl.worker import NixlWorker

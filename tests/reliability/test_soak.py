@@ -15,7 +15,8 @@ import os
 import pytest
 from rich.console import Console
 
-from kvbridge.bench.soak import SoakConfig, SoakResult, _table, run_soak
+from benchmarks.soak import SoakConfig, SoakResult, report, run_soak
+from kvbridge.bench import harness
 from support.nixl_marks import needs_nixl
 
 pytestmark = [
@@ -25,7 +26,7 @@ pytestmark = [
 
 
 def check(config: SoakConfig, r: SoakResult) -> None:
-    Console(width=100).print(_table(config, r))  # shown with -s; kept in the log otherwise
+    harness.show([report(config, r)], out=Console(width=100))  # shown with -s; kept in the log
     assert not r.mismatched, r.mismatched[:5]
     assert not r.bad_status, r.bad_status[:5]
     assert not r.leaks, r.leaks  # audited at the latest lease + 1 s after the client ended
@@ -62,7 +63,7 @@ def test_control_a_producer_with_other_weights_fails_the_oracle() -> None:
     D reads it and nearly every answer must be flagged, tokens equal or not."""
     config = SoakConfig(requests=40, abort_fraction=0.0, producer_seed=1)
     r = run_soak(config)
-    Console(width=100).print(_table(config, r))
+    harness.show([report(config, r)], out=Console(width=100))
     assert r.completed == r.requests and not r.leaks and not r.bad_status
     assert r.counters.get("consumer prompt_tokens_by_source (remote)", 0) > 0
     assert len(r.mismatched) >= 0.9 * r.requests, r.mismatched[:3]

@@ -36,11 +36,11 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, list[str]]]
         (["proxy", "--log-level", "INFO"], "kvbridge.serve.proxy_cli", []),
         (["demo", "--log-level", "INFO", "--keep-logs"], "kvbridge.demo", ["--keep-logs"]),
         (
-            ["bench", "soak", "--log-level", "INFO", "--requests", "3"],
-            "kvbridge.bench.soak",
-            ["--requests", "3"],
+            ["bench", "nixl", "--log-level", "INFO", "--iters", "3"],
+            "kvbridge.bench.nixl",
+            ["--iters", "3"],
         ),
-        (["bench", "--log-level", "INFO", "soak"], "kvbridge.bench.soak", []),
+        (["bench", "--log-level", "INFO", "nixl"], "kvbridge.bench.nixl", []),
     ],
 )
 def test_log_level_is_accepted_before_or_after_every_command(

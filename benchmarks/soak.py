@@ -1,4 +1,4 @@
-"""``kvbridge bench soak``: many requests through proxy + prefill + decode, some cancelled.
+"""Many requests through proxy + prefill + decode, some cancelled: ``python -m benchmarks.soak``.
 
 One process runs a prefill server and a decode server (``kvbridge serve`` apps, each with a
 MultiConnector of NixlConnector over real NIXL and a CPU offload tier small enough to evict),
@@ -21,20 +21,15 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NamedTuple
 
-from rich.console import Console
-from rich.table import Table
-
-from kvbridge.bench.soak_client import NO_ANSWER, Outcome, Restart, run_client
-from kvbridge.bench.soak_faults import FaultLog, FaultPlan
-from kvbridge.bench.soak_stack import ROLES, SoakStack, engine_kwargs
-from kvbridge.connector.gauges import connector_gauges, nonzero
+from benchmarks.soak_audit import EngineBaseline, LogAudit, engine_baseline, idle_problems
+from benchmarks.soak_client import NO_ANSWER, Outcome, Restart, run_client
+from benchmarks.soak_faults import FaultLog, FaultPlan
+from benchmarks.soak_stack import ROLES, SoakStack, engine_kwargs
+from kvbridge.bench import harness
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.sampling import SamplingParams
-from kvbridge.nixl.worker import NixlWorker
 from kvbridge.oracle import TOP_K, Trace, check
 from kvbridge.serve.server import ServerParts
 
@@ -129,70 +124,6 @@ class SoakResult:
     @property
     def problems(self) -> list[str]:
         return self.mismatched + self.bad_status + self.leaks + self.unexpected_logs
-
-
-# -- the audit of an idle engine -----------------------------------------------------------------
-class EngineBaseline(NamedTuple):
-    free_blocks: int
-
-
-def connector_parts(engine: LLMEngine) -> list[Any]:
-    """Both connector halves of ``engine`` and, for a MultiConnector, all their children."""
-    out: list[Any] = []
-    todo = [engine.worker_connector, engine.scheduler_connector]
-    while todo:
-        part = todo.pop()
-        if part is not None:
-            out.append(part)
-            todo.extend(reversed(getattr(part, "children", None) or []))
-    return out
-
-
-def engine_baseline(engine: LLMEngine) -> EngineBaseline:
-    return EngineBaseline(engine.block_manager.num_free_blocks)
-
-
-def idle_problems(engine: LLMEngine, base: EngineBaseline) -> list[str]:
-    """What an engine with nothing to do still holds (empty: clean); integrity errors raise.
-
-    Connector leaks are read from the connectors' own gauges, as ``/metrics`` exports them."""
-    engine.check_integrity()
-    out: list[str] = []
-    if engine.has_unfinished_requests() or engine.has_pending_transfers():
-        out.append(f"requests still live: {sorted(engine.scheduler.requests)[:8]}")
-    if engine.block_manager.num_free_blocks != base.free_blocks:
-        lost = base.free_blocks - engine.block_manager.num_free_blocks
-        out.append(f"{lost} GPU blocks not back in the free pool")
-    transfer = engine.config.kv_transfer_config
-    name = transfer.kv_connector if transfer is not None else "none"
-    out += nonzero(connector_gauges(name, engine.scheduler_connector, engine.worker_connector))
-    for part in connector_parts(engine):
-        if isinstance(part, NixlWorker):
-            part.check_integrity()
-    return out
-
-
-class LogAudit(logging.Handler):
-    """Collects every WARNING-or-worse record while installed."""
-
-    def __init__(self, expected: Sequence[re.Pattern[str]] = EXPECTED_WARNINGS) -> None:
-        super().__init__(logging.WARNING)
-        self.expected = tuple(expected)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def unexpected(self) -> list[str]:
-        return [
-            f"{r.levelname} {r.name}: {r.getMessage()[:200]}"
-            for r in self.records
-            if r.levelno >= logging.ERROR
-            or not any(p.search(r.getMessage()) for p in self.expected)
-        ]
-
-    def count(self, pattern: re.Pattern[str]) -> int:
-        return sum(1 for r in self.records if pattern.search(r.getMessage()))
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -311,25 +242,27 @@ def _bad_status(outcomes: list[Outcome]) -> list[str]:
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _parse(argv: list[str] | None) -> SoakConfig:
-    p = argparse.ArgumentParser(prog="kvbridge bench soak", description=__doc__)
+def parse_args(argv: list[str] | None) -> tuple[SoakConfig, argparse.Namespace]:
+    p = harness.parser("python -m benchmarks.soak", __doc__)
     for f in fields(SoakConfig):
         kind = int if f.type == "int" else float
         p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    args = p.parse_args(argv)
+    known = {f.name for f in fields(SoakConfig)}
     try:
-        return SoakConfig(**vars(p.parse_args(argv)))
+        return SoakConfig(**{k: v for k, v in vars(args).items() if k in known}), args
     except ValueError as e:
         p.error(str(e))
         raise
 
 
-def _table(config: SoakConfig, r: SoakResult) -> Table:
-    table = Table(
-        title=f"soak: proxy + P + D (tiny model, CPU), {r.requests} requests, "
+def report(config: SoakConfig, r: SoakResult) -> harness.Report:
+    """One row per measure; the first 20 problems as notes."""
+    title = (
+        f"soak: proxy + P + D (tiny model, CPU), {r.requests} requests, "
         f"{config.concurrency} in flight, {config.abort_fraction:.0%} cancelled"
     )
-    table.add_column("measure")
-    table.add_column("value", justify="right")
+    out = harness.Report("soak", title, ("measure", "value"))
     p50, p99 = r.ttft_percentile(0.5) * 1e3, r.ttft_percentile(0.99) * 1e3
     rows = [
         ("completed / cancelled by the client", f"{r.completed} / {r.aborted}"),
@@ -346,9 +279,11 @@ def _table(config: SoakConfig, r: SoakResult) -> Table:
         ("leases that lapsed (client gone early)", str(r.lapsed_leases)),
         *((key, f"{value:,.0f}") for key, value in sorted(r.counters.items())),
     ]
-    for row in rows:
-        table.add_row(*row)
-    return table
+    for measure, value in rows:
+        out.add([measure, value], {"measure": measure, "value": value})
+    out.notes += [f"problem: {line}" for line in r.problems[:20]]
+    out.samples = {"ttft_s": r.ttft_s, "problems": r.problems, "counters": r.counters}
+    return out
 
 
 def _injected(log: FaultLog | None) -> dict[str, int]:
@@ -359,13 +294,15 @@ def _injected(log: FaultLog | None) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = _parse(argv)
+    config, args = parse_args(argv)
     try:
         result = run_soak(config)
     except ImportError as e:
-        print(f"kvbridge bench soak: needs the NIXL package ({e})")
+        print(f"soak: needs the NIXL package ({e})")
         return 2
-    Console().print(_table(config, result))
-    for line in result.problems[:20]:
-        print(f"  problem: {line}")
+    harness.emit([report(config, result)], args)
     return 0 if not result.problems else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from kvbridge.bench.soak_faults import FaultLog, FaultPlan, FaultyTransport
+from benchmarks.soak_faults import FaultLog, FaultPlan, FaultyTransport
 from kvbridge.config import TransferConfig
 from kvbridge.nixl.transport import LiveCounts, NixlTransport
 from kvbridge.nixl.worker import NixlWorker
@@ -21,7 +21,7 @@ from kvbridge.serve.proxy import build_proxy_app
 from kvbridge.serve.server import ServerParts, build_server
 
 if TYPE_CHECKING:
-    from kvbridge.bench.soak import SoakConfig
+    from benchmarks.soak import SoakConfig
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import httpx
 from kvbridge.oracle import Trace
 
 if TYPE_CHECKING:
-    from kvbridge.bench.soak import SoakConfig
+    from benchmarks.soak import SoakConfig
 
 logger = logging.getLogger(__name__)
 

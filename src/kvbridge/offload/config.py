@@ -3,7 +3,8 @@
 The keys and their meaning are vLLM's SimpleCPUOffloadConnector's (``cpu_bytes_to_use``,
 ``cpu_bytes_to_use_per_rank``, ``lazy_offload``, ``lazy_offload_min_prefix_tokens``,
 ``kv_offload_backend``), plus kvbridge's own ``num_cpu_blocks``, ``store_decode_blocks``,
-``block_size`` and ``copy_strategy``. An unknown key is an error that names it.
+``block_size`` and ``copy_strategy``; the disk tier's keys are in ``kvbridge.offload.disk.config``.
+An unknown key is an error that names it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from kvbridge.config import ConfigError, TransferConfig, check_extra_keys
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.copy.backend import parse_strategy
+from kvbridge.offload.disk.config import DISK_KEYS, DiskConfig, check_disk_extra
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "store_decode_blocks": bool,
     "block_size": int,
     "copy_strategy": str,
+    **DISK_KEYS,
 }
 # vLLM's default CPU capacity, server-wide (split by world size).
 DEFAULT_CPU_BYTES = 8 << 30
@@ -65,6 +68,7 @@ class OffloadConfig:
     lazy_offload_min_prefix_tokens: int = 0
     copy_strategy: str | None = None  # None: the copy backend's default
     warnings: tuple[str, ...] = ()
+    disk: DiskConfig | None = None  # the disk tier behind the CPU tier (kv_offload_backend)
 
 
 def cpu_block_bytes(spec: KVCacheSpec) -> int:
@@ -145,12 +149,7 @@ def check_offload_extra(config: TransferConfig) -> dict[str, Any]:
         value = extra.get(key)
         if value is not None and value <= 0:
             raise ConfigError(f"kv_connector_extra_config.{key}: must be > 0, got {value}")
-    backend = extra.get("kv_offload_backend")
-    if backend not in (None, "cpu"):
-        raise ConfigError(
-            f"kv_connector_extra_config.kv_offload_backend: {backend!r}; kvbridge's tier is "
-            "pinned CPU memory only ('cpu')"
-        )
+    check_disk_extra(extra)
     min_prefix = extra.get("lazy_offload_min_prefix_tokens")
     if min_prefix is not None and min_prefix < 0:
         raise ConfigError(
@@ -185,6 +184,12 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
         num_cpu_blocks=extra.get("num_cpu_blocks"),
     )
     lazy = bool(extra.get("lazy_offload", False))
+    disk = check_disk_extra(extra)
+    if disk is not None and spec.world_size > 1:
+        raise ConfigError(
+            f"kv_connector_extra_config.kv_offload_backend: the disk tier runs with one worker "
+            f"(world_size {spec.world_size}); use 'cpu' with tensor parallelism"
+        )
     return OffloadConfig(
         num_cpu_blocks=size.num_cpu_blocks,
         block_size=spec.block_size,
@@ -193,6 +198,7 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
         lazy_offload_min_prefix_tokens=min_prefix or 0,
         copy_strategy=strategy,
         warnings=_startup_warnings(extra, spec, size, lazy),
+        disk=disk,
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from kvbridge.config import TransferConfig
-from kvbridge.connector.base import KVConnectorBase
+from kvbridge.connector.base import KVConnectorBase, KVConnectorScheduler, KVConnectorWorker
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.offload.config import check_offload_extra, group_windows
+from kvbridge.offload.disk.config import check_disk_extra
+from kvbridge.offload.disk.halves import TieredOffloadScheduler, TieredOffloadWorker
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker
 
@@ -33,6 +35,14 @@ class SimpleCPUOffloadConnector(KVConnectorBase):
     GPU blocks: one in flight, or the finish-time flush of blocks that only the last step
     confirmed (see ``CPUOffloadScheduler``); then ``(True, None)`` until ``finished_sending``.
 
+    Disk tier (``kv_offload_backend: "disk"``, vLLM's keys ``disk_path``,
+    ``disk_capacity_bytes``, ``use_page_cache``, ``direct_io_alignment``, ``disk_buffer_slots``
+    and the fs tier's ``n_read_threads`` / ``n_write_threads``; see
+    ``kvbridge.offload.disk.config``): behind the CPU tier, not instead of it. Blocks stored on
+    the CPU tier are written to one checksummed file per block; a lookup the disk extends reads
+    them back into CPU blocks ("ask again" meanwhile), then loads them as CPU hits.
+    ``disk_buffer_slots`` is accepted and has no effect (each I/O thread owns its buffers).
+
     Needs a layout with one region per block and layer (``KVCacheLayout.is_block_dense``) and
     prefix caching.
     """
@@ -44,6 +54,20 @@ class SimpleCPUOffloadConnector(KVConnectorBase):
     @classmethod
     def check_config(cls, config: TransferConfig) -> None:
         check_offload_extra(config)
+
+    @classmethod
+    def build_scheduler(
+        cls, config: TransferConfig, cache_spec: KVCacheSpec
+    ) -> KVConnectorScheduler:
+        if check_disk_extra(dict(config.kv_connector_extra_config)) is not None:
+            return TieredOffloadScheduler(config, cache_spec)
+        return super().build_scheduler(config, cache_spec)
+
+    @classmethod
+    def build_worker(cls, config: TransferConfig, cache_spec: KVCacheSpec) -> KVConnectorWorker:
+        if check_disk_extra(dict(config.kv_connector_extra_config)) is not None:
+            return TieredOffloadWorker(config, cache_spec)
+        return super().build_worker(config, cache_spec)
 
     @classmethod
     def check_cache_spec(cls, config: TransferConfig, spec: KVCacheSpec) -> None:

@@ -83,6 +83,10 @@ class CPUBlockPool:
     def is_storing(self, block_hash: bytes, group: int = 0) -> bool:
         return (group, block_hash) in self._storing
 
+    def key_of(self, block_id: int) -> BlockKey | None:
+        """The (group, hash) that ``block_id`` holds or is being stored for; None if free."""
+        return self._key_of[block_id]
+
     def cached_block_id(self, block_hash: bytes, group: int = 0) -> int | None:
         """The CPU block holding ``block_hash`` of ``group``, if cached."""
         return self._cached.get((group, block_hash))

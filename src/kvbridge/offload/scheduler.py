@@ -210,11 +210,8 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         return self._stats.take()
 
     def get_kv_connector_gauges(self) -> GaugeValues:
-        pool = self.pool
-        return {
-            "num_pinned_cpu_blocks": pool.num_pinned,
-            "num_storing_cpu_blocks": pool.num_storing,
-        }
+        p = self.pool
+        return {"num_pinned_cpu_blocks": p.num_pinned, "num_storing_cpu_blocks": p.num_storing}
 
     @property
     def num_tracked_requests(self) -> int:
@@ -235,7 +232,7 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
                 pins += job.wire.num_blocks
             else:
                 reserved += job.wire.num_blocks
-        storing, pinned = self.pool.num_storing, self.pool.num_pins
+        storing, pinned = self._own_holds()
         if (reserved, pins) != (storing, pinned):
             raise IntegrityError(
                 f"CPUOffloadScheduler integrity: {reserved} blocks in store jobs and {pins} pins "
@@ -248,6 +245,10 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
             raise IntegrityError("CPUOffloadScheduler integrity: a store cursor per group expected")
 
     # -- helpers --------------------------------------------------------------------------
+    def _own_holds(self) -> tuple[int, int]:
+        """The pool's storing blocks and pins that this half's matches and jobs hold."""
+        return self.pool.num_storing, self.pool.num_pins
+
     def _state(self, req_id: str) -> _RequestState:
         state = self._requests.get(req_id)
         if state is None:

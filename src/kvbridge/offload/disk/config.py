@@ -1,0 +1,107 @@
+"""Disk tier settings: the disk keys of SimpleCPUOffloadConnector's extra config, parsed once.
+
+Names and meanings follow vLLM where it has the feature: SimpleCPUOffloadConnector's disk
+backend (``kv_offload_backend: "disk"``, ``disk_path``, ``disk_capacity_bytes``,
+``disk_buffer_slots``, ``use_page_cache``, ``direct_io_alignment``) and the thread counts of
+OffloadingConnector's ``fs`` tier (``n_read_threads``, ``n_write_threads``). One difference,
+by design: vLLM's disk backend replaces the DRAM pool (DRAM only stages), kvbridge's sits
+*behind* the CPU tier (as vLLM's ``TieringOffloadingSpec`` secondary tiers do): blocks stored
+on the CPU tier are written to disk, and a lookup that misses the CPU tier reads the disk
+back into CPU blocks. ``disk_namespace`` is kvbridge's own (see ``DiskConfig``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvbridge.config import ConfigError
+
+DISK_KEYS: dict[str, type | tuple[type, ...]] = {
+    "disk_path": str,
+    "disk_capacity_bytes": (int, float),
+    "disk_buffer_slots": int,
+    "use_page_cache": bool,
+    "direct_io_alignment": int,
+    "n_read_threads": int,
+    "n_write_threads": int,
+    "disk_namespace": str,
+}
+BACKENDS = ("cpu", "disk")
+DEFAULT_ALIGNMENT = 4096  # vLLM's default direct_io_alignment
+DEFAULT_THREADS = 16  # vLLM's fs tier: 16 read + 16 write threads
+_P = "kv_connector_extra_config"
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """Validated disk tier settings (the same in the scheduler and every worker).
+
+    ``path``: a directory (vLLM's ``disk_path`` names one slot file; kvbridge keeps one file
+    per block, under ``<path>/<model>_<digest>/``, so a path vLLM accepts works here as a
+    directory). ``capacity_bytes``: bytes of records on disk per worker, LRU-evicted beyond.
+    ``direct``: O_DIRECT (``use_page_cache`` false, vLLM's default) where the filesystem
+    allows it. ``namespace``: extra identity of the weights mixed into the directory digest
+    (the model name, dtype, layout and shapes always are): set it when two models share a name,
+    e.g. random weights from different seeds.
+    """
+
+    path: str
+    capacity_bytes: int
+    direct: bool = True
+    alignment: int = DEFAULT_ALIGNMENT
+    n_read_threads: int = DEFAULT_THREADS
+    n_write_threads: int = DEFAULT_THREADS
+    namespace: str = ""
+
+
+def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
+    """The disk tier's settings from checked extra config; None when the tier is off.
+
+    Raises ``ConfigError`` naming the key and the fix; needs no cache spec.
+    """
+    backend = extra.get("kv_offload_backend") or "cpu"
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"{_P}.kv_offload_backend: {backend!r} is not one of {', '.join(BACKENDS)} "
+            "('disk' adds a disk tier behind the CPU tier)"
+        )
+    given = [k for k in DISK_KEYS if extra.get(k) is not None]
+    if backend == "cpu":
+        if given:
+            raise ConfigError(
+                f"{_P}.{given[0]}: set only with kv_offload_backend 'disk'; add "
+                '"kv_offload_backend": "disk" or drop the key'
+            )
+        return None
+    path = extra.get("disk_path")
+    if not path:
+        raise ConfigError(
+            f"{_P}.disk_path: kv_offload_backend 'disk' needs a directory for the disk tier, "
+            'e.g. "disk_path": "/mnt/nvme/kvbridge"'
+        )
+    capacity = extra.get("disk_capacity_bytes")
+    if capacity is None or capacity <= 0:
+        raise ConfigError(
+            f"{_P}.disk_capacity_bytes: kv_offload_backend 'disk' needs a positive byte "
+            f"budget per worker, got {capacity!r}"
+        )
+    alignment = extra.get("direct_io_alignment", DEFAULT_ALIGNMENT)
+    if alignment < 512 or alignment & (alignment - 1):
+        raise ConfigError(
+            f"{_P}.direct_io_alignment: {alignment} is not a power of two >= 512 "
+            "(the filesystem's logical block size, usually 512 or 4096)"
+        )
+    for key in ("n_read_threads", "n_write_threads", "disk_buffer_slots"):
+        value = extra.get(key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{_P}.{key}: must be >= 1, got {value}")
+    return DiskConfig(
+        path=str(path),
+        capacity_bytes=int(capacity),
+        direct=not extra.get("use_page_cache", False),
+        alignment=alignment,
+        n_read_threads=extra.get("n_read_threads") or DEFAULT_THREADS,
+        n_write_threads=extra.get("n_write_threads") or DEFAULT_THREADS,
+        namespace=extra.get("disk_namespace") or "",
+    )

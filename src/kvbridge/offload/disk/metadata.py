@@ -1,0 +1,42 @@
+"""Wire types of the disk tier between the offload scheduler and its workers (msgspec)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class DiskBlock(msgspec.Struct, frozen=True, array_like=True):
+    """One block record: its key and the CPU block it is written from or read into."""
+
+    group: int
+    block_hash: bytes
+    cpu_block_id: int = -1  # -1: a delete, no CPU block involved
+
+
+class DiskJobs(msgspec.Struct):
+    """Scheduler -> worker: disk work planned this step, run on the worker's I/O threads.
+
+    ``writes``: CPU -> disk, the CPU blocks pinned until reported. ``reads``: disk -> CPU, the
+    CPU blocks reserved (not readable) until reported. ``deletes``: records evicted from disk.
+    """
+
+    writes: list[DiskBlock] = msgspec.field(default_factory=list)
+    reads: list[DiskBlock] = msgspec.field(default_factory=list)
+    deletes: list[DiskBlock] = msgspec.field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.writes or self.reads or self.deletes)
+
+
+class DiskDone(msgspec.Struct):
+    """Worker -> scheduler: disk work that ended since the last step, by outcome."""
+
+    written: list[DiskBlock] = msgspec.field(default_factory=list)
+    write_failed: list[DiskBlock] = msgspec.field(default_factory=list)
+    read: list[DiskBlock] = msgspec.field(default_factory=list)
+    read_missing: list[DiskBlock] = msgspec.field(default_factory=list)  # no record (deleted)
+    read_corrupt: list[DiskBlock] = msgspec.field(default_factory=list)  # never loaded
+    deleted: list[DiskBlock] = msgspec.field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not any(msgspec.structs.astuple(self))

@@ -1,0 +1,235 @@
+"""DiskTier: the scheduler side of the disk tier behind the CPU tier (torch-free)."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from kvbridge.connector.gauges import GaugeValues
+from kvbridge.connector.stats import KVConnectorStats
+from kvbridge.connector.types import IntegrityError, KVCacheSpec
+from kvbridge.offload.disk.config import DiskConfig
+from kvbridge.offload.disk.index import DiskIndex, scan
+from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs
+from kvbridge.offload.disk.record import (
+    group_payload_bytes,
+    namespace_dir,
+    namespace_fields,
+    record_size,
+)
+from kvbridge.offload.groups import HitRule
+from kvbridge.offload.pool import BlockKey, CPUBlockPool
+
+logger = logging.getLogger(__name__)
+
+# A request whose disk reads were undone this often (their CPU blocks evicted before it asked
+# again) is served from what the CPU tier holds, so it can never wait for ever.
+MAX_READ_ROUNDS = 2
+_TRACKED_REQUESTS = 4096
+
+
+class DiskTier:
+    """Runs in the scheduler; owns the disk index and plans the disk tier's I/O.
+
+    - Write: a block stored on the CPU tier (``stored``) is written to disk unless a record
+      of it is there or being written; its CPU block stays pinned until the write ends, so an
+      eviction from the CPU tier never waits for the disk, and a restart finds every block
+      the CPU tier held. Room on disk: LRU records are evicted (deleted by the worker); with
+      none evictable the write is dropped and counted.
+    - Read: ``promote`` runs before the CPU match. When the disk extends the request's CPU
+      hit, the missing blocks are read back into reserved CPU blocks and the request is asked
+      again (``None``); once they are on the CPU tier the ordinary CPU->GPU load serves it.
+    - A read that finds no record or a corrupt one (size, header, checksum) frees its CPU
+      block unindexed, drops the record, counts it and leaves a miss: never wrong tokens.
+    """
+
+    def __init__(
+        self,
+        disk: DiskConfig,
+        spec: KVCacheSpec,
+        pool: CPUBlockPool,
+        rule: HitRule,
+        stats: KVConnectorStats,
+    ) -> None:
+        self.config = disk
+        self.pool = pool
+        self.rule = rule
+        self.stats = stats
+        self.ns_dir = namespace_dir(disk.path, namespace_fields(spec, disk.namespace))
+        self.sizes = [record_size(n, disk.alignment) for n in group_payload_bytes(spec)]
+        self.index = DiskIndex(disk.capacity_bytes)
+        self._jobs = DiskJobs()
+        self._reading: dict[BlockKey, int] = {}  # key -> CPU block it is read into
+        self._writing: dict[BlockKey, int] = {}  # key -> CPU block pinned for its write
+        self._deleting: set[BlockKey] = set()  # never re-written before the delete ends
+        self._rounds: OrderedDict[str, int] = OrderedDict()  # req id -> reads started
+        self._load_existing()
+
+    def _load_existing(self) -> None:
+        found = scan(self.ns_dir, self.sizes)
+        for key, size, _ in found.entries:
+            for victim in self.index.add_ready(key, size):
+                self._delete(victim)
+        for key in found.wrong_size:
+            self._delete(key)
+        for path in found.stale_tmp:
+            path.unlink(missing_ok=True)
+        if found.wrong_size:
+            self.stats.incr("disk_corrupt_records", len(found.wrong_size))
+        logger.info(
+            "disk tier: %s holds %d block records (%.2f of %.2f GiB)%s",
+            self.ns_dir,
+            len(self.index),
+            self.index.used_bytes / 2**30,
+            self.config.capacity_bytes / 2**30,
+            f"; {len(found.wrong_size)} torn record(s) dropped" if found.wrong_size else "",
+        )
+
+    # -- read back --------------------------------------------------------------------------
+    def promote(self, req_id: str, hashes: Sequence[bytes], start: int, end: int) -> bool:
+        """Read back what the disk adds to the CPU hit of blocks ``[start, end)``; whether
+        the request must be asked again (reads in flight)."""
+        pool, index = self.pool, self.index
+
+        def on_cpu(g: int, i: int) -> bool:
+            return pool.is_cached(hashes[i], g)
+
+        def anywhere(g: int, i: int) -> bool:
+            h = hashes[i]
+            return pool.is_cached(h, g) or pool.is_storing(h, g) or index.has((g, h))
+
+        cpu_end = self.rule.longest_hit(start, end, on_cpu)
+        if cpu_end >= end:
+            return False
+        full_end = self.rule.longest_hit(start, end, anywhere)
+        if full_end <= cpu_end:
+            self.stats.incr("disk_misses", 1)
+            return False
+        waiting = False
+        wanted: dict[int, list[bytes]] = {}
+        for g in range(self.rule.num_groups):
+            for i in self.rule.needed(g, start, full_end):
+                h = hashes[i]
+                if pool.is_storing(h, g):
+                    waiting = True  # a read (or a GPU store) in flight
+                elif not pool.is_cached(h, g):
+                    wanted.setdefault(g, []).append(h)
+        if not wanted:
+            return waiting
+        rounds = self._rounds.get(req_id, 0)
+        if rounds >= MAX_READ_ROUNDS:
+            return False
+        started = 0
+        for g, group_hashes in wanted.items():
+            plan = pool.prepare_store(group_hashes, g)
+            if plan.num_evicted:
+                self.stats.incr("evictions", plan.num_evicted)
+            for i, cpu in zip(plan.indices, plan.block_ids):
+                key = (g, group_hashes[i])
+                index.pin(key)
+                self._reading[key] = cpu
+                self._jobs.reads.append(DiskBlock(g, key[1], cpu))
+                started += 1
+        if not started:
+            return waiting  # no CPU block to stage into: serve the CPU hit
+        self._rounds[req_id] = rounds + 1
+        self._rounds.move_to_end(req_id)
+        while len(self._rounds) > _TRACKED_REQUESTS:
+            self._rounds.popitem(last=False)
+        return True
+
+    # -- write ------------------------------------------------------------------------------
+    def stored(self, cpu_block_ids: Sequence[int]) -> None:
+        """CPU blocks that a GPU->CPU store filled: write those the disk lacks."""
+        for cpu in cpu_block_ids:
+            key = self.pool.key_of(cpu)
+            if key is None or self.pool.cached_block_id(key[1], key[0]) != cpu:
+                continue  # a failed or poisoned store: nothing to write
+            if key in self.index:
+                self.index.touch(key)
+                continue
+            if key in self._deleting:
+                continue
+            evicted = self.index.reserve(key, self.sizes[key[0]])
+            if evicted is None:
+                self.stats.incr("disk_write_drops", 1)
+                continue
+            for victim in evicted:
+                self._delete(victim)
+            if evicted:
+                self.stats.incr("disk_evictions", len(evicted))
+            self.pool.prepare_load([key[1]], key[0])  # pinned until written
+            self._writing[key] = cpu
+            self._jobs.writes.append(DiskBlock(key[0], key[1], cpu))
+
+    def _delete(self, key: BlockKey) -> None:
+        self.index.remove(key)
+        self._deleting.add(key)
+        self._jobs.deletes.append(DiskBlock(key[0], key[1]))
+
+    # -- per step ---------------------------------------------------------------------------
+    def take_jobs(self) -> DiskJobs | None:
+        if self._jobs.is_empty():
+            return None
+        jobs, self._jobs = self._jobs, DiskJobs()
+        return jobs
+
+    def complete(self, done: DiskDone) -> None:
+        """Apply what the worker's I/O threads finished."""
+        pool, index = self.pool, self.index
+        for b in done.written:
+            pool.complete_load([self._writing.pop((b.group, b.block_hash))], success=True)
+            index.commit((b.group, b.block_hash))
+        for b in done.write_failed:
+            pool.complete_load([self._writing.pop((b.group, b.block_hash))], success=False)
+            index.remove((b.group, b.block_hash))
+        if done.write_failed:
+            self.stats.incr("disk_write_errors", len(done.write_failed))
+        for b in done.read:
+            key = (b.group, b.block_hash)
+            pool.complete_store([self._reading.pop(key)], success=True)
+            index.unpin(key)
+            index.touch(key)
+        if done.read:
+            self.stats.incr("disk_hits", len(done.read))
+        for blocks, what in ((done.read_missing, "missing"), (done.read_corrupt, "corrupt")):
+            for b in blocks:
+                key = (b.group, b.block_hash)
+                pool.complete_store([self._reading.pop(key)], success=False)
+                index.unpin(key)
+                if what == "corrupt":
+                    self._delete(key)  # never read again; the worker removes the file
+                else:
+                    index.remove(key)
+            if blocks:
+                self.stats.incr(f"disk_{what}_records", len(blocks))
+        for b in done.deleted:
+            self._deleting.discard((b.group, b.block_hash))
+
+    # -- gauges and checks ------------------------------------------------------------------
+    @property
+    def num_cpu_pins(self) -> int:
+        """CPU blocks pinned by writes in flight."""
+        return len(self._writing)
+
+    @property
+    def num_cpu_reserved(self) -> int:
+        """CPU blocks reserved by reads in flight."""
+        return len(self._reading)
+
+    def gauges(self) -> GaugeValues:
+        return {
+            "kv_offload_disk_blocks": len(self.index),
+            "kv_offload_disk_bytes": self.index.used_bytes,
+            "kv_offload_disk_inflight_blocks": len(self._reading) + len(self._writing),
+        }
+
+    def check_integrity(self) -> None:
+        self.index.check_integrity()
+        if any(k not in self.index or self.index.has(k) for k in self._writing):
+            raise IntegrityError("DiskTier integrity: a write in flight is not reserved")
+        if any(not self.index.has(k) for k in self._reading):
+            raise IntegrityError("DiskTier integrity: a read in flight has no record")
+        if self.index.num_pins != len(self._reading):
+            raise IntegrityError("DiskTier integrity: record pins and reads disagree")

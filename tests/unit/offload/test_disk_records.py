@@ -1,0 +1,162 @@
+"""The disk tier's record files: round trips, and every damaged record read as corrupt (never
+loaded), a writer killed mid-write leaving no record, the start-up scan and LRU capacity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvbridge.offload.disk.index import DiskIndex, scan
+from kvbridge.offload.disk.io import RecordIO, probe_direct
+from kvbridge.offload.disk.record import CorruptRecord, record_path, record_size
+
+NS = bytes(range(16))
+ALIGN = 4096
+
+
+def payload(n_parts: int, part_bytes: int, seed: int) -> list[memoryview]:
+    rng = np.random.default_rng(seed)
+    return [memoryview(rng.integers(0, 256, part_bytes, dtype=np.uint8)) for _ in range(n_parts)]
+
+
+def empty_like(parts: list[memoryview]) -> list[memoryview]:
+    return [memoryview(np.zeros(len(p), dtype=np.uint8)) for p in parts]
+
+
+@pytest.fixture(params=["direct", "buffered"])
+def io(request: pytest.FixtureRequest, tmp_path: Path) -> RecordIO:
+    direct = request.param == "direct"
+    if direct and probe_direct(tmp_path, ALIGN) is not None:
+        pytest.skip(f"O_DIRECT refused on {tmp_path}")
+    return RecordIO(NS, ALIGN, direct, max_payload=4 * 8192)
+
+
+@pytest.mark.parametrize("part_bytes", [8192, 100])  # in place (aligned) and staged (padded)
+def test_round_trip(io: RecordIO, tmp_path: Path, part_bytes: int) -> None:
+    parts = payload(3, part_bytes, seed=1)
+    path = record_path(tmp_path, 0, b"\xab" * 16)
+    size = io.write(path, 0, b"\xab" * 16, parts)
+    assert size == os.path.getsize(path) == record_size(3 * part_bytes, ALIGN)
+    out = empty_like(parts)
+    assert io.read(path, 0, b"\xab" * 16, out) == size
+    assert [bytes(p) for p in out] == [bytes(p) for p in parts]
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def _written(io: RecordIO, tmp_path: Path) -> tuple[Path, list[memoryview]]:
+    parts = payload(2, 8192, seed=2)
+    path = record_path(tmp_path, 1, b"\x01" * 16)
+    io.write(path, 1, b"\x01" * 16, parts)
+    return path, parts
+
+
+@pytest.mark.parametrize("offset", [0, 20, 50, ALIGN + 5, ALIGN + 8191, ALIGN + 16383])
+def test_flipped_byte_is_corrupt(io: RecordIO, tmp_path: Path, offset: int) -> None:
+    path, parts = _written(io, tmp_path)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptRecord):
+        io.read(path, 1, b"\x01" * 16, empty_like(parts))
+
+
+@pytest.mark.parametrize("keep", [0, 100, ALIGN, ALIGN + 8192])
+def test_truncated_record_is_corrupt(io: RecordIO, tmp_path: Path, keep: int) -> None:
+    path, parts = _written(io, tmp_path)
+    os.truncate(path, keep)
+    with pytest.raises(CorruptRecord):
+        io.read(path, 1, b"\x01" * 16, empty_like(parts))
+
+
+def test_record_of_another_block_namespace_or_size_is_corrupt(io: RecordIO, tmp_path: Path) -> None:
+    path, parts = _written(io, tmp_path)
+    other = record_path(tmp_path, 1, b"\x02" * 16)
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_bytes(path.read_bytes())  # a record copied under another block's name
+    with pytest.raises(CorruptRecord, match="another block"):
+        io.read(other, 1, b"\x02" * 16, empty_like(parts))
+    stranger = RecordIO(bytes(16), ALIGN, io.direct, 4 * 8192)
+    with pytest.raises(CorruptRecord, match="namespace"):
+        stranger.read(path, 1, b"\x01" * 16, empty_like(parts))
+    with pytest.raises(CorruptRecord):  # this spec's blocks have another size
+        io.read(path, 1, b"\x01" * 16, empty_like(payload(3, 8192, seed=0)))
+    with pytest.raises(FileNotFoundError):
+        io.read(record_path(tmp_path, 0, b"\x09" * 16), 0, b"\x09" * 16, empty_like(parts))
+
+
+def test_writer_killed_mid_write_leaves_no_record(tmp_path: Path) -> None:
+    """A writer process SIGKILLed inside its write: readers see no record, only a temporary
+    file, which the start-up scan removes once stale."""
+    code = textwrap.dedent(
+        f"""
+        import os, sys, time
+        import numpy as np
+        from pathlib import Path
+        from kvbridge.offload.disk.io import RecordIO
+        from kvbridge.offload.disk.record import record_path
+        real = os.pwritev
+        def slow(fd, bufs, offset):
+            n = os.pwrite(fd, bufs[0], offset)  # the header only, then hang
+            print("writing", flush=True)
+            time.sleep(60)
+        os.pwritev = slow
+        io = RecordIO({NS!r}, {ALIGN}, False, 16384)
+        path = record_path(Path({str(tmp_path)!r}), 0, b"\\x07" * 16)
+        io.write(path, 0, b"\\x07" * 16, [memoryview(np.ones(16384, dtype=np.uint8))])
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    path = record_path(tmp_path, 0, b"\x07" * 16)
+    assert not path.exists()
+    tmps = [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert len(tmps) == 1
+    sizes = [record_size(16384, ALIGN)]
+    found = scan(tmp_path, sizes)
+    assert found.entries == [] and found.stale_tmp == []  # fresh: maybe a live writer's
+    old = time.time() - 7200
+    os.utime(tmps[0], (old, old))
+    assert scan(tmp_path, sizes).stale_tmp == tmps
+
+
+def test_scan_finds_records_oldest_first_and_flags_wrong_sizes(tmp_path: Path) -> None:
+    io = RecordIO(NS, ALIGN, False, 8192)
+    keys = [(0, bytes([i]) * 16) for i in range(3)]
+    for i, (g, h) in enumerate(keys):
+        path = record_path(tmp_path, g, h)
+        io.write(path, g, h, payload(1, 8192, seed=i))
+        os.utime(path, (1000 + 10 * (3 - i), 1000 + 10 * (3 - i)))  # newest first
+    os.truncate(record_path(tmp_path, *keys[1]), 5000)
+    (tmp_path / "ab").mkdir(exist_ok=True)
+    (tmp_path / "ab" / "not-a-record.txt").write_text("x")
+    found = scan(tmp_path, [record_size(8192, ALIGN)])
+    assert [k for k, _, _ in found.entries] == [keys[2], keys[0]]
+    assert found.wrong_size == [keys[1]]
+
+
+def test_index_lru_capacity_pins_and_writes() -> None:
+    index = DiskIndex(capacity_bytes=300)
+    a, b, c, d = ((0, bytes([i])) for i in range(4))
+    assert index.reserve(a, 100) == [] and not index.has(a)
+    index.commit(a)
+    assert index.add_ready(b, 100) == [] and index.has(b)
+    assert index.reserve(c, 100) == []  # full now; c is being written
+    index.touch(a)  # b is the oldest use
+    index.pin(a)
+    assert index.reserve(d, 100) == [b]
+    assert index.reserve((0, b"e"), 100) is None  # a pinned, c and d writing: no room
+    index.unpin(a)
+    index.commit(c)
+    assert index.reserve((0, b"e"), 150) == [c, a]  # c was reserved before a was used
+    index.check_integrity()
+    assert index.used_bytes == 250

@@ -107,10 +107,7 @@ class KVReader:
         for freed in self._xfers.retry_zombies():
             self.engines.unbind(freed)
         self._fail_gone()
-        for engine_id in self.engines.detach_idle_stale():
-            for recv in self._recvs.values():
-                if recv.spec.remote_engine_id == engine_id and recv.phase == "connect":
-                    recv.future = None  # handshake afresh
+        self._detach_stale()
         answers = self.confirmer.collect(now)
         ready: list[tuple[Load, RemoteEngine]] = []  # to post, asking first (one query)
         for recv in list(self._recvs.values()):
@@ -143,11 +140,17 @@ class KVReader:
                     recv.remote.stale = True
                 self._stats.incr(key)
                 self._fail(recv, f"timed out after {self._cfg.transfer_timeout_s:g}s ({what})")
-        bound = [r for r in self._recvs.values() if r.remote is not None and not r.aborted]
-        self.engines.heartbeat(
-            now, [(r.spec.remote_engine_id, r.spec.remote_request_id) for r in bound]
-        )
+        bound = [r.spec for r in self._recvs.values() if r.remote is not None and not r.aborted]
+        self.engines.heartbeat(now, [(s.remote_engine_id, s.remote_request_id) for s in bound])
         self.confirmer.send_due(now)
+        self._detach_stale()  # a producer whose READ failed above is released in this step
+
+    def _detach_stale(self) -> None:
+        """Release stale producers nobody reads from (their connecting loads handshake afresh)."""
+        for engine_id in self.engines.detach_idle_stale():
+            for recv in self._recvs.values():
+                if recv.spec.remote_engine_id == engine_id and recv.phase == "connect":
+                    recv.future = None
 
     def _fail_gone(self) -> None:
         """Fail at once the loads that read (or confirm with) a producer instance found gone;

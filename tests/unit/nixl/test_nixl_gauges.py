@@ -11,6 +11,8 @@ import pytest
 from nixl_helpers import FakeClock, Node, make_node, serving, wait_for
 from worker_steps import hold, recv
 
+from kvbridge.nixl.metadata import NixlConnectorMetadata
+
 IDLE = {
     "num_live_leases": 0,
     "nixl_num_inflight_xfer_handles": 0,
@@ -63,3 +65,30 @@ def test_gauges_follow_a_lease_a_read_and_a_gone_producers_dlist(
     stale = {**IDLE, "nixl_num_inflight_xfer_handles": 1, "nixl_num_inflight_dlist_handles": 1}
     assert {**stale, "nixl_num_remote_agents": 1} in seen, seen  # not released: kept, counted
     assert seen[-1] == {**IDLE, "nixl_num_remote_agents": 0}  # released on a retry
+
+
+def test_a_producer_whose_read_failed_is_released_in_the_step_that_saw_it(
+    clock: FakeClock,
+) -> None:
+    """The READ ends in ERR: the load fails and the producer (stale, nothing bound to it) is
+    detached in that same step, so an engine that stops stepping holds no dlist of it. Fails
+    when stale producers are only swept at the start of the next step."""
+    consumer = next(serving(make_node("kv_consumer", "decode", clock)))
+    producer = make_node("kv_producer", "prefill", clock)
+    hold(producer, "p-1")
+    consumer.fake.fail_next_xfers(1)
+    recving: set[str] = set()
+    errors: set[int] = set()
+
+    def step(meta: NixlConnectorMetadata | None = None) -> None:
+        _, done, bad = consumer.step(meta)
+        recving.update(done)
+        errors.update(bad)
+
+    step(recv(producer.worker.side_channel_port))
+    wait_for(lambda: "d-1" in recving, poll=step)
+    assert errors  # the load failed
+    assert gauges(consumer) == {**IDLE, "nixl_num_remote_agents": 0}
+    assert consumer.fake.num_remote_agents == 0
+    producer.worker.shutdown()
+    consumer.worker.shutdown()

@@ -164,13 +164,16 @@ class EngineLoop:
     def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 30.0) -> T:
         """Run ``fn(engine)`` in the engine thread and return its result (blocks the caller:
         never call it from the event loop). For checks such as ``check_integrity``."""
+        result: T = self._submit(fn).result(timeout_s)
+        return result
+
+    def _submit(self, fn: Callable[[LLMEngine], Any]) -> Future[Any]:
         future: Future[Any] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError(self.error or "engine loop is closed")
             self._commands.put(_Call(fn, future))
-        result: T = future.result(timeout_s)
-        return result
+        return future
 
     async def refresh_gauges(self, timeout_s: float = 1.0) -> None:
         """Have the engine thread set the gauges now (call from the event loop). Steps set them
@@ -180,7 +183,9 @@ class EngineLoop:
         if metrics is None or not self.healthy:
             return
         try:
-            await asyncio.to_thread(self.call, lambda _: self._record_gauges(metrics), timeout_s)
+            # awaited on the event loop: no executor thread that would outlive the scrape
+            done = asyncio.wrap_future(self._submit(lambda _: self._record_gauges(metrics)))
+            await asyncio.wait_for(done, timeout_s)
         except (RuntimeError, TimeoutError) as e:
             logger.debug("gauges not refreshed: %s", e or type(e).__name__)
 

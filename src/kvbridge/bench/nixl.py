@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from kvbridge.bench import harness
 from kvbridge.bench.harness import paired_ratio
+from kvbridge.bench.nixl_idle import idle_core_share
 from kvbridge.bench.nixl_peer import (
     HOST,
     KV_HEADS,
@@ -47,6 +48,7 @@ from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec
+from kvbridge.nixl.settings import DEFAULT_PROGRESS_DELAY_US
 from kvbridge.nixl.transport import LiveCounts
 
 if TYPE_CHECKING:
@@ -80,6 +82,8 @@ class RunResult(NamedTuple):
     rows: list[Row]
     ok: bool  # bytes correct, every hold released, nothing leaked
     notes: str
+    producer_core_share: float = 0.0  # the producer process's CPU / wall over the cases
+    idle_core_share: dict[int, float] = {}  # progress delay (us) -> an idle agent's CPU / wall
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -88,8 +92,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=64, help="blocks per READ (per layer)")
     p.add_argument("--block-kib", type=int, default=64, help="bytes of one block-layer")
     p.add_argument("--iters", type=int, default=30, help="timed READ pairs per case")
+    p.add_argument(
+        "--progress-delay-us",
+        type=int,
+        default=DEFAULT_PROGRESS_DELAY_US,
+        help="every agent's NIXL progress-thread delay (the connector's progress_delay_us; "
+        "0: NIXL's own, a spinning thread)",
+    )
+    p.add_argument(
+        "--idle-s",
+        type=float,
+        default=10.0,
+        help="seconds to measure an idle agent's CPU, at this delay and at 0 (0: skip)",
+    )
     args = p.parse_args(argv)
     harness.positive(p, args, "layers", "blocks", "iters")
+    if args.progress_delay_us < 0 or args.idle_s < 0:
+        p.error("--progress-delay-us and --idle-s must be >= 0")
     per_head_dim = 2 * TOKENS_PER_BLOCK * KV_HEADS * 4  # K and V, float32
     if args.block_kib < 1 or (args.block_kib * 1024) % per_head_dim:
         p.error(f"--block-kib: must be a positive multiple of {per_head_dim // 1024}")
@@ -179,16 +198,18 @@ def run(args: argparse.Namespace) -> RunResult:
     """Every case through the connector and raw NIXL, interleaved, against one producer."""
     spec = make_spec(args.layers, args.blocks, args.block_kib)
     nbytes = args.blocks * spec.num_layers * spec.block_bytes_per_layer
-    producer = ProducerProcess(args.layers, args.blocks, args.block_kib)
+    delay = {"progress_delay_us": args.progress_delay_us}
+    producer = ProducerProcess(args.layers, args.blocks, args.block_kib, delay)
     rows: list[Row] = []
     leaked = None
     expected = 4 * (args.iters + 1)  # every READ's done notification releases one hold
     try:
-        raw = RawReader(spec, HOST, producer.port)
+        raw = RawReader(spec, HOST, producer.port, progress_delay_us=args.progress_delay_us)
+        cpu0, wall0 = producer.cpu()
         try:
             for merge in (True, False):
                 config = nixl_config(
-                    "kv_consumer", f"bench-consumer-{merge}", merge_contiguous_blocks=merge
+                    "kv_consumer", f"bench-consumer-{merge}", merge_contiguous_blocks=merge, **delay
                 )
                 worker = create_connector(config, KVConnectorRole.WORKER, spec)
                 cache = kv_caches(spec, None)
@@ -204,16 +225,22 @@ def run(args: argparse.Namespace) -> RunResult:
                     worker.shutdown()
         finally:
             leaked = raw.close()
+        cpu1, wall1 = producer.cpu()
         producer.wait_released(expected)
     finally:
         released = producer.stop()
+    idle = {}
+    if args.idle_s > 0:
+        for delay_us in dict.fromkeys((args.progress_delay_us, 0)):
+            idle[delay_us] = idle_core_share(delay_us, args.idle_s)
     clean = leaked == LiveCounts(0, 0, 0, 0)
     notes = (
         f"producer holds released by done notifications: {released}/{expected}; "
         f"raw reader {'released every NIXL handle' if clean else f'leaked {leaked}'}"
     )
     correct = all(row.result.correct for row in rows)
-    return RunResult(rows, correct and released == expected and clean, notes)
+    ok = correct and released == expected and clean
+    return RunResult(rows, ok, notes, (cpu1 - cpu0) / (wall1 - wall0), idle)
 
 
 def _nixl_version() -> str:
@@ -277,6 +304,14 @@ def report(args: argparse.Namespace, result: RunResult) -> harness.Report:
     out.notes.append(
         f"bytes read (connector and raw) equal the producer's: {'PASS' if correct else 'FAIL'}; "
         f"{result.notes}"
+    )
+    idle = ", ".join(
+        f"{100 * share:.1f} % at {delay} us" for delay, share in result.idle_core_share.items()
+    )
+    out.notes.append(
+        f"CPU (getrusage, all threads), % of one core: the producer while the cases ran "
+        f"{100 * result.producer_core_share:.1f} % (progress delay {args.progress_delay_us} us)"
+        + (f"; one idle agent over {args.idle_s:g} s: {idle}" if idle else "")
     )
     return out
 

@@ -8,6 +8,7 @@ notifications every 50 ms while idle.
 from __future__ import annotations
 
 import multiprocessing as mp
+import resource
 import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -107,13 +108,23 @@ def step_worker(
     return len(sending)
 
 
-def producer_main(conn: Connection, layers: int, blocks: int, block_kib: int) -> None:
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread: NIXL's progress thread too), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def producer_main(
+    conn: Connection, layers: int, blocks: int, block_kib: int, extra: dict[str, Any]
+) -> None:
     """Serve a seeded KV cache; hold requests on ``("hold", ids)``; report on ``("stop",)``.
 
-    ``("released",)`` steps the worker once more and answers how many holds are released.
+    ``("released",)`` steps the worker once more and answers how many holds are released;
+    ``("cpu",)`` answers ``(cpu seconds, wall seconds)`` so far. ``extra``: connector config.
     """
     spec = make_spec(layers, blocks, block_kib)
-    worker = create_connector(nixl_config("kv_producer", PRODUCER_ID), KVConnectorRole.WORKER, spec)
+    config = nixl_config("kv_producer", PRODUCER_ID, **extra)
+    worker = create_connector(config, KVConnectorRole.WORKER, spec)
     released = 0
     try:
         cache = kv_caches(spec, SEED)  # referenced until shutdown: NIXL reads this memory
@@ -125,6 +136,9 @@ def producer_main(conn: Connection, layers: int, blocks: int, block_kib: int) ->
                 cmd, ids = conn.recv()
                 if cmd == "stop":
                     break
+                if cmd == "cpu":
+                    conn.send(("cpu", (cpu_seconds(), time.perf_counter())))
+                    continue
                 if cmd == "released":
                     released += step_worker(worker, meta, finished)
                     conn.send(("released", released))
@@ -149,9 +163,11 @@ def producer_main(conn: Connection, layers: int, blocks: int, block_kib: int) ->
 class ProducerProcess:
     """Runs in the bench process; owns the producer process and the pipe to it."""
 
-    def __init__(self, layers: int, blocks: int, block_kib: int) -> None:
+    def __init__(
+        self, layers: int, blocks: int, block_kib: int, extra: dict[str, Any] | None = None
+    ) -> None:
         self.conn, theirs = mp.Pipe()
-        self.proc = spawn(producer_main, theirs, layers, blocks, block_kib)
+        self.proc = spawn(producer_main, theirs, layers, blocks, block_kib, extra or {})
         theirs.close()
         try:
             port = expect(self.conn, "ready", TIMEOUT_S)
@@ -165,6 +181,12 @@ class ProducerProcess:
     def hold(self, ids: list[str]) -> None:
         self.conn.send(("hold", ids))
         expect(self.conn, "held", TIMEOUT_S)
+
+    def cpu(self) -> tuple[float, float]:
+        """The producer's (CPU seconds, wall seconds) so far: differences give its load."""
+        self.conn.send(("cpu", []))
+        cpu_s, wall_s = expect(self.conn, "cpu", TIMEOUT_S)
+        return float(cpu_s), float(wall_s)
 
     def wait_released(self, expected: int, timeout_s: float = 5.0) -> int:
         """How many holds are released, once ``expected`` are or after ``timeout_s``."""

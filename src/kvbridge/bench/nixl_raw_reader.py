@@ -22,7 +22,7 @@ from kvbridge.connector.types import KVCacheSpec
 from kvbridge.nixl.handshake import Handshaker, compat_hash
 from kvbridge.nixl.registration import cache_regions, check_kv_caches
 from kvbridge.nixl.remotes import RemoteEngine, RemoteEngines, memory_type
-from kvbridge.nixl.settings import NixlSettings
+from kvbridge.nixl.settings import DEFAULT_PROGRESS_DELAY_US, NixlSettings
 from kvbridge.nixl.transfers import KVRegions, plan_read
 from kvbridge.nixl.transport import LOCAL_AGENT, DlistHandle, LiveCounts, NixlTransport
 from kvbridge.nixl.wrapper import NixlWrapper
@@ -60,13 +60,15 @@ class RawReader:
         *,
         engine_id: str = PRODUCER_ID,
         timeout_s: float = TIMEOUT_S,
+        progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US,
     ) -> None:
         self.timeout_s = timeout_s
         self.cache = kv_caches(spec, None)  # referenced until close: NIXL writes this memory
         layers = check_kv_caches(spec, self.cache)
         self.group_layers = layers.group_layers
         self.regions: KVRegions = cache_regions(spec, layers)
-        self._t = NixlWrapper(f"{ENGINE_ID}-{uuid.uuid4().hex[:8]}")
+        name = f"{ENGINE_ID}-{uuid.uuid4().hex[:8]}"
+        self._t = NixlWrapper(name, progress_delay_us=progress_delay_us)
         self._cleanup = contextlib.ExitStack()
         try:
             mem = memory_type(self.regions)

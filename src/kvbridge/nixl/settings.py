@@ -29,6 +29,7 @@ _ALLOWED: dict[str, type | tuple[type, ...]] = {
     "max_handshake_bytes": int,
     "enforce_handshake_compat": bool,
     "slow_transfer_s": (int, float),
+    "progress_delay_us": int,
 }
 # old (vLLM-style) name -> new name; old names keep working with a DeprecationWarning.
 _ALIASES: dict[str, str] = {
@@ -45,6 +46,9 @@ FAKE_KNOBS: dict[str, type] = {
     "fail_xfers_on_post": bool,
 }
 DEFAULT_HEARTBEAT_S = 5.0
+# NIXL's progress thread wakes this often when idle (us; 0: NIXL's own, a spinning thread).
+# Measured on the 2-core CPU box (docs/benchmarks.md): 2.9 % of a core at 1 ms, 0.8 % at 5 ms.
+DEFAULT_PROGRESS_DELAY_US = 5000
 BEATS_PER_LEASE = 3  # a derived heartbeat renews a lease this many times per lease duration
 
 
@@ -71,6 +75,7 @@ class NixlSettings:
     max_handshake_bytes: int = 64 << 20
     enforce_handshake_compat: bool = True
     slow_transfer_s: float = 1.0
+    progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US  # NIXL progress thread's idle wake-up
 
     @classmethod
     def from_config(cls, config: TransferConfig) -> NixlSettings:
@@ -144,6 +149,11 @@ class NixlSettings:
             raise ConfigError("kv_connector_extra_config.side_channel_port: must be in 0..65535")
         if self.num_threads < 1:
             raise ConfigError("kv_connector_extra_config.num_threads: must be >= 1")
+        if self.progress_delay_us < 0:
+            raise ConfigError(
+                "kv_connector_extra_config.progress_delay_us: must be >= 0 (0: NIXL's default, "
+                "a progress thread that spins a core)"
+            )
         if self.max_handshake_bytes < 1024:
             raise ConfigError("kv_connector_extra_config.max_handshake_bytes: must be >= 1024")
         if isinstance(self.nixl_wrapper, str) and self.nixl_wrapper not in WRAPPER_NAMES:

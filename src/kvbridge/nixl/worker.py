@@ -73,7 +73,9 @@ def make_transport_factory(settings: NixlSettings) -> TransportFactory:
         return lambda name: FakeNixlWrapper(name, **settings.fake_nixl)
     from kvbridge.nixl.wrapper import NixlWrapper
 
-    return lambda name: NixlWrapper(name, backends=settings.backends)
+    return lambda name: NixlWrapper(
+        name, backends=settings.backends, progress_delay_us=settings.progress_delay_us
+    )
 
 
 @dataclass

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar, cast
 
+from kvbridge.nixl.settings import DEFAULT_PROGRESS_DELAY_US
 from kvbridge.nixl.transport import (
     DlistHandle,
     LiveCounts,
@@ -38,6 +39,7 @@ from kvbridge.nixl.transport import (
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
 NIXL_PACKAGES = ("nixl", "nixl_cu13", "nixl_cu12")  # import names, tried in this order
 INSTALL_HINT = (
     "pip install nixl-cu12 (CUDA 12 or CPU-only hosts) or pip install nixl-cu13 (CUDA 13)"
@@ -50,6 +52,7 @@ class NixlApi(NamedTuple):
     package: str
     api: ModuleType  # <package>._api: nixl_agent, nixl_agent_config, nixl_thread_sync_t
     errors: tuple[type[Exception], ...]  # the binding's exception types
+    bindings: ModuleType  # <package>._bindings: nixlAgent, nixlAgentConfig
 
 
 def load_nixl_api() -> NixlApi:
@@ -67,10 +70,55 @@ def load_nixl_api() -> NixlApi:
             for name, obj in vars(bindings).items()
             if name.startswith("nixl") and isinstance(obj, type) and issubclass(obj, Exception)
         )
-        return NixlApi(package, api, errors)
+        return NixlApi(package, api, errors, bindings)
     raise ImportError(
         f"no NIXL package is importable ({'; '.join(failures)}); install one: {INSTALL_HINT}"
     )
+
+
+def make_agent(
+    nixl: NixlApi,
+    agent_name: str,
+    *,
+    backends: Sequence[str],
+    num_threads: int,
+    capture_telemetry: bool,
+    thread_safe: bool,
+    progress_delay_us: int,
+) -> Any:
+    """A ``nixl_agent`` whose progress thread wakes every ``progress_delay_us`` when idle.
+
+    NIXL's UCX progress thread sleeps in ``poll()`` on the workers' event descriptors (a
+    transfer's or a notification's arrival wakes it at once) with a timeout of the delay
+    rounded up to whole milliseconds; ``nixl_agent.__init__`` fixes the delay at 0, so the
+    thread polls with a zero timeout and spins a core. The agent is built without backends,
+    its native agent replaced by one made from a ``nixlAgentConfig`` with the delay, and the
+    backends created on that one as ``__init__`` would have (0: NIXL's own construction).
+    """
+    api, bind = nixl.api, nixl.bindings
+    sync = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW if thread_safe else None
+    tuned = progress_delay_us > 0 and hasattr(getattr(bind, "nixlAgentConfig", None), "pthrDelay")
+    config = api.nixl_agent_config(
+        backends=[] if tuned else list(backends),
+        num_threads=num_threads,
+        capture_telemetry=capture_telemetry,
+        sync_mode=sync,
+    )
+    agent = api.nixl_agent(agent_name, config)
+    if not tuned:
+        return agent
+    native = bind.nixlAgentConfig()
+    native.useProgThread = True
+    native.useListenThread = False
+    native.syncMode = (sync or api.nixl_thread_sync_t.NIXL_THREAD_SYNC_NONE).value
+    native.pthrDelay = progress_delay_us
+    native.captureTelemetry = capture_telemetry
+    agent.agent = bind.nixlAgent(agent_name, native)  # the backend-less one is dropped
+    for backend in backends:
+        if backend in agent.plugin_list:  # a missing one is reported by the caller
+            threaded = num_threads > 0 and backend in ("UCX", "OBJ", "LIBFABRIC")
+            agent.create_backend(backend, {"num_threads": str(num_threads)} if threaded else {})
+    return agent
 
 
 def _error_code(exc: BaseException) -> str:
@@ -83,6 +131,7 @@ class NixlWrapper(NixlTransport):
 
     ``thread_safe`` selects NIXL's reader/writer agent lock, so a background handshake thread may
     call ``add_remote_agent`` while the worker thread posts and polls transfers.
+    ``progress_delay_us``: the progress thread's wake-up period (``make_agent``).
     """
 
     def __init__(
@@ -93,6 +142,7 @@ class NixlWrapper(NixlTransport):
         num_threads: int = 0,
         capture_telemetry: bool = True,
         thread_safe: bool = True,
+        progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US,
     ) -> None:
         if not agent_name:
             raise ValueError("agent_name must be a non-empty string")
@@ -100,20 +150,23 @@ class NixlWrapper(NixlTransport):
             raise ValueError(f"num_threads must be >= 0, got {num_threads}")
         if not backends:
             raise ValueError("backends must name at least one NIXL backend")
+        if progress_delay_us < 0:
+            raise ValueError(f"progress_delay_us must be >= 0, got {progress_delay_us}")
         nixl = load_nixl_api()
         self.agent_name = agent_name
         self.package = nixl.package
         self.capture_telemetry = capture_telemetry
         self._errors = nixl.errors
-        sync = nixl.api.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW if thread_safe else None
-        config = nixl.api.nixl_agent_config(
-            backends=list(backends),
-            num_threads=num_threads,
-            capture_telemetry=capture_telemetry,
-            sync_mode=sync,
-        )
         with self._nixl_errors("create agent"):
-            agent = nixl.api.nixl_agent(agent_name, config)
+            agent = make_agent(
+                nixl,
+                agent_name,
+                backends=backends,
+                num_threads=num_threads,
+                capture_telemetry=capture_telemetry,
+                thread_safe=thread_safe,
+                progress_delay_us=progress_delay_us,
+            )
         missing = [b for b in backends if b not in agent.backends]
         if missing:  # NIXL only logs a warning for a missing plugin
             raise NixlTransportError(

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "engine": "kvbridge.bench.engine",
     "offload": "kvbridge.bench.offload",
     "nixl": "kvbridge.bench.nixl",
+    "disk": "kvbridge.bench.disk",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # command -> module exposing ``main(argv) -> int``.

@@ -27,7 +27,7 @@ from kvbridge.config import ConfigError
 from kvbridge.demo.processes import ProcessSet, ServiceError
 from kvbridge.demo.reference import compare, reference_outputs
 from kvbridge.demo.report import RunSummary, fetch_metrics, render_report
-from kvbridge.demo.stack import BLOCK_SIZE, StackPlan, StackSizes, start_stack
+from kvbridge.demo.stack import BLOCK_SIZE, DiskTierPlan, StackPlan, StackSizes, start_stack
 from kvbridge.demo.workload import PromptBuilder, WorkloadRunner, WorkloadSpec
 from kvbridge.oracle import TOLERANCE
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--requests", type=int, metavar="N", help="total requests (overrides --turns)")
     add("--max-tokens", type=int, default=16, metavar="N", help="tokens per answer (16)")
     add("--seed", type=int, default=0, help="weight seed of random models (default 0)")
+    add("--disk-tier", metavar="DIR",
+        help="add a disk tier behind the CPU tier, records under DIR")  # fmt: skip
+    add("--disk-tier-gib", type=float, default=1.0, metavar="GIB",
+        help="the disk tier's budget per server (default 1 GiB)")  # fmt: skip
     add("--no-baseline", action="store_true", help="skip the run without reuse")
     add("--keep-logs", action="store_true", help="keep the servers' configs and logs")
     return p
@@ -89,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=spec.max_tokens,
         users=spec.users,
     )
-    plans = [StackPlan("reuse", True, args.model, args.device, args.seed, sizes)]
+    disk = None
+    if args.disk_tier:
+        disk = DiskTierPlan(str(Path(args.disk_tier).resolve()), int(args.disk_tier_gib * 2**30))
+    plans = [StackPlan("reuse", True, args.model, args.device, args.seed, sizes, disk)]
     if not args.no_baseline:
         plans.append(StackPlan("baseline", False, args.model, args.device, args.seed, sizes))
     run_dir = Path(tempfile.mkdtemp(prefix="kvbridge-demo-"))

@@ -7,7 +7,7 @@ proxy, streaming); token, byte and time counters are read from the servers' Prom
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -35,6 +35,9 @@ class Scrape:
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         ]
+
+    def has(self, sample_name: str) -> bool:
+        return any(name == sample_name for name, _, _ in self._samples)
 
     def sum(self, sample_name: str, **labels: str) -> float:
         """Sum of the samples named ``sample_name`` whose labels include ``labels`` (0 if none)."""
@@ -70,6 +73,18 @@ class Moved:
 
 
 @dataclass(frozen=True)
+class DiskSummary:
+    """The disk tier's counters on both servers."""
+
+    hits: float  # blocks read back from disk
+    misses: float  # lookups the disk could not extend
+    to_disk: Moved
+    from_disk: Moved
+    evictions: float
+    corrupt: float
+
+
+@dataclass(frozen=True)
 class RunSummary:
     """One stack's run: client-side request outcomes and server-side counters."""
 
@@ -87,6 +102,7 @@ class RunSummary:
     cpu_evictions: float
     fallbacks: float  # requests the proxy sent to decode without a prefill
     identical: int = 0
+    disk: DiskSummary | None = None  # the disk tier's counters (when it is on)
 
     @classmethod
     def collect(
@@ -130,6 +146,16 @@ class RunSummary:
             from_cpu=offload("cpu_to_gpu"),
             cpu_evictions=both("kvbridge:kv_offload_evictions_total"),
             fallbacks=Scrape(proxy).sum("kvbridge:proxy_requests_total", route="local_prefill"),
+            disk=DiskSummary(
+                hits=both("kvbridge:kv_offload_disk_hits_total"),
+                misses=both("kvbridge:kv_offload_disk_misses_total"),
+                to_disk=offload("cpu_to_disk"),
+                from_disk=offload("disk_to_cpu"),
+                evictions=both("kvbridge:kv_offload_disk_evictions_total"),
+                corrupt=both("kvbridge:kv_offload_disk_corrupt_records_total"),
+            )
+            if any(s.has("kvbridge:kv_offload_disk_bytes") for s in (p, d))
+            else None,
         )
 
     @property
@@ -176,6 +202,7 @@ def render_report(console: Console, runs: Sequence[RunSummary]) -> None:
         ("CPU offload GPU->CPU", [_moved(r.to_cpu) for r in runs]),
         ("CPU offload CPU->GPU", [_moved(r.from_cpu) for r in runs]),
         ("CPU blocks evicted", [_num(r.cpu_evictions) for r in runs]),
+        *_disk_rows(runs),
         ("decode: prefix-cache hits", [_num(r.decode_cache_hits) for r in runs]),
         ("tokens moved over NIXL", [_num(r.nixl_tokens) for r in runs]),
         ("NIXL reads", [_moved(r.nixl, with_count=True) for r in runs]),
@@ -186,3 +213,22 @@ def render_report(console: Console, runs: Sequence[RunSummary]) -> None:
     for name, cells in rows:
         table.add_row(name, *cells)
     console.print(table)
+
+
+def _disk_rows(runs: Sequence[RunSummary]) -> list[tuple[str, list[str]]]:
+    """The disk tier's rows, when a run had it on."""
+    if all(r.disk is None for r in runs):
+        return []
+
+    def cells(fn: Callable[[DiskSummary], str]) -> list[str]:
+        return ["-" if r.disk is None else fn(r.disk) for r in runs]
+
+    return [
+        ("disk tier hits / misses", cells(lambda d: f"{_num(d.hits)} / {_num(d.misses)}")),
+        ("disk tier CPU->disk", cells(lambda d: _moved(d.to_disk))),
+        ("disk tier disk->CPU", cells(lambda d: _moved(d.from_disk))),
+        (
+            "disk records evicted / corrupt",
+            cells(lambda d: f"{_num(d.evictions)} / {_num(d.corrupt)}"),
+        ),
+    ]

@@ -52,19 +52,33 @@ def _nixl(role: str) -> dict[str, Any]:
     return {"kv_connector": "NixlConnector", "kv_role": role, "kv_connector_extra_config": extra}
 
 
-def _offload(num_cpu_blocks: int) -> dict[str, Any]:
+def _offload(num_cpu_blocks: int, disk: DiskTierPlan | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"num_cpu_blocks": num_cpu_blocks}
+    if disk is not None:  # both servers share the directory (and each its byte budget)
+        extra.update(
+            kv_offload_backend="disk", disk_path=disk.path, disk_capacity_bytes=disk.capacity_bytes
+        )
     return {
         "kv_connector": "SimpleCPUOffloadConnector",
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"num_cpu_blocks": num_cpu_blocks},
+        "kv_connector_extra_config": extra,
     }
 
 
-def transfer_config(role: str, *, reuse: bool, cpu_blocks: int) -> dict[str, Any]:
+class DiskTierPlan(NamedTuple):
+    """The disk tier behind the CPU tier: its directory and byte budget per server."""
+
+    path: str
+    capacity_bytes: int
+
+
+def transfer_config(
+    role: str, *, reuse: bool, cpu_blocks: int, disk: DiskTierPlan | None = None
+) -> dict[str, Any]:
     """The ``kv_transfer_config`` (vLLM format) of one server of the stack."""
     if not reuse:
         return _nixl(role)
-    children = [_nixl(role), _offload(cpu_blocks)]
+    children = [_nixl(role), _offload(cpu_blocks, disk)]
     return {
         "kv_connector": "MultiConnector",
         "kv_role": role,
@@ -82,6 +96,7 @@ class StackPlan:
     device: str
     seed: int
     sizes: StackSizes
+    disk: DiskTierPlan | None = None
 
     def serve_config(self, role: str) -> dict[str, Any]:
         """A ``kvbridge serve --config`` file's content for ``kv_producer``/``kv_consumer``."""
@@ -98,7 +113,7 @@ class StackPlan:
             "num_gpu_blocks": blocks,
             "enable_prefix_caching": self.reuse,
             "kv_transfer_config": transfer_config(
-                role, reuse=self.reuse, cpu_blocks=self.sizes.cpu_blocks
+                role, reuse=self.reuse, cpu_blocks=self.sizes.cpu_blocks, disk=self.disk
             ),
         }
 

@@ -66,12 +66,36 @@ COUNTER_METRICS: dict[str, tuple[str, str]] = {
     "cpu_hit_tokens": ("kvbridge:kv_offload_hit_tokens", "prompt tokens loaded from the CPU tier"),
     "store_drops": ("kvbridge:kv_offload_store_drops", "stores dropped: CPU pool full"),
     "evictions": ("kvbridge:kv_offload_evictions", "CPU blocks evicted (LRU)"),
+    "disk_hits": ("kvbridge:kv_offload_disk_hits", "blocks read back from the disk tier"),
+    "disk_misses": (
+        "kvbridge:kv_offload_disk_misses",
+        "lookups that missed the CPU tier and found nothing more on disk",
+    ),
+    "disk_evictions": ("kvbridge:kv_offload_disk_evictions", "disk records evicted (LRU)"),
+    "disk_corrupt_records": (
+        "kvbridge:kv_offload_disk_corrupt_records",
+        "disk records found torn or corrupt (served as misses, dropped)",
+    ),
+    "disk_missing_records": (
+        "kvbridge:kv_offload_disk_missing_records",
+        "indexed disk records gone when read (served as misses)",
+    ),
+    "disk_write_drops": ("kvbridge:kv_offload_disk_write_drops", "disk writes dropped: no room"),
+    "disk_write_errors": ("kvbridge:kv_offload_disk_write_errors", "disk writes that failed"),
 }
 # key -> transfer_type label: offload bytes (counters) and copy times (samples, summed).
-OFFLOAD_BYTES: dict[str, str] = {"gpu_to_cpu_bytes": "gpu_to_cpu", "cpu_to_gpu_bytes": "cpu_to_gpu"}
+# GB/s of a transfer type: rate(kv_offload_total_bytes) / rate(kv_offload_total_time).
+OFFLOAD_BYTES: dict[str, str] = {
+    "gpu_to_cpu_bytes": "gpu_to_cpu",
+    "cpu_to_gpu_bytes": "cpu_to_gpu",
+    "cpu_to_disk_bytes": "cpu_to_disk",
+    "disk_to_cpu_bytes": "disk_to_cpu",
+}
 OFFLOAD_TIME: dict[str, str] = {
     "gpu_to_cpu_time_s": "gpu_to_cpu",
     "cpu_to_gpu_time_s": "cpu_to_gpu",
+    "cpu_to_disk_time_s": "cpu_to_disk",
+    "disk_to_cpu_time_s": "disk_to_cpu",
 }
 # Engine gauge key -> (metric name, help); the engine loop sets these after every step.
 # Connector gauges come from the connector halves themselves (``kvbridge.connector.gauges``):

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ class _Batch:
     started: float
     remaining: int
     nbytes: int = 0
+    ended: float = 0.0  # when its last block's I/O ended (not when a poll noticed)
 
 
 class DiskWorker:
@@ -90,7 +92,7 @@ class DiskWorker:
         self._rows = [[_byte_rows(t) for t in layers] for layers in cpu_layers]
         self._readers = ThreadPoolExecutor(disk.n_read_threads, "kvbridge-disk-read")
         self._writers = ThreadPoolExecutor(disk.n_write_threads, "kvbridge-disk-write")
-        self._inflight: list[tuple[_Batch, str, DiskBlock, Future[int]]] = []
+        self._inflight: list[tuple[_Batch, str, DiskBlock, Future[tuple[int, float]]]] = []
         self.stats = KVConnectorStats() if stats is None else stats
         logger.info(
             "disk tier: %s on %s, %s, %d read + %d write threads, %.2f GiB per worker",
@@ -129,7 +131,7 @@ class DiskWorker:
         ):
             if blocks:
                 batch = _Batch(kind, now, len(blocks))
-                self._inflight += [(batch, kind, b, pool.submit(fn, b)) for b in blocks]
+                self._inflight += [(batch, kind, b, pool.submit(_timed, fn, b)) for b in blocks]
 
     def poll(self) -> DiskDone | None:
         """What ended since the last poll, by outcome (never waits)."""
@@ -144,11 +146,18 @@ class DiskWorker:
         return None if done.is_empty() else done
 
     def _settle(
-        self, done: DiskDone, batch: _Batch, kind: str, block: DiskBlock, future: Future[int]
+        self,
+        done: DiskDone,
+        batch: _Batch,
+        kind: str,
+        block: DiskBlock,
+        future: Future[tuple[int, float]],
     ) -> None:
         path = record_path(self.ns_dir, block.group, block.block_hash)
         try:
-            batch.nbytes += future.result()
+            nbytes, ended = future.result()
+            batch.nbytes += nbytes
+            batch.ended = max(batch.ended, ended)
         except CorruptRecord as e:
             logger.warning("disk tier: corrupt record %s (%s); served as a miss", path, e)
             done.read_corrupt.append(block)
@@ -166,7 +175,7 @@ class DiskWorker:
         batch.remaining -= 1
         if batch.remaining == 0 and kind in _KINDS and batch.nbytes:
             self.stats.incr(f"{_KINDS[kind]}_bytes", batch.nbytes)
-            self.stats.observe(f"{_KINDS[kind]}_time_s", time.perf_counter() - batch.started)
+            self.stats.observe(f"{_KINDS[kind]}_time_s", batch.ended - batch.started)
 
     @property
     def num_inflight(self) -> int:
@@ -182,6 +191,10 @@ class DiskWorker:
         """Finish the running jobs, drop the queued ones. Idempotent."""
         for pool in (self._readers, self._writers):
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _timed(fn: Callable[[DiskBlock], int], block: DiskBlock) -> tuple[int, float]:
+    return fn(block), time.perf_counter()
 
 
 def _byte_rows(layer: torch.Tensor) -> np.ndarray:

@@ -22,9 +22,9 @@ _EXPORTS: dict[str, str] = {
         "KVConnectorWorkerMetadata SupportsHMA"
     ),
     "kvbridge.connector.types": (
-        "BlockIds BlockRemoved BlockStored FinishedRequest IntegrityError "
+        "BlockIds BlockRemoved BlockStored FinishedRequest HandoverToken IntegrityError "
         "KVCacheGroupSpec KVCacheLayout KVCacheSpec MatchResult RequestView "
-        "ScheduledRequest SchedulerStep SimpleRequest"
+        "ScheduledRequest SchedulerStep SimpleRequest SupportsHandover"
     ),
     "kvbridge.connector.factory": "create_connector register_connector registered_connectors",
     "kvbridge.connector.stats": "KVConnectorStats MultiKVConnectorStats",
@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers
     from kvbridge.connector.types import BlockRemoved as BlockRemoved
     from kvbridge.connector.types import BlockStored as BlockStored
     from kvbridge.connector.types import FinishedRequest as FinishedRequest
+    from kvbridge.connector.types import HandoverToken as HandoverToken
     from kvbridge.connector.types import IntegrityError as IntegrityError
     from kvbridge.connector.types import KVCacheGroupSpec as KVCacheGroupSpec
     from kvbridge.connector.types import KVCacheLayout as KVCacheLayout
@@ -89,6 +90,7 @@ if TYPE_CHECKING:  # `X as X`: explicit re-exports for type checkers
     from kvbridge.connector.types import ScheduledRequest as ScheduledRequest
     from kvbridge.connector.types import SchedulerStep as SchedulerStep
     from kvbridge.connector.types import SimpleRequest as SimpleRequest
+    from kvbridge.connector.types import SupportsHandover as SupportsHandover
     from kvbridge.kit.driver import ConnectorDriver as ConnectorDriver
     from kvbridge.kit.hashing import BlockHasher as BlockHasher
     from kvbridge.kit.queries import SupportsRequestState as SupportsRequestState

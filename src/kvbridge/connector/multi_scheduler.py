@@ -26,11 +26,13 @@ from kvbridge.connector.stats import MultiKVConnectorStats
 from kvbridge.connector.types import (
     BlockIds,
     FinishedRequest,
+    HandoverToken,
     KVCacheEvent,
     KVCacheSpec,
     MatchResult,
     RequestView,
     SchedulerStep,
+    SupportsHandover,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,15 @@ class MultiScheduler(KVConnectorScheduler, SupportsHMA):
         self._extra_async_saves: dict[str, int] = {}  # req id -> delaying children - 1
 
     # -- lookup and allocation --------------------------------------------------------------
+    def get_handover_token(self, request: RequestView) -> HandoverToken | None:
+        """The first child's handover token (children that implement ``SupportsHandover``)."""
+        for child in self.children:
+            if isinstance(child, SupportsHandover):
+                token = child.get_handover_token(request)
+                if token is not None:
+                    return token
+        return None
+
     def get_num_new_matched_tokens(
         self, request: RequestView, num_computed_tokens: int
     ) -> MatchResult:

@@ -208,6 +208,28 @@ class FinishedRequest(NamedTuple):
     kv_transfer_params: dict[str, Any] | None
 
 
+class HandoverToken(NamedTuple):
+    """The first token a remote prefill sampled, handed to the decode engine (SPEC §3): the
+    engine appends it as the request's first output, so the connector can supply every prompt
+    token and the first decode step computes this token instead of the last prompt token."""
+
+    token_id: int
+    logprob: float | None = None  # its log-probability under the producer's logits, if known
+    rank: int | None = None  # 1 + how many tokens were more likely, if known
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@runtime_checkable
+class SupportsHandover(Protocol):
+    """A scheduler half that may hand an engine a request's first token (``HandoverToken``).
+
+    The engine asks once, when the request arrives, before any other hook; a token it appends
+    must then be counted in ``num_tokens`` and ``all_token_ids`` (and the connector may offer
+    every prompt token). An engine that never asks keeps the plain path."""
+
+    def get_handover_token(self, request: RequestView) -> HandoverToken | None: ...
+
+
 class FinishedTransfers(NamedTuple):
     """Worker answer of ``get_finished``: request ids whose async send / receive completed."""
 

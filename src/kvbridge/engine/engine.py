@@ -123,7 +123,12 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             kv_load_failure_policy=transfer.kv_load_failure_policy if transfer else "recompute",
         )
-        self.scheduler = Scheduler(sched_config, self.block_manager, self.scheduler_connector)
+        self.scheduler = Scheduler(
+            sched_config,
+            self.block_manager,
+            self.scheduler_connector,
+            vocab_size=self.model_config.vocab_size,
+        )
         self.worker = Worker(self.runner, self.worker_connector)
         if self.scheduler_connector is not None and self.worker.handshake is not None:
             self.scheduler_connector.set_xfer_handshake_metadata({0: self.worker.handshake})
@@ -134,7 +139,8 @@ class LLMEngine:
         )
         self.kv_connector_stats: Stats | None = None
         self._kv_events: list[KVCacheEvent] = []
-        self.num_steps = 0
+        self.num_steps = 0  # step() calls
+        self.num_passes = 0  # schedule + forward + update passes (a step runs one or two)
         self._ids = itertools.count()
         self._closed = False
 
@@ -194,8 +200,20 @@ class LLMEngine:
 
     # -- stepping -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One schedule + forward + update; outputs of requests that advanced or ended."""
+        """One schedule + forward + update; outputs of requests that advanced or ended.
+
+        A load that completes within the step computes in that step: when the update resumes
+        parked loads, a second pass schedules them at once (no extra step, no idle wait in a
+        serving loop, just to notice the completion). Both passes' outputs are returned.
+        """
         self._check_open()
+        outputs = self._pass()
+        if self.scheduler.num_loads_resumed:
+            outputs += self._pass()
+        self.num_steps += 1
+        return outputs
+
+    def _pass(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         worker_output = self.worker.execute(sched)
         outputs = self.scheduler.update_from_output(sched, worker_output)
@@ -203,7 +221,7 @@ class LLMEngine:
         if self.scheduler_connector is not None:
             self._add_stats(self.scheduler_connector.get_kv_connector_stats())
             self._kv_events.extend(self.scheduler_connector.take_events())
-        self.num_steps += 1
+        self.num_passes += 1
         return outputs
 
     def generate(

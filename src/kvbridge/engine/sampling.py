@@ -7,6 +7,7 @@ Random sampling runs on the CPU with a per-request ``torch.Generator`` seeded fr
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a request's draw for output token ``position``: ``seed`` itself for the
+    first, a hash of both after. A draw depends only on the seed and the position, so a decode
+    engine that starts at the second token (first-token handover) or a request recomputed after
+    preemption draws what a monolithic engine draws."""
+    if position == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -17,6 +17,7 @@ from kvbridge.config import LOAD_FAILURE_POLICIES
 from kvbridge.connector.base import ConnectorOutput, KVConnectorMetadata, KVConnectorScheduler
 from kvbridge.connector.types import IntegrityError, ScheduledRequest, SchedulerStep
 from kvbridge.engine.block_manager import BlockManager
+from kvbridge.engine.handover import take_handover
 from kvbridge.engine.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from kvbridge.kit.transfers import Admission, LoadOutcome, TransferTracker
 
@@ -103,8 +104,11 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         connector: KVConnectorScheduler | None = None,
+        *,
+        vocab_size: int | None = None,
     ) -> None:
         self.config = config
+        self.vocab_size = vocab_size  # checks handed-over tokens (None: no check)
         self.block_manager = block_manager
         self.connector = connector
         self.transfers = TransferTracker(
@@ -114,20 +118,30 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_loads_resumed = 0  # parked loads the last update resumed (they can run now)
         self._pending_outputs: list[RequestOutput] = []
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        """Queue a request; one whose prompt is too long ends "rejected" at the next update.
+        A first token handed over by the connector is appended (and output) at once."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id: {request.request_id!r} is already in use")
-        self.requests[request.request_id] = request
         if request.num_prompt_tokens > self.config.max_model_len:
+            self.requests[request.request_id] = request
             request.error = (
                 f"prompt of {request.num_prompt_tokens} tokens exceeds max_model_len "
                 f"{self.config.max_model_len}"
             )
             self._pending_outputs.append(self._finish(request, RequestStatus.FINISHED_IGNORED))
             return
+        token = self.transfers.handover(request)
+        seeded = token is not None and take_handover(
+            request, token, self.config.max_model_len, self.vocab_size
+        )
+        self.requests[request.request_id] = request
+        if seeded:
+            self._pending_outputs.append(RequestOutput.of(request))
         self.waiting.append(request)
 
     def abort_request(self, request_id: str) -> bool:
@@ -316,6 +330,7 @@ class Scheduler:
         sampled: Mapping[str, int] = worker.sampled_token_ids if worker is not None else {}
         logprobs = (worker.logprobs if worker is not None else None) or {}
         report = self.transfers.update(out)
+        self.num_loads_resumed = sum(1 for o in report.loaded if o.error is None)
         outputs, self._pending_outputs = self._pending_outputs, []
         rolled_back = set()
         for outcome in report.rolled_back:  # this step's loads: recompute from the bad block

@@ -11,9 +11,9 @@ from kvbridge.connector.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorWorker,
 )
-from kvbridge.engine.request import TokenLogprobs
+from kvbridge.engine.request import Request, TokenLogprobs
 from kvbridge.engine.runner import ModelRunner, SeqChunk
-from kvbridge.engine.sampling import SamplingParams, compute_logprobs, make_generator, sample
+from kvbridge.engine.sampling import compute_logprobs, make_generator, position_seed, sample
 from kvbridge.engine.scheduler import SchedulerOutput, WorkerOutput
 from kvbridge.kit.worker_step import run_worker_step
 
@@ -89,7 +89,7 @@ class Worker:
         logits = self.runner.execute(seq_chunks, self._hooks)
         sampling = [c.request for c in sched.chunks if c.sample]
         params = [r.sampling_params for r in sampling]
-        generators = [self._generator(r.request_id, r.sampling_params) for r in sampling]
+        generators = [self._generator(r) for r in sampling]
         tokens = sample(logits, params, generators)
         lps = compute_logprobs(logits, params, tokens)
         for r, token, lp in zip(sampling, tokens, lps, strict=True):
@@ -97,7 +97,12 @@ class Worker:
             if lp is not None:
                 logprobs[r.request_id] = lp
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
-        if request_id not in self._generators:
-            self._generators[request_id] = make_generator(params)
-        return self._generators[request_id]
+    def _generator(self, request: Request) -> torch.Generator | None:
+        """The request's generator, seeded for the output position it samples now."""
+        rid, params = request.request_id, request.sampling_params
+        if rid not in self._generators:
+            self._generators[rid] = make_generator(params)
+        generator = self._generators[rid]
+        if generator is not None and params.seed is not None:
+            generator.manual_seed(position_seed(params.seed, request.num_output_tokens))
+        return generator

@@ -30,10 +30,12 @@ from kvbridge.connector.base import (
 from kvbridge.connector.types import (
     BlockIds,
     FinishedRequest,
+    HandoverToken,
     IntegrityError,
     RequestView,
     ScheduledRequest,
     SchedulerStep,
+    SupportsHandover,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,13 @@ class TransferTracker:
         self._step_id = 0
 
     # -- admission ------------------------------------------------------------------------------
+    def handover(self, request: RequestView) -> HandoverToken | None:
+        """A new request's first token from the connector (``SupportsHandover``), or ``None``.
+        An engine that appends it (as the first output token) does so before ``match``."""
+        if isinstance(self.connector, SupportsHandover):
+            return self.connector.get_handover_token(request)
+        return None
+
     def match(self, request: RequestView, num_local_tokens: int) -> Admission | None:
         """Ask the connector what it adds to ``num_local_tokens`` (the local prefix hit);
         ``None``: it is still looking, leave the request waiting and ask again next step."""

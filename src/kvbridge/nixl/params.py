@@ -4,7 +4,12 @@ A prefill request carries ``{"do_remote_decode": true}``; the prefill engine ans
 remote-prefill form that the decode engine receives::
 
     {"do_remote_prefill": true, "remote_engine_id": ..., "remote_host": ..., "remote_port": ...,
-     "remote_block_ids": [...], "remote_request_id": ..., "tp_size": ...}
+     "remote_block_ids": [...], "remote_request_id": ..., "tp_size": ...,
+     "first_token": {"token_id": ..., "logprob": ..., "rank": ..., "top_logprobs": [[id, lp]]}}
+
+``first_token`` (optional) is the token the producer sampled after the prompt, with what it
+knows of its log-probability: a decode engine that takes it (``HandoverToken``) loads the KV of
+every prompt token and computes this token first, instead of the prompt's last one.
 
 ``remote_block_ids`` is a list of ints (one KV cache group) or a list of such lists (one per
 group of a hybrid cache); entry ``i`` holds the prompt's tokens ``[i*bs, (i+1)*bs)``.
@@ -12,17 +17,30 @@ group of a hybrid cache); entry ``i`` holds the prompt's tokens ``[i*bs, (i+1)*b
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from kvbridge.connector.types import BlockIds
+from kvbridge.connector.types import BlockIds, HandoverToken
 
 
 class KVTransferParamsError(ValueError):
     """``kv_transfer_params`` is malformed; the message names the field."""
+
+
+class FirstToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``kv_transfer_params.first_token``: the producer's first sampled token."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+    def handover(self) -> HandoverToken:
+        return HandoverToken(self.token_id, self.logprob, self.rank, self.top_logprobs)
 
 
 class _WireParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -36,6 +54,7 @@ class _WireParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tp_size: int = 1
     # vLLM's producer adds its own prefix-cache hit count (for its metrics); read by nobody here.
     remote_prefill_cached_tokens: int | None = None
+    first_token: FirstToken | None = None
 
 
 class RemotePrefill(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +66,7 @@ class RemotePrefill(msgspec.Struct, frozen=True, kw_only=True):
     remote_block_ids: tuple[list[int], ...]  # one list per KV cache group
     remote_request_id: str
     tp_size: int = 1
+    first_token: FirstToken | None = None
 
 
 class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,7 +76,7 @@ class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
     remote_prefill: RemotePrefill | None = None
 
 
-_FIELD_RE = re.compile(r"at `\$\.(\w+)")
+_FIELD_RE = re.compile(r"at `\$\.([\w.\[\]]+)`")
 _UNKNOWN_RE = re.compile(r"unknown field `(\w+)`")
 _REQUIRED = ("remote_engine_id", "remote_host", "remote_port", "remote_block_ids")
 
@@ -78,6 +98,12 @@ def parse_kv_transfer_params(raw: Mapping[str, Any] | None) -> TransferParams | 
         raise KVTransferParamsError(
             "kv_transfer_params.do_remote_prefill: cannot be combined with do_remote_decode"
         )
+    if wire.first_token is not None:
+        if not wire.do_remote_prefill:
+            raise KVTransferParamsError(
+                "kv_transfer_params.first_token: only with do_remote_prefill"
+            )
+        check_first_token(wire.first_token)
     if not wire.do_remote_prefill:
         return TransferParams(do_remote_decode=wire.do_remote_decode)
     engine_id, host, port = wire.remote_engine_id, wire.remote_host, wire.remote_port
@@ -106,8 +132,32 @@ def parse_kv_transfer_params(raw: Mapping[str, Any] | None) -> TransferParams | 
         # vLLM's producer always sends it; default to the decode request's own id otherwise.
         remote_request_id=wire.remote_request_id or "",
         tp_size=wire.tp_size,
+        first_token=wire.first_token,
     )
     return TransferParams(remote_prefill=remote)
+
+
+def check_first_token(token: FirstToken) -> None:
+    """Value checks of ``first_token`` that its types cannot express."""
+    where = "kv_transfer_params.first_token"
+    if token.token_id < 0:
+        raise KVTransferParamsError(f"{where}.token_id: must be >= 0, got {token.token_id}")
+    if token.logprob is not None and not _is_logprob(token.logprob):
+        raise KVTransferParamsError(
+            f"{where}.logprob: must be a finite number <= 0, got {token.logprob!r}"
+        )
+    if token.rank is not None and token.rank < 1:
+        raise KVTransferParamsError(f"{where}.rank: must be >= 1, got {token.rank}")
+    for i, (tid, lp) in enumerate(token.top_logprobs):
+        if tid < 0 or not _is_logprob(lp):
+            raise KVTransferParamsError(
+                f"{where}.top_logprobs[{i}]: expected [token id >= 0, logprob <= 0], "
+                f"got {[tid, lp]!r}"
+            )
+
+
+def _is_logprob(value: float) -> bool:
+    return math.isfinite(value) and value <= 1e-6  # float32 log_softmax can round up to ~1e-7
 
 
 def check_block_count(
@@ -148,11 +198,18 @@ def check_distinct_blocks(remote: RemotePrefill, sliding: Sequence[bool]) -> Non
 
 
 def remote_prefill_params(
-    *, engine_id: str, host: str, port: int, block_ids: BlockIds, request_id: str, tp_size: int
+    *,
+    engine_id: str,
+    host: str,
+    port: int,
+    block_ids: BlockIds,
+    request_id: str,
+    tp_size: int,
+    first_token: HandoverToken | None = None,
 ) -> dict[str, Any]:
     """The params a producer returns for a finished ``do_remote_decode`` request."""
     ids: list[Any] = list(block_ids[0]) if len(block_ids) == 1 else [list(g) for g in block_ids]
-    return {
+    out: dict[str, Any] = {
         "do_remote_decode": False,
         "do_remote_prefill": True,
         "remote_engine_id": engine_id,
@@ -162,6 +219,16 @@ def remote_prefill_params(
         "remote_request_id": request_id,
         "tp_size": tp_size,
     }
+    if first_token is not None:
+        token: dict[str, Any] = {"token_id": first_token.token_id}
+        if first_token.logprob is not None:
+            token["logprob"] = first_token.logprob
+        if first_token.rank is not None:
+            token["rank"] = first_token.rank
+        if first_token.top_logprobs:
+            token["top_logprobs"] = [list(t) for t in first_token.top_logprobs]
+        out["first_token"] = token
+    return out
 
 
 def _block_ids(value: list[Any]) -> tuple[list[int], ...]:
@@ -181,9 +248,10 @@ def _block_ids(value: list[Any]) -> tuple[list[int], ...]:
 def _describe(error: msgspec.ValidationError) -> str:
     text = str(error)
     unknown = _UNKNOWN_RE.search(text)
-    if unknown:
-        return f"kv_transfer_params.{unknown.group(1)}: unknown field"
     field = _FIELD_RE.search(text)
+    if unknown:
+        parent = f"{field.group(1)}." if field else ""
+        return f"kv_transfer_params.{parent}{unknown.group(1)}: unknown field"
     name = field.group(1) if field else "?"
     detail = text.split(" - at ")[0]
     return f"kv_transfer_params.{name}: {detail}"

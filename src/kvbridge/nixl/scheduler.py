@@ -19,6 +19,7 @@ from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.types import (
     BlockIds,
     FinishedRequest,
+    HandoverToken,
     IntegrityError,
     KVCacheSpec,
     MatchResult,
@@ -58,6 +59,10 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
 
     - Consumer: a request with valid ``do_remote_prefill`` params gets every prompt token but
       the last from the producer, asynchronously; invalid params fall back to local prefill.
+      With the producer's first token (``first_token``, which the engine took through
+      ``get_handover_token`` and appended), every prompt token comes from the producer.
+    - Producer: the params it returns carry the request's first sampled token (and its
+      logprobs, when the engine's request keeps them in ``output_logprobs``).
     - Producer: a ``do_remote_decode`` request that finished by length keeps its prompt blocks
       (every group's) until the worker reports it in ``finished_sending`` (consumer done, or
       lease lapsed); one that ended otherwise (aborted, failed) frees them at once: its
@@ -92,7 +97,9 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
         remote = self._remote_prefill(request)
         if remote is None:
             return MatchResult(0, False)
-        count = request.num_prompt_tokens - 1 - num_computed_tokens
+        count = request.num_prompt_tokens - num_computed_tokens
+        if not _seeded(request, remote):
+            count -= 1  # the last prompt token is computed here, for the first token's logits
         self._matched[rid] = _Match(remote, num_computed_tokens)
         if count <= 0:
             return MatchResult(0, False)
@@ -129,6 +136,16 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             fail_reason=fail,
             prompt_hash=prompt_hash(request.prompt_token_ids),
         )
+
+    def get_handover_token(self, request: RequestView) -> HandoverToken | None:
+        """The producer's first token, when the params are valid remote-prefill params that
+        carry one (``SupportsHandover``)."""
+        if request.request_id in self._loaded or request.num_tokens != request.num_prompt_tokens:
+            return None
+        remote = self._remote_prefill(request)
+        if remote is None or remote.first_token is None:
+            return None
+        return remote.first_token.handover()
 
     def _remote_prefill(self, request: RequestView) -> RemotePrefill | None:
         params = self._params(request)
@@ -285,6 +302,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             block_ids=held,
             request_id=rid,
             tp_size=self.cache_spec.world_size,
+            first_token=_first_token(request),
         )
         return FinishedRequest(True, params_out)
 
@@ -323,6 +341,29 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             raise IntegrityError("NixlScheduler: a load is both planned and in flight")
         if self._pending_send.keys() & self._sending.keys():
             raise IntegrityError("NixlScheduler: a hold is both planned and shipped")
+
+
+def _seeded(request: RequestView, remote: RemotePrefill) -> bool:
+    """Whether the engine appended the producer's first token to the request."""
+    token = remote.first_token
+    n = request.num_prompt_tokens
+    return (
+        token is not None and request.num_tokens > n and request.all_token_ids[n] == token.token_id
+    )
+
+
+def _first_token(request: RequestView) -> HandoverToken | None:
+    """A finished producer request's first output token, with its logprobs if the request
+    kept them (kvbridge's engine: ``output_logprobs``; vLLM's scheduler-side request: none)."""
+    if request.num_tokens <= request.num_prompt_tokens:
+        return None
+    token = request.all_token_ids[request.num_prompt_tokens]
+    kept = getattr(request, "output_logprobs", None)
+    first = kept[0] if kept else None
+    if first is None or getattr(first, "token_id", None) != token:
+        return HandoverToken(token)
+    top = tuple((int(t), float(lp)) for t, lp in first.top)
+    return HandoverToken(token, float(first.logprob), int(first.rank), top)
 
 
 def _release(remote: RemotePrefill) -> RemoteRelease:

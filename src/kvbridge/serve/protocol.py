@@ -46,6 +46,15 @@ class RequestError(Exception):
         self.param = param
 
 
+class FirstTokenParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """``kv_transfer_params.first_token``: the token a prefill server sampled (SPEC §3)."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
 class KVTransferParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """P/D hand-off fields (SPEC §3); only the fields a client set are passed on."""
 
@@ -57,6 +66,7 @@ class KVTransferParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults
     remote_block_ids: list[Any] | None = None
     remote_request_id: str | None = None
     tp_size: int | None = None
+    first_token: FirstTokenParams | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self)
@@ -113,6 +123,7 @@ class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
             raise RequestError(400, "stop: stop strings must not be empty", param="stop")
         if self.kv_transfer_params is not None:
             _check_block_ids(self.kv_transfer_params.remote_block_ids)
+            _check_first_token(self.kv_transfer_params)
 
 
 class CompletionRequest(GenerationRequest, kw_only=True):
@@ -145,6 +156,25 @@ def _check_block_ids(block_ids: list[Any] | None) -> None:
                 "(or one such list per KV cache group)",
                 param="kv_transfer_params.remote_block_ids",
             )
+
+
+def _check_first_token(kv: KVTransferParams) -> None:
+    """The connector's own checks of ``first_token`` (``kvbridge.nixl.params``), as a 400."""
+    if kv.first_token is None:
+        return
+    from kvbridge.nixl.params import FirstToken, KVTransferParamsError, check_first_token
+
+    param = "kv_transfer_params.first_token"
+    if not kv.do_remote_prefill:
+        raise RequestError(400, f"{param}: only with do_remote_prefill", param=param)
+    token = kv.first_token
+    top = tuple(tuple(t) for t in token.top_logprobs or ())
+    try:
+        check_first_token(FirstToken(token_id=token.token_id, logprob=token.logprob,
+                                     rank=token.rank, top_logprobs=top))  # type: ignore[arg-type]  # fmt: skip
+    except KVTransferParamsError as e:
+        message = str(e)
+        raise RequestError(400, message, param=message.split(":", 1)[0]) from None
 
 
 _decoder = msgspec.json.Decoder(CompletionRequest)

@@ -2,10 +2,14 @@
 
 Per ``/v1/completions`` or ``/v1/chat/completions`` request: prefill server (round-robin), same
 route, with ``kv_transfer_params={"do_remote_decode": true}``, ``max_tokens=1``,
-``stream=false`` and none of the fields that only shape the answer (``n``, ``stop``,
-``logprobs``, ...); then decode server (round-robin) with the original request plus the
+``stream=false`` and none of the fields that only shape the answer (``n``, ``stop``, ...);
+then decode server (round-robin) with the original request plus the
 ``kv_transfer_params`` the prefill server returned; the decode answer (streamed or not) goes
-back to the client. A prefill that cannot be reached or answers 5xx falls back to the decode
+back to the client. A streamed answer whose prefill returned its first token
+(``kv_transfer_params.first_token``) starts with that token at once, sent by the proxy; the
+decode server's copy of it is cut from its stream (``kvbridge.serve.handover``). The prefill
+request keeps ``logprobs``/``top_logprobs``, so that token's logprobs come from P.
+A prefill that cannot be reached or answers 5xx falls back to the decode
 server computing the prompt itself (no params). A 4xx from either server is passed through
 unchanged; an unreachable decode server is a 502. ``/v1/models`` is a decode server's.
 """
@@ -26,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from kvbridge.serve.handover import TokenStripper, first_token_chunk, first_token_text
 from kvbridge.serve.metrics import CONTENT_TYPE, TTFT_BUCKETS
 from kvbridge.serve.protocol import (
     RequestError,
@@ -41,8 +46,7 @@ COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 MODELS = "/v1/models"
 # Fields the prefill request leaves out: they shape the answer, which the decode server gives.
-_ANSWER_ONLY = ("stream_options", "max_completion_tokens", "n", "stop", "logprobs",
-                "top_logprobs")  # fmt: skip
+_ANSWER_ONLY = ("stream_options", "max_completion_tokens", "n", "stop")
 
 
 def normalise_url(url: str) -> str:
@@ -105,7 +109,7 @@ class PDProxy:
         except RequestError as e:
             self.requests.labels(route="rejected").inc()
             return error_response(e.status, e.message, e.param)
-        params, early = await self._prefill_step(body, path)
+        params, answer, early = await self._prefill_step(body, path)
         if early is not None:
             self.requests.labels(route="prefill_error").inc()
             return early
@@ -115,6 +119,11 @@ class PDProxy:
             decode_body["kv_transfer_params"] = params
         url = next(self._decode)
         if body.get("stream") is True:
+            first = first_token_chunk(answer, body) if params and answer else None
+            if first is not None and answer is not None:
+                stripper = TokenStripper(first_token_text(answer))
+                stream = self._handover_stream(url, path, decode_body, first, stripper)
+                return StreamingResponse(stream, media_type="text/event-stream")
             return await self._stream_decode(url, path, decode_body)
         try:
             r = await self.client.post(url + path, json=decode_body)
@@ -141,10 +150,11 @@ class PDProxy:
 
     async def _prefill_step(
         self, body: dict[str, Any], path: str
-    ) -> tuple[dict[str, Any] | None, Response | None]:
-        """(params for the decode server, or None for local prefill; or an error to return)."""
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Response | None]:
+        """(params for the decode server, or None for local prefill; P's answer; or an error
+        to return)."""
         if self._prefill is None:
-            return None, None
+            return None, None, None
         url = next(self._prefill)
         prefill_body = {k: v for k, v in body.items() if k not in _ANSWER_ONLY}
         prefill_body.update(
@@ -156,21 +166,22 @@ class PDProxy:
         except httpx.HTTPError as e:
             logger.warning("prefill %s unreachable (%s); decode computes the prompt", url, e)
             self.prefill_failures.inc()
-            return None, None
+            return None, None, None
         if r.status_code >= 500:
             logger.warning("prefill %s answered %d; decode computes the prompt", url, r.status_code)
             self.prefill_failures.inc()
-            return None, None
+            return None, None, None
         if r.status_code != 200:
-            return None, _relay(r)
+            return None, None, _relay(r)
         try:
-            params = r.json().get("kv_transfer_params")
+            answer = r.json()
+            params = answer.get("kv_transfer_params")
         except (json.JSONDecodeError, AttributeError):
-            params = None
+            answer, params = None, None
         if not isinstance(params, dict) or not params.get("do_remote_prefill"):
             logger.info("prefill %s returned no remote-prefill params; local prefill", url)
-            return None, None
-        return params, None
+            return None, None, None
+        return params, answer, None
 
     async def _stream_decode(self, url: str, path: str, body: dict[str, Any]) -> Response:
         upstream_request = self.client.build_request("POST", url + path, json=body)
@@ -183,6 +194,34 @@ class PDProxy:
             await upstream.aclose()
             return _relay(upstream)
         return StreamingResponse(_pipe(upstream, url), media_type="text/event-stream")
+
+    async def _handover_stream(
+        self, url: str, path: str, body: dict[str, Any], first: bytes, stripper: TokenStripper
+    ) -> AsyncGenerator[bytes, None]:
+        """P's first token at once, then the decode server's stream without its copy of it."""
+        yield first
+        request = self.client.build_request("POST", url + path, json=body)
+        try:
+            upstream = await self.client.send(request, stream=True)
+        except httpx.HTTPError as e:
+            self.requests.labels(route="decode_error").inc()
+            message = f"decode server {url} is unreachable: {type(e).__name__}: {e}"
+            yield b"data: " + json.dumps(error_body(502, message)).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            return
+        if upstream.status_code != 200:
+            text = (await upstream.aread()).decode(errors="replace")
+            await upstream.aclose()
+            yield b"data: " + json.dumps(error_body(upstream.status_code, text)).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            return
+        async for chunk in _pipe(upstream, url):
+            out = stripper.feed(chunk)
+            if out:
+                yield out
+        rest = stripper.flush()
+        if rest:
+            yield rest
 
     async def models(self) -> Response:
         """A decode server's ``/v1/models`` (P and D serve the same model)."""

@@ -76,7 +76,10 @@ def test_abort_after_load_before_schedule_frees_the_loaded_blocks() -> None:
     fc.STORES["lc"] = {tuple(p): reference_kv(p)}
     eng, log = _recorded_engine(store="lc", load_async=True)
     rid = eng.add_request(p, GREEDY)
-    eng.step()  # admitted, parked; the load reports done in the same step
+    # one pass (engine.step would go on and schedule it in the same step): admitted, parked;
+    # the load reports done in that pass
+    sched = eng.scheduler.schedule()
+    eng.scheduler.update_from_output(sched, eng.worker.execute(sched))
     request = eng.scheduler.requests[rid]
     assert request.status is RequestStatus.WAITING and eng.block_manager.has_blocks(rid)
     assert request.num_computed_tokens == len(p) - 1

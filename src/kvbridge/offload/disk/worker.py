@@ -188,9 +188,13 @@ class DiskWorker:
             future.exception(timeout=max(0.0, deadline - time.monotonic()))
 
     def shutdown(self) -> None:
-        """Finish the running jobs, drop the queued ones. Idempotent."""
-        for pool in (self._readers, self._writers):
-            pool.shutdown(wait=True, cancel_futures=True)
+        """Drop queued reads, finish every write (a restart finds what this run stored) and
+        delete. Idempotent."""
+        self._readers.shutdown(wait=True, cancel_futures=True)
+        queued = sum(1 for _, kind, _, f in self._inflight if kind == "write" and not f.done())
+        if queued:
+            logger.info("disk tier: finishing %d block write(s) before shutdown", queued)
+        self._writers.shutdown(wait=True)
 
 
 def _timed(fn: Callable[[DiskBlock], int], block: DiskBlock) -> tuple[int, float]:

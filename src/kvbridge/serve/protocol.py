@@ -168,10 +168,11 @@ def _check_first_token(kv: KVTransferParams) -> None:
     if not kv.do_remote_prefill:
         raise RequestError(400, f"{param}: only with do_remote_prefill", param=param)
     token = kv.first_token
-    top = tuple(tuple(t) for t in token.top_logprobs or ())
+    top = tuple((int(t), float(lp)) for t, lp in token.top_logprobs or ())
+    first = FirstToken(token_id=token.token_id, logprob=token.logprob, rank=token.rank,
+                       top_logprobs=top)  # fmt: skip
     try:
-        check_first_token(FirstToken(token_id=token.token_id, logprob=token.logprob,
-                                     rank=token.rank, top_logprobs=top))  # type: ignore[arg-type]  # fmt: skip
+        check_first_token(first)
     except KVTransferParamsError as e:
         message = str(e)
         raise RequestError(400, message, param=message.split(":", 1)[0]) from None

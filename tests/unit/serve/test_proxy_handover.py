@@ -1,0 +1,190 @@
+"""The proxy streams P's first token at once and cuts D's copy of it (first-token handover).
+
+P and D are small stand-in apps: P answers like ``kvbridge serve`` (or vLLM) with
+``first_token`` in its params; D waits before it streams, so a first token that arrives before
+D's stream proves the proxy sent it from P's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from kvbridge.serve.handover import TokenStripper
+from kvbridge.serve.http_server import BackgroundServer
+from kvbridge.serve.protocol import RequestError, decode_completion_request
+from kvbridge.serve.proxy import build_proxy_app
+
+D_DELAY_S = 0.8
+PARAMS = {
+    "do_remote_prefill": True,
+    "remote_engine_id": "p",
+    "remote_host": "127.0.0.1",
+    "remote_port": 5600,
+    "remote_block_ids": [1, 2],
+    "first_token": {"token_id": 5},
+}
+
+
+def _event(choice: dict[str, Any], kind: str = "text_completion") -> bytes:
+    return (
+        b"data: " + json.dumps({"id": "d", "object": kind, "choices": [choice]}).encode() + b"\n\n"
+    )
+
+
+def _apps(d_events: list[bytes], prefill_choice: dict[str, Any]) -> tuple[Starlette, Starlette]:
+    seen: dict[str, Any] = {}
+
+    async def prefill(request: Request) -> JSONResponse:
+        seen["prefill"] = await request.json()
+        body = {"id": "p", "object": "text_completion", "created": 1, "model": "m",
+                "choices": [prefill_choice], "kv_transfer_params": PARAMS}  # fmt: skip
+        return JSONResponse(body)
+
+    async def decode(request: Request) -> StreamingResponse:
+        seen["decode"] = await request.json()
+
+        async def events() -> AsyncIterator[bytes]:
+            await asyncio.sleep(D_DELAY_S)
+            for event in d_events:  # split mid-event, as a network would
+                yield event[:7]
+                yield event[7:]
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    routes = ["/v1/completions", "/v1/chat/completions"]
+    p = Starlette(routes=[Route(r, prefill, methods=["POST"]) for r in routes])
+    d = Starlette(routes=[Route(r, decode, methods=["POST"]) for r in routes])
+    p.state.seen = d.state.seen = seen
+    return p, d
+
+
+def _stream(route: str, body: dict[str, Any], p: Starlette, d: Starlette) -> list[Any]:
+    """(seconds to the first event, events) through a proxy in front of ``p`` and ``d``."""
+    with (
+        BackgroundServer(p) as ps,
+        BackgroundServer(d) as ds,
+        BackgroundServer(build_proxy_app([ps.url], [ds.url])) as proxy,
+        httpx.Client(base_url=proxy.url, timeout=30, trust_env=False) as client,
+    ):
+        start = time.monotonic()
+        first = None
+        events = []
+        with client.stream("POST", route, json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    first = first if first is not None else time.monotonic() - start
+                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+        return [first, events]
+
+
+def test_completions_first_token_comes_from_p_before_d_answers() -> None:
+    d_events = [
+        _event(
+            {
+                "index": 0,
+                "text": " Hello",
+                "token_ids": [5],
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ),
+        _event(
+            {
+                "index": 0,
+                "text": " world",
+                "token_ids": [6],
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ),
+        _event(
+            {"index": 0, "text": "", "token_ids": [], "logprobs": None, "finish_reason": "length"}
+        ),
+    ]
+    p_choice = {"index": 0, "text": " Hello", "token_ids": [5], "logprobs": None,
+                "finish_reason": "length"}  # fmt: skip
+    p, d = _apps(d_events, p_choice)
+    body = {"prompt": [1, 2, 3], "max_tokens": 3, "logprobs": 1}
+    first, events = _stream("/v1/completions", body, p, d)
+    assert first < D_DELAY_S / 2, first  # P's token went out before D streamed anything
+    choices = [e["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in choices) == " Hello world"
+    assert [t for c in choices for t in c["token_ids"]] == [5, 6]
+    assert choices[-1]["finish_reason"] == "length" and events[-1] == "[DONE]"
+    assert p.state.seen["prefill"]["logprobs"] == 1  # P reports the first token's logprobs
+    assert p.state.seen["prefill"]["max_tokens"] == 1
+    assert d.state.seen["decode"]["kv_transfer_params"]["first_token"] == {"token_id": 5}
+
+
+def test_a_vllm_shaped_chat_stream_loses_its_first_token_by_text() -> None:
+    """vLLM's chunks carry no token ids and start with a role chunk."""
+    chat = "chat.completion.chunk"
+    d_events = [
+        _event(
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            },
+            chat,
+        ),
+        _event(
+            {"index": 0, "delta": {"content": "Once"}, "logprobs": None, "finish_reason": None},
+            chat,
+        ),
+        _event(
+            {
+                "index": 0,
+                "delta": {"content": " upon"},
+                "logprobs": None,
+                "finish_reason": "length",
+            },
+            chat,
+        ),
+    ]
+    p_choice = {"index": 0, "message": {"role": "assistant", "content": "Once"},
+                "logprobs": None, "finish_reason": "length"}  # fmt: skip
+    p, d = _apps(d_events, p_choice)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    first, events = _stream("/v1/chat/completions", body, p, d)
+    assert first < D_DELAY_S / 2, first
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": "Once"}
+    assert "".join(x.get("content") or "" for x in deltas) == "Once upon"
+    assert sum("role" in x for x in deltas) == 1
+
+
+def test_stripper_drops_the_first_logprobs_entry_once() -> None:
+    stripper = TokenStripper("A")
+    lp = {"tokens": ["A", "B"], "token_logprobs": [-0.1, -0.2], "top_logprobs": [{}, {}],
+          "text_offset": [0, 1]}  # fmt: skip
+    out = stripper.feed(_event({"index": 0, "text": "AB", "token_ids": [1, 2], "logprobs": lp}))
+    choice = json.loads(out[6:])["choices"][0]
+    assert choice["text"] == "B" and choice["token_ids"] == [2]
+    assert choice["logprobs"]["token_logprobs"] == [-0.2] and stripper.done
+    later = _event({"index": 0, "text": "C", "token_ids": [3], "logprobs": lp})
+    assert stripper.feed(later) == later  # done: passed through untouched
+
+
+def test_a_bad_first_token_is_a_400_naming_the_field() -> None:
+    body = {"prompt": [1], "kv_transfer_params": {**PARAMS, "first_token": {"token_id": 5,
+            "logprob": 0.5}}}  # fmt: skip
+    with pytest.raises(RequestError) as e:
+        decode_completion_request(json.dumps(body).encode())
+    assert e.value.status == 400
+    assert e.value.param == "kv_transfer_params.first_token.logprob"
+    assert "must be a finite number <= 0" in e.value.message

@@ -19,6 +19,7 @@ from kvbridge.config import TransferConfig
 from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.request import RequestOutput
 from kvbridge.engine.sampling import SamplingParams
+from kvbridge.offload.disk.halves import TieredOffloadScheduler
 from kvbridge.offload.disk.io import O_DIRECT, RecordIO
 from kvbridge.oracle import Trace, check, reference
 
@@ -235,3 +236,31 @@ def test_a_filesystem_refusing_o_direct_runs_the_tier_buffered(
         out = run_one(restarted, A)
     assert out.num_external_tokens == 28
     assert check(expected[tuple(A)], Trace.from_output(out)).ok
+
+
+def test_capacity_bound_evicts_least_recently_used_records(
+    tmp_path: Path, expected: dict[tuple[int, ...], Trace]
+) -> None:
+    """A budget of 24 records: the oldest are deleted as newer blocks arrive, the directory
+    never holds more, and a prompt still on disk is served from it."""
+    with LLMEngine(engine_config(disk_config(tmp_path / "probe"))) as probe:
+        half = probe.scheduler_connector
+        assert isinstance(half, TieredOffloadScheduler)
+        record = half.disk.sizes[0]
+    root = tmp_path / "bounded"
+    config = engine_config(disk_config(root, capacity=24 * record))
+    with LLMEngine(config) as engine:
+        for p in [A, *FILLERS, prompt(30, seed=98), prompt(30, seed=99)]:
+            run_one(engine, p)  # the last two push F2 out of the GPU and CPU tiers
+            assert len(list(root.rglob("*.kvb"))) <= 24
+        last = run_one(engine, FILLERS[-1])
+        got = stats(engine)
+        again = run_one(engine, A)  # evicted from every tier: recomputed
+    assert len(list(root.rglob("*.kvb"))) == 24
+    assert got.get("disk_evictions") == 6 * 7 - 24  # oldest first: A's, F0's, 4 of F1's
+    assert last.num_cached_tokens + last.num_external_tokens == 28  # GPU, CPU and disk hits
+    assert last.num_external_tokens > 0 and got.get("disk_hits", 0) >= 1
+    want = reference([FILLERS[-1]], engine_config(None, num_gpu_blocks=64), max_tokens=6)
+    assert check(want[tuple(FILLERS[-1])], Trace.from_output(last)).ok
+    assert again.num_external_tokens == 0
+    assert check(expected[tuple(A)], Trace.from_output(again)).ok

@@ -17,12 +17,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from kvbridge.config import TransferConfig
 from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
 from kvbridge.demo.processes import ProcessSet, ServiceError
 from kvbridge.demo.reference import compare
-from kvbridge.demo.report import RunSummary, percentile
+from kvbridge.demo.report import RunSummary, percentile, render_report
 from kvbridge.demo.workload import PromptBuilder, RequestRecord, WorkloadSpec
 from kvbridge.oracle import Trace
 from kvbridge.serve.config_file import ProxyConfig, load_serve_config
@@ -86,6 +87,21 @@ def test_demo_outputs_identical_and_no_process_left():
         assert config.kv_transfer_config.kv_connector == "MultiConnector"
     finally:
         shutil.rmtree(logs, ignore_errors=True)
+
+
+@needs_nixl
+def test_demo_with_a_disk_tier_reports_it(tmp_path: Path):
+    tag = uuid.uuid4().hex
+    argv = _demo_argv("--requests", "4", "--users", "2", "--max-tokens", "8", "--no-baseline",
+                      "--disk-tier", str(tmp_path))  # fmt: skip
+    done = subprocess.run(argv, env=_demo_env(tag), capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "outputs identical: 4/4" in out
+    assert re.search(r"disk tier CPU->disk\s*│\s*[1-9][\d.]* [KMG]iB, [\d.]+ GB/s", out), out
+    assert re.search(r"disk records evicted / corrupt\s*│\s*0 / 0", out), out
+    assert list(tmp_path.glob("*/namespace.json")) and list(tmp_path.rglob("*.kvb"))
+    assert _tagged_pids(tag) == []
 
 
 @needs_nixl
@@ -234,6 +250,34 @@ def test_summary_reads_the_series_the_servers_export():
     assert summary.nixl.count == 2 and summary.nixl.gb_per_s == pytest.approx(1.0)
     assert summary.to_cpu.gb_per_s == pytest.approx(2.0)
     assert summary.ttft_ms(50) == pytest.approx(200.0)
+
+
+def test_summary_and_table_show_the_disk_tier_only_when_it_is_on():
+    server = ServerMetrics("small")
+    stats = KVConnectorStats()
+    stats.incr("disk_hits", 7)
+    stats.incr("disk_misses", 2)
+    stats.incr("disk_evictions", 5)
+    stats.incr("disk_corrupt_records", 1)
+    stats.incr("cpu_to_disk_bytes", 4_000_000)
+    stats.observe("cpu_to_disk_time_s", 0.002)
+    stats.incr("disk_to_cpu_bytes", 1_000_000)
+    stats.observe("disk_to_cpu_time_s", 0.001)
+    server.record_connector_stats(stats, name="SimpleCPUOffloadConnector")
+    server.set_connector_gauges({"SimpleCPUOffloadConnector": {"kv_offload_disk_bytes": 9}})
+    text = server.render().decode()
+    on = RunSummary.collect("reuse", [], 1.0, prefill=text, decode=text, proxy="")
+    off = RunSummary.collect("baseline", [], 1.0, prefill="", decode="", proxy="")
+    assert off.disk is None and on.disk is not None
+    assert (on.disk.hits, on.disk.misses, on.disk.evictions, on.disk.corrupt) == (14, 4, 10, 2)
+    assert on.disk.to_disk.gb_per_s == pytest.approx(2.0)
+    assert on.disk.from_disk.gb_per_s == pytest.approx(1.0)
+    console = Console(width=200, record=True)
+    render_report(console, [on, off])
+    table = console.export_text()
+    assert re.search(r"disk tier hits / misses\s*│\s*14 / 4\s*│\s*-", table), table
+    render_report(console := Console(width=200, record=True), [off])
+    assert "disk tier" not in console.export_text()
 
 
 def test_percentile_interpolates():

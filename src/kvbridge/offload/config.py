@@ -17,7 +17,7 @@ from typing import Any
 from kvbridge.config import ConfigError, TransferConfig, check_extra_keys
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.copy.backend import parse_strategy
-from kvbridge.offload.disk.config import DISK_KEYS, DiskConfig, check_disk_extra
+from kvbridge.offload.disk.config import DISK_KEYS, DiskConfig, check_disk_extra, check_disk_spec
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +185,8 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
     )
     lazy = bool(extra.get("lazy_offload", False))
     disk = check_disk_extra(extra)
-    if disk is not None and spec.world_size > 1:
-        raise ConfigError(
-            f"kv_connector_extra_config.kv_offload_backend: the disk tier runs with one worker "
-            f"(world_size {spec.world_size}); use 'cpu' with tensor parallelism"
-        )
+    if disk is not None:
+        check_disk_spec(disk, spec)
     return OffloadConfig(
         num_cpu_blocks=size.num_cpu_blocks,
         block_size=spec.block_size,

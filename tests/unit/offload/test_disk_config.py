@@ -53,9 +53,11 @@ def test_bad_disk_config_fails_at_parse_time_naming_the_key(
         TransferConfig.from_dict(raw)
 
 
-def test_disk_tier_refuses_tensor_parallel_workers() -> None:
+def test_disk_tier_refuses_tensor_parallel_workers_and_a_budget_below_one_record() -> None:
     with pytest.raises(ConfigError, match="kv_offload_backend: the disk tier runs with one worker"):
         parse_offload_config(config(**DISK), spec(world_size=2))
+    with pytest.raises(ConfigError, match="disk_capacity_bytes: 4096 bytes hold no block record"):
+        parse_offload_config(config(**{**DISK, "disk_capacity_bytes": 4096}), spec())
 
 
 def test_factory_builds_the_tiered_halves_only_with_the_disk_backend(tmp_path: object) -> None:

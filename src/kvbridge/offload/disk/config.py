@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbridge.config import ConfigError
+from kvbridge.connector.types import KVCacheSpec
+from kvbridge.offload.disk.record import group_payload_bytes, record_size
 
 DISK_KEYS: dict[str, type | tuple[type, ...]] = {
     "disk_path": str,
@@ -105,3 +107,18 @@ def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
         n_write_threads=extra.get("n_write_threads") or DEFAULT_THREADS,
         namespace=extra.get("disk_namespace") or "",
     )
+
+
+def check_disk_spec(disk: DiskConfig, spec: KVCacheSpec) -> None:
+    """The checks that need the cache spec; ``ConfigError`` naming the key and the fix."""
+    if spec.world_size > 1:
+        raise ConfigError(
+            f"{_P}.kv_offload_backend: the disk tier runs with one worker (world_size "
+            f"{spec.world_size}); use 'cpu' with tensor parallelism"
+        )
+    largest = max(record_size(n, disk.alignment) for n in group_payload_bytes(spec))
+    if disk.capacity_bytes < largest:
+        raise ConfigError(
+            f"{_P}.disk_capacity_bytes: {disk.capacity_bytes} bytes hold no block record of "
+            f"{largest} bytes; raise it"
+        )

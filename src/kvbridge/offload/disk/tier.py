@@ -108,15 +108,20 @@ class DiskTier:
             return False
         waiting = False
         wanted: dict[int, list[bytes]] = {}
+        held: dict[int, list[bytes]] = {}
         for g in range(self.rule.num_groups):
             for i in self.rule.needed(g, start, full_end):
                 h = hashes[i]
                 if pool.is_storing(h, g):
                     waiting = True  # a read (or a GPU store) in flight
-                elif not pool.is_cached(h, g):
+                elif pool.is_cached(h, g):
+                    held.setdefault(g, []).append(h)
+                else:
                     wanted.setdefault(g, []).append(h)
         if not wanted:
             return waiting
+        for g, group_hashes in held.items():  # most recently used: evicted after the others
+            pool.prepare_store(group_hashes, g)
         rounds = self._rounds.get(req_id, 0)
         if rounds >= MAX_READ_ROUNDS:
             return False

@@ -33,7 +33,7 @@ def test_clean_pd_round_trip_leaves_both_engines_as_they_started(ledger: Resourc
     finals = pd.decode(reqs)
     for rid, (p, _) in reqs.items():
         assert finals[rid].token_ids == expected(p), rid
-        assert finals[rid].num_external_tokens == len(p) - 1
+        assert finals[rid].num_external_tokens == len(p)  # all of it: P handed its token over
     d_stats = pd.d.kv_connector_stats
     assert d_stats is not None and d_stats.data["num_transfers"] == 4
     assert "num_failed_transfers" not in d_stats.data

@@ -21,7 +21,7 @@ COMPLETION_CHUNK = "text_completion"
 def first_token_chunk(prefill_answer: dict[str, Any], body: dict[str, Any]) -> bytes | None:
     """The SSE event that streams P's first token, or ``None`` when the decode server's
     stream must go out whole (several choices, stop strings, a one-token answer, P's token
-    ends the answer, or P's answer is not one it can read)."""
+    ends the answer or is part of a UTF-8 character, or P's answer is not one it can read)."""
     params = prefill_answer.get("kv_transfer_params")
     choices = prefill_answer.get("choices")
     if not isinstance(params, dict) or not isinstance(params.get("first_token"), dict):
@@ -45,8 +45,8 @@ def first_token_chunk(prefill_answer: dict[str, Any], body: dict[str, Any]) -> b
         text = choice.get("text")
         out["text"] = text or ""
         kind = COMPLETION_CHUNK
-    if not isinstance(text, str | None):
-        return None
+    if not isinstance(text, str | None) or (text or "").endswith("\ufffd"):
+        return None  # a partial UTF-8 character: D's stream completes it in its own text
     out["logprobs"] = choice.get("logprobs")
     out["finish_reason"] = None
     if "token_ids" in choice:

@@ -248,18 +248,17 @@ def tiny_engine(transfer: TransferConfig | None = None) -> LLMEngine:
 
 
 def run_engine(eng: LLMEngine, rid: str, hashes: list[bytes]) -> tuple[RequestOutput, list[Step]]:
-    """Step to the end; per step: the request's state before it, and its CPU-stored blocks."""
+    """Step to the end; per pass (a step runs a second one when a load finished in it): the
+    request's state before it, and its CPU-stored blocks."""
     steps: list[Step] = []
     final = None
     deadline = time.monotonic() + 20
-    while eng.has_unfinished_requests() or eng.has_pending_transfers():
-        assert time.monotonic() < deadline, "engine did not drain"
+    one_pass = eng._pass
+
+    def recorded_pass() -> list[RequestOutput]:
         req = eng.scheduler.requests.get(rid)
         before = (req.status, req.num_computed_tokens) if req is not None else None
-        for out in eng.step():
-            if out.request_id == rid and out.finished:
-                final = out
-        eng.check_integrity()
+        outputs = one_pass()
         stored = {
             hashes.index(h)
             for e in eng.take_kv_events()
@@ -268,5 +267,14 @@ def run_engine(eng: LLMEngine, rid: str, hashes: list[bytes]) -> tuple[RequestOu
             if h in hashes
         }
         steps.append(Step(before, stored))
+        return outputs
+
+    eng._pass = recorded_pass  # type: ignore[method-assign]
+    while eng.has_unfinished_requests() or eng.has_pending_transfers():
+        assert time.monotonic() < deadline, "engine did not drain"
+        for out in eng.step():
+            if out.request_id == rid and out.finished:
+                final = out
+        eng.check_integrity()
     assert final is not None
     return final, steps

@@ -111,7 +111,7 @@ def test_blocks_from_the_producer_give_the_monolithic_tokens(
         rid = d.add_request(PROMPT, GREEDY, kv_transfer_params=params)
         out = finish(d, rid, p)
         assert out.token_ids == expected
-        assert out.num_external_tokens == len(PROMPT) - 1
+        assert out.num_external_tokens == len(PROMPT)  # P handed its first token over
         stats = d.kv_connector_stats
         assert isinstance(stats, KVConnectorStats) and stats.data[keys.NUM_TRANSFERS] == 1
         assert keys.FAILED_CONFIRMS not in stats.data

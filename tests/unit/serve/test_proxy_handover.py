@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from kvbridge.serve.handover import TokenStripper
+from kvbridge.serve.handover import TokenStripper, first_token_chunk
 from kvbridge.serve.http_server import BackgroundServer
 from kvbridge.serve.protocol import RequestError, decode_completion_request
 from kvbridge.serve.proxy import build_proxy_app
@@ -188,3 +188,11 @@ def test_a_bad_first_token_is_a_400_naming_the_field() -> None:
     assert e.value.status == 400
     assert e.value.param == "kv_transfer_params.first_token.logprob"
     assert "must be a finite number <= 0" in e.value.message
+
+
+def test_a_partial_utf8_first_token_is_left_to_d() -> None:
+    answer: dict[str, Any] = {"choices": [{"index": 0, "text": "\ufffd", "token_ids": [200],
+                           "finish_reason": "length"}], "kv_transfer_params": PARAMS}  # fmt: skip
+    assert first_token_chunk(answer, {"max_tokens": 4}) is None
+    answer["choices"][0]["text"] = "ok"
+    assert first_token_chunk(answer, {"max_tokens": 4}) is not None

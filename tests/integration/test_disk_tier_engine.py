@@ -264,3 +264,20 @@ def test_capacity_bound_evicts_least_recently_used_records(
     assert check(want[tuple(FILLERS[-1])], Trace.from_output(last)).ok
     assert again.num_external_tokens == 0
     assert check(expected[tuple(A)], Trace.from_output(again)).ok
+
+
+def test_records_deleted_by_another_server_are_misses(
+    tmp_path: Path, expected: dict[tuple[int, ...], Trace]
+) -> None:
+    """Indexed at start, deleted before the read (another server's eviction): a miss each,
+    counted, and the prompt recomputed."""
+    config = engine_config(disk_config(tmp_path))
+    with LLMEngine(config) as engine:
+        run_one(engine, A)
+    with LLMEngine(config) as restarted:
+        for path in tmp_path.rglob("*.kvb"):
+            path.unlink()
+        out = run_one(restarted, A)
+        got = stats(restarted)
+    assert out.num_external_tokens == 0 and got.get("disk_missing_records") == 7
+    assert check(expected[tuple(A)], Trace.from_output(out)).ok

@@ -120,11 +120,11 @@ class DiskTier:
                     wanted.setdefault(g, []).append(h)
         if not wanted:
             return waiting
-        for g, group_hashes in held.items():  # most recently used: evicted after the others
-            pool.prepare_store(group_hashes, g)
         rounds = self._rounds.get(req_id, 0)
         if rounds >= MAX_READ_ROUNDS:
             return False
+        for g, group_hashes in held.items():  # most recently used: evicted after the others
+            pool.prepare_store(group_hashes, g)
         started = 0
         for g, group_hashes in wanted.items():
             plan = pool.prepare_store(group_hashes, g)

@@ -1,0 +1,113 @@
+"""DiskTier's plans against a real CPU pool, without a worker: what it writes, reads, deletes
+and counts, and that a request never waits on the disk for ever."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from offload_helpers import spec
+
+from kvbridge.connector.stats import KVConnectorStats
+from kvbridge.offload.disk.config import DiskConfig
+from kvbridge.offload.disk.metadata import DiskDone, DiskJobs
+from kvbridge.offload.disk.tier import MAX_READ_ROUNDS, DiskTier
+from kvbridge.offload.groups import HitRule
+from kvbridge.offload.pool import CPUBlockPool
+
+H = [bytes([i]) * 16 for i in range(8)]
+
+
+def make(tmp_path: Path, cpu_blocks: int = 4, records: int = 8) -> tuple[DiskTier, CPUBlockPool]:
+    s = spec()
+    pool = CPUBlockPool(cpu_blocks, s.block_size)
+    probe = DiskTier(
+        DiskConfig(str(tmp_path), 1 << 30), s, pool, HitRule([None], 4), KVConnectorStats()
+    )
+    size = probe.sizes[0]
+    tier = DiskTier(
+        DiskConfig(str(tmp_path), records * size), s, pool, HitRule([None], 4), KVConnectorStats()
+    )
+    return tier, pool
+
+
+def store(
+    pool: CPUBlockPool, tier: DiskTier, hashes: list[bytes], *, written: bool = True
+) -> DiskJobs | None:
+    """Store ``hashes`` on the CPU tier; the disk jobs that planned (writes done if ``written``)."""
+    plan = pool.prepare_store(hashes)
+    pool.complete_store(plan.block_ids, success=True)
+    tier.stored(plan.block_ids)
+    jobs = tier.take_jobs()
+    if written and jobs is not None:
+        tier.complete(DiskDone(written=jobs.writes))
+    return jobs
+
+
+def test_writes_pin_cpu_blocks_until_written_then_the_disk_serves_what_the_cpu_lost(
+    tmp_path: Path,
+) -> None:
+    tier, pool = make(tmp_path)
+    jobs = store(pool, tier, H[:2], written=False)
+    assert jobs is not None and [b.block_hash for b in jobs.writes] == H[:2]
+    assert pool.num_pins == 2 and not tier.index.has((0, H[0]))  # pinned, not a hit yet
+    tier.complete(DiskDone(written=jobs.writes))
+    assert pool.num_pins == 0 and tier.index.has((0, H[0]))
+    store(pool, tier, H[2:6])  # the CPU tier (4 blocks) evicts H0 and H1
+    assert not pool.is_cached(H[0])
+    assert tier.promote("r", H, 0, 2)  # reads started: ask again
+    jobs = tier.take_jobs()
+    assert jobs is not None and [b.block_hash for b in jobs.reads] == H[:2]
+    assert tier.promote("r", H, 0, 2)  # still reading
+    assert tier.take_jobs() is None
+    tier.check_integrity()
+    tier.complete(DiskDone(read=jobs.reads))
+    assert pool.is_cached(H[0]) and pool.is_cached(H[1])
+    assert not tier.promote("r", H, 0, 2)  # a CPU hit now: the CPU tier answers
+    assert tier.stats.data["disk_hits"] == 2
+
+
+def test_a_request_whose_read_blocks_keep_being_evicted_stops_waiting(tmp_path: Path) -> None:
+    tier, pool = make(tmp_path, cpu_blocks=2)
+    store(pool, tier, H[:2])
+    for round_ in range(MAX_READ_ROUNDS):
+        store(pool, tier, H[2 + 2 * round_ : 4 + 2 * round_])  # push H0, H1 out
+        assert tier.promote("r", H, 0, 2)
+        jobs = tier.take_jobs()
+        assert jobs is not None and jobs.reads
+        tier.complete(DiskDone(read=jobs.reads))
+    store(pool, tier, H[6:8])
+    assert not tier.promote("r", H, 0, 2)  # no third round: the CPU hit (none) is served
+    assert tier.promote("other", H, 0, 2)  # another request still may
+
+
+def test_budget_evicts_the_oldest_record_and_never_rewrites_one_being_deleted(
+    tmp_path: Path,
+) -> None:
+    tier, pool = make(tmp_path, cpu_blocks=8, records=3)
+    store(pool, tier, H[:3])
+    jobs = store(pool, tier, H[3:4])  # over the 3-record budget: H0's record goes
+    assert jobs is not None and [b.block_hash for b in jobs.deletes] == [H[0]]
+    assert tier.stats.data["disk_evictions"] == 1
+    tier.stored([pool.cached_block_id(H[0]) or 0])  # stored again while being deleted
+    assert tier.take_jobs() is None
+    tier.complete(DiskDone(deleted=jobs.deletes))
+    tier.stored([pool.cached_block_id(H[0]) or 0])  # now it may be written again
+    again = tier.take_jobs()
+    assert again is not None and [b.block_hash for b in again.writes] == [H[0]]
+    tier.check_integrity()
+
+
+def test_a_corrupt_record_frees_its_cpu_block_and_is_deleted(tmp_path: Path) -> None:
+    tier, pool = make(tmp_path, cpu_blocks=2)
+    store(pool, tier, H[:2])
+    store(pool, tier, H[2:4])  # H0, H1 now only on disk
+    assert tier.promote("r", H, 0, 2)
+    jobs = tier.take_jobs()
+    assert jobs is not None
+    tier.complete(DiskDone(read=jobs.reads[1:], read_corrupt=jobs.reads[:1]))
+    assert tier.stats.data["disk_corrupt_records"] == 1 and not tier.index.has((0, H[0]))
+    assert not pool.is_cached(H[0]) and pool.is_cached(H[1]) and pool.num_storing == 0
+    deletes = tier.take_jobs()
+    assert deletes is not None and [b.block_hash for b in deletes.deletes] == [H[0]]
+    assert not tier.promote("r", H, 0, 2)  # H0 is nowhere now: a miss
+    tier.check_integrity()

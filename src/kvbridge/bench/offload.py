@@ -1,12 +1,14 @@
 """``kvbridge bench offload``: store/load throughput of the offload copy backend.
 
-Llama-8B-shaped blocks (8 KV heads, head dim 128, 16 tokens per block, bf16; 32 layers on
-CUDA, fewer by default on CPU) go through the same copy backend the worker uses, next to a
-same-run baseline of one contiguous copy of the same number of bytes (CPU: ``copy_`` between
-two buffers; CUDA: pinned host <-> device, the PCIe ceiling). On CUDA every copy strategy
-(``--strategy``) gets its own rows. Each strategy first passes a round trip of random data
-into poisoned destinations: stored bytes equal in the CPU pool, loaded bytes equal in the
-cache, every other cache block still poison.
+Blocks shaped like Llama-8B's (16 tokens, head dim 128, bf16; 8 KV heads = 64 KiB per
+block-layer, 4 = 32 KiB, 2 = 16 KiB; 32 layers on CUDA, fewer by default on CPU) go through
+the same copy backend the CPU tier's worker uses, with its block-major CPU pool. Each transfer
+size runs with consecutive CPU ids (a fresh pool) and with scattered ones (a pool that churned:
+of 2N blocks, an LRU freed a random half, and N new blocks come back in those places), and in
+three directions: store, load, and store plus load of N other blocks at once. The baseline is
+measured in the same run: one contiguous copy of the same bytes (CUDA: pinned host <-> device,
+the PCIe ceiling; both ways at once on two streams for the concurrent rows; CPU: ``copy_``).
+Every row first passes a round trip of random data (``offload_check``).
 """
 
 from __future__ import annotations
@@ -19,28 +21,24 @@ from typing import NamedTuple
 import torch
 
 from kvbridge.bench import harness
-from kvbridge.copy.backend import CopyBackend, copy_backend_class
+from kvbridge.bench.offload_check import Ids, churned_ids, round_trip
+from kvbridge.copy.backend import CopyBackend, copy_backend_class, parse_strategy
 
-BLOCK_SHAPE = (2, 16, 8, 128)  # K and V, tokens per block, KV heads, head dim
-CUDA_STRATEGIES = ("serial", "pipelined", "direct")
-POISON = -7.0
-DIRECTIONS = ("store GPU->CPU", "load CPU->GPU")
+CUDA_STRATEGIES = ("auto", "serial", "pipelined", "direct")
+DIRECTIONS = ("store", "load", "store+load")
+ORDERS = ("consecutive", "scattered")
 
 
 class Row(NamedTuple):
+    kib: int  # bytes of one block-layer, KiB
     blocks: int
+    cpu_ids: str
     strategy: str
     direction: str
-    nbytes: int
+    nbytes: int  # moved (store+load: both ways)
     backend_s: float | None  # None: the strategy did not run
     baseline_s: float | None
     check: str  # PASS, "FAIL: parts", "skipped: why" or "error: what"
-
-
-class Ids(NamedTuple):
-    store: list[int]  # cache blocks stored
-    cpu: list[int]  # CPU blocks they go to
-    load: list[int]  # cache blocks they come back to
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -48,26 +46,33 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--layers", type=int, default=None, help="default 32 (CUDA) / 4 (CPU)")
     parser.add_argument(
-        "--blocks", type=int, nargs="+", default=[512], help="blocks per transfer (one or more)"
-    )
-    parser.add_argument("--iters", type=int, default=None, help="default 20 (CUDA) / 9 (CPU)")
-    parser.add_argument(
-        "--gpu-ids",
-        choices=("scattered", "consecutive"),
-        default="scattered",
-        help="cache block ids: a random sample of a cache twice as large, or one run",
+        "--blocks", type=int, nargs="+", default=None, help="default 64 256 1024 4096 / 512"
     )
     parser.add_argument(
-        "--cpu-ids",
-        choices=("consecutive", "scattered"),
-        default="consecutive",
-        help="CPU block ids: one run (a fresh pool) or a random permutation (a fragmented one)",
-    )
+        "--kib", type=int, nargs="+", default=None, choices=(16, 32, 64),
+        help="KiB per block-layer (default 16 32 64 on CUDA, 64 on CPU)",
+    )  # fmt: skip
+    parser.add_argument("--cpu-ids", choices=(*ORDERS, "both"), default="both")
+    parser.add_argument("--directions", type=harness.subset(DIRECTIONS), default=DIRECTIONS)
+    parser.add_argument("--iters", type=int, default=None, help="default 10 (CUDA) / 5 (CPU)")
     parser.add_argument(
         "--strategy",
-        choices=(*CUDA_STRATEGIES, "all"),
+        type=_strategy_list,
         default=None,
-        help="CUDA copy strategy to measure (default all); the CPU backend has just one",
+        help="CUDA copy strategies, comma-separated, each NAME or STORE/LOAD (default auto, "
+        "the backend's; all: each of " + ", ".join(CUDA_STRATEGIES) + ")",
+    )
+    parser.add_argument(
+        "--both",
+        choices=("interleaved", "sequential"),
+        default="interleaved",
+        help="store+load: one store_and_load call (interleaved chunks) or a store then a load",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("block", "layer"),
+        default="block",
+        help="CPU pool layout: block-major (the CPU tier's) or layer-major (NIXL's host mirror)",
     )
     parser.add_argument("--chunk-mib", type=int, default=32, help="pipelined: MiB per buffer")
     parser.add_argument("--buffers", type=int, default=2, help="pipelined: staging buffers")
@@ -80,17 +85,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    args.device = "cuda" if cuda else "cpu"
+    if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.device == "cpu" and args.strategy is not None:
+    if not cuda and args.strategy is not None:
         parser.error("--strategy: only the CUDA backend has copy strategies")
-    if args.layers is None:
-        args.layers = 32 if args.device == "cuda" else 4
-    if args.iters is None:
-        args.iters = 20 if args.device == "cuda" else 9
-    if args.threads is None and args.device == "cpu":
+    args.layers = args.layers or (32 if cuda else 4)
+    args.blocks = args.blocks or ([64, 256, 1024, 4096] if cuda else [512])
+    args.kib = args.kib or ([16, 32, 64] if cuda else [64])
+    args.iters = args.iters or (10 if cuda else 5)
+    if args.threads is None and not cuda:
         args.threads = 1
     harness.positive(parser, args, "layers", "iters", "chunk_mib", "buffers")
     if min(args.threads or 1, *args.blocks) < 1:
@@ -98,10 +103,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _strategy_list(text: str) -> list[str]:
+    """An argparse type: comma-separated copy strategies (``parse_strategy``) or ``all``."""
+    names = text.split(",")
+    for name in names:
+        if name != "all":
+            try:
+                parse_strategy(name)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
 def _strategies(args: argparse.Namespace) -> list[str]:
     if args.device != "cuda":
         return ["-"]
-    return list(CUDA_STRATEGIES) if args.strategy in (None, "all") else [args.strategy]
+    picked = args.strategy or ["auto"]
+    return list(CUDA_STRATEGIES) if "all" in picked else picked
 
 
 def _pairs(
@@ -118,139 +136,161 @@ def _pairs(
     return statistics.median(mine_s), statistics.median(base_s)
 
 
-def _check(backend: CopyBackend, ids: Ids) -> str:
-    """Store random blocks into a poisoned pool, load them into a poisoned cache elsewhere;
-    ``PASS`` or ``FAIL:`` and the parts that went wrong."""
-    for layer in backend.gpu_layers:
-        layer.normal_()
-    for layer in backend.cpu_layers:
-        layer.fill_(POISON)
-    want = [layer[ids.store].clone() for layer in backend.gpu_layers]
-    backend.store(ids.store, ids.cpu).wait()
-    stored = all(torch.equal(c[ids.cpu].to(w.device), w) for c, w in zip(backend.cpu_layers, want))
-    for layer in backend.gpu_layers:
-        layer.fill_(POISON)
-    backend.load(ids.cpu, ids.load).wait()
-    loaded = all(torch.equal(g[ids.load], w) for g, w in zip(backend.gpu_layers, want))
-    back = torch.tensor(ids.load, device=want[0].device)
-    untouched = all(
-        bool((g.index_fill_(0, back, POISON) == POISON).all()) for g in backend.gpu_layers
-    )
-    failed = [k for k, ok in (("store", stored), ("load", loaded), ("others", untouched)) if not ok]
-    return f"FAIL: {', '.join(failed)}" if failed else "PASS"
+class Ceilings:
+    """Same-run baselines: one contiguous copy of ``nbytes`` per direction, both at once."""
+
+    def __init__(self, device: str, max_bytes: int) -> None:
+        numel = max_bytes // 2
+        self.cuda = device == "cuda"
+        pin = self.cuda
+        self.dev = [torch.empty(numel, dtype=torch.bfloat16, device=device) for _ in range(2)]
+        self.host = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=pin) for _ in range(2)]
+        self.streams = [torch.cuda.Stream(), torch.cuda.Stream()] if self.cuda else []
+
+    def get(self, direction: str, nbytes: int) -> Callable[[], object]:
+        n = nbytes // 2
+        out = lambda: self.host[0][:n].copy_(self.dev[0][:n], non_blocking=True)  # noqa: E731
+        back = lambda: self.dev[1][:n].copy_(self.host[1][:n], non_blocking=True)  # noqa: E731
+        if direction == "store":
+            return out
+        if direction == "load":
+            return back
+        if not self.cuda:
+            return lambda: (out(), back())
+
+        def both() -> None:
+            for stream, copy in zip(self.streams, (out, back)):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    copy()
+            for stream in self.streams:
+                torch.cuda.current_stream().wait_stream(stream)
+
+        return both
 
 
-def _ids(args: argparse.Namespace, n: int) -> Ids:
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.gpu_ids == "scattered":
-        perm = torch.randperm(2 * n, generator=gen).tolist()
-        store, load = perm[:n], perm[n:]
-    else:
-        store, load = list(range(n)), list(range(n, 2 * n))
-    scattered = args.cpu_ids == "scattered"
-    cpu = torch.randperm(n, generator=gen).tolist() if scattered else list(range(n))
-    return Ids(store, cpu, load)
+def _moves(backend: CopyBackend, ids: Ids, both_mode: str) -> dict[str, Callable[[], object]]:
+    def both() -> None:
+        if both_mode == "sequential":
+            stored = backend.store(ids.store, ids.cpu)
+            loaded = backend.load(ids.other_cpu, ids.load)
+        else:
+            stored, loaded = backend.store_and_load(ids.store, ids.cpu, ids.other_cpu, ids.load)
+        stored.wait()
+        loaded.wait()
+
+    return {
+        "store": lambda: backend.store(ids.store, ids.cpu).wait(),
+        "load": lambda: backend.load(ids.other_cpu, ids.load).wait(),
+        "store+load": both,
+    }
 
 
 def _backend(
-    args: argparse.Namespace,
-    strategy: str,
-    gpu_layers: list[torch.Tensor],
-    cpu_layers: list[torch.Tensor],
+    args: argparse.Namespace, strategy: str, gpu: list[torch.Tensor], cpu: list[torch.Tensor]
 ) -> CopyBackend:
     if args.device != "cuda":
-        return copy_backend_class(args.device, user="bench offload")(gpu_layers, cpu_layers)
+        return copy_backend_class(args.device, user="bench offload")(gpu, cpu)
     from kvbridge.copy.cuda import CUDACopyBackend
 
     return CUDACopyBackend(
-        gpu_layers,
-        cpu_layers,
-        copy_strategy=strategy,
-        chunk_bytes=args.chunk_mib << 20,
-        num_buffers=args.buffers,
+        gpu, cpu, copy_strategy=strategy, chunk_bytes=args.chunk_mib << 20, num_buffers=args.buffers
     )
 
 
-def _measure(args: argparse.Namespace, strategy: str, n: int) -> list[Row]:
-    """One strategy at one transfer size; rows say why where it could not run."""
-    device, ids = args.device, _ids(args, n)
-    gpu_layers = [
-        torch.empty((2 * n, *BLOCK_SHAPE), dtype=torch.bfloat16, device=device)
+def _measure_size(
+    args: argparse.Namespace, kib: int, strategy: str, ceilings: Ceilings
+) -> list[Row]:
+    """Every size, id order and direction of one strategy at one block-layer size; one cache
+    and one pool of twice the largest transfer serve them all."""
+    most = max(args.blocks)
+    shape = (2, 16, kib // 8, 128)  # K and V, tokens per block, KV heads, head dim
+    gpu = [
+        torch.empty((2 * most, *shape), dtype=torch.bfloat16, device=args.device)
         for _ in range(args.layers)
     ]
-    cls = copy_backend_class(device, user="bench offload")
-    cpu_layers = cls.allocate_cpu_layers(gpu_layers, n)
-    nbytes = n * args.layers * gpu_layers[0][0].numel() * gpu_layers[0].element_size()
-    numel = nbytes // 2
-    if device == "cuda":
-        dev = torch.empty(numel, dtype=torch.bfloat16, device=device)
-        host = torch.empty(numel, dtype=torch.bfloat16, pin_memory=True)
-        base_store: Callable[[], object] = lambda: host.copy_(dev, non_blocking=True)  # noqa: E731
-        base_load: Callable[[], object] = lambda: dev.copy_(host, non_blocking=True)  # noqa: E731
-    else:
-        src = torch.empty(numel, dtype=torch.bfloat16).normal_()
-        dst = torch.empty_like(src)
-        base_store = base_load = lambda: dst.copy_(src)
+    cls = copy_backend_class(args.device, user="bench offload")
+    cpu = cls.allocate_cpu_layers(gpu, 2 * most, block_major=args.layout == "block")
+    orders = ORDERS if args.cpu_ids == "both" else (args.cpu_ids,)
+    cases = [(n, order) for n in args.blocks for order in orders]
+    rows: list[Row] = []
     try:
-        backend = _backend(args, strategy, gpu_layers, cpu_layers)
+        backend = _backend(args, strategy, gpu, cpu)
     except ValueError as e:
-        return [Row(n, strategy, d, nbytes, None, None, f"skipped: {e}") for d in DIRECTIONS]
+        for n, order in cases:
+            rows += [
+                Row(kib, n, order, strategy, d, 0, None, None, f"skipped: {e}") for d in DIRECTIONS
+            ]
+        return rows
     try:
-        check = _check(backend, ids)
-        times = [
-            _pairs(lambda: backend.store(ids.store, ids.cpu).wait(), base_store, args),
-            _pairs(lambda: backend.load(ids.cpu, ids.load).wait(), base_load, args),
-        ]
-    except Exception as e:  # one broken strategy must not hide the others' numbers
-        what = f"error: {type(e).__name__}: {e}"
-        return [Row(n, strategy, d, nbytes, None, None, what) for d in DIRECTIONS]
+        for n, order in cases:
+            ids = churned_ids(n, scattered=order == "scattered", seed=args.seed)
+            nbytes = n * args.layers * kib << 10
+            try:
+                check = round_trip(backend, ids)
+                for direction in args.directions:
+                    moved = nbytes * (2 if direction == "store+load" else 1)
+                    base = ceilings.get(direction, nbytes)
+                    mine_s, base_s = _pairs(_moves(backend, ids, args.both)[direction], base, args)
+                    rows.append(
+                        Row(kib, n, order, strategy, direction, moved, mine_s, base_s, check)
+                    )
+            except Exception as e:  # one broken case must not hide the others' numbers
+                what = f"error: {type(e).__name__}: {e}"
+                rows += [
+                    Row(kib, n, order, strategy, d, 0, None, None, what) for d in args.directions
+                ]
     finally:
         backend.shutdown()
-    return [Row(n, strategy, d, nbytes, t, b, check) for d, (t, b) in zip(DIRECTIONS, times)]
+    return rows
 
 
 def run(args: argparse.Namespace, rows: list[Row]) -> None:
     """Append the rows of every strategy and size to ``rows`` (strategies in order: the riskier
     ones last, so a fault that breaks the device leaves the earlier rows)."""
+    ceilings = Ceilings(args.device, max(args.blocks) * args.layers * max(args.kib) << 10)
     for strategy in _strategies(args):
-        for n in args.blocks:
-            rows += _measure(args, strategy, n)
+        for kib in args.kib:
+            rows += _measure_size(args, kib, strategy, ceilings)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
 
 
-COLUMNS = ("blocks", "strategy", "direction", "MiB", "kvbridge GB/s", "ceiling GB/s")
+COLUMNS = ("KiB", "blocks", "CPU ids", "strategy", "direction", "MiB", "GB/s", "ceiling GB/s")
 
 
 def report(args: argparse.Namespace, rows: list[Row]) -> harness.Report:
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     baseline = "pinned<->device copy" if args.device == "cuda" else "one tensor.copy_"
     title = (
-        f"offload copy backend, {where}: blocks x {args.layers} layers "
-        f"(64 KiB per block-layer, bf16), {args.gpu_ids} cache ids, {args.cpu_ids} CPU ids, "
-        f"{torch.get_num_threads()} torch threads, median of {args.iters} A B B A pairs"
+        f"offload copy backend, {where}: blocks x {args.layers} layers (KiB per block-layer, "
+        f"bf16), scattered cache ids, {args.layout}-major CPU pool, {torch.get_num_threads()} "
+        f"torch threads, median of {args.iters} A B B A pairs; store+load: {args.both}"
     )
     if args.device == "cuda":
-        title += f"; pipelined: {args.buffers} x {args.chunk_mib} MiB"
-    out = harness.Report("offload", title, (*COLUMNS, "ratio", "check"), words=COLUMNS[1:3])
+        title += f"; staging: {args.buffers} x {args.chunk_mib} MiB"
+    out = harness.Report(
+        "offload", title, (*COLUMNS, "ratio", "check"), words=("CPU ids", "strategy", "direction")
+    )
     for row in rows:
-        cells = [str(row.blocks), row.strategy, row.direction, f"{row.nbytes / 2**20:.0f}"]
+        cells = [str(row.kib), str(row.blocks), row.cpu_ids, row.strategy, row.direction]
+        cells.append(f"{row.nbytes / 2**20:.0f}")
         if row.backend_s is None or row.baseline_s is None:
             cells += ["-", "-", "-"]
         else:
             mine, base = row.nbytes / row.backend_s / 1e9, row.nbytes / row.baseline_s / 1e9
             cells += [f"{mine:.1f}", f"{base:.1f}", f"{mine / base:.2f}"]
-        out.add(
-            [*cells, row.check[:37] + "..." if len(row.check) > 40 else row.check], row._asdict()
-        )
+        check = row.check[:37] + "..." if len(row.check) > 40 else row.check
+        out.add([*cells, check], row._asdict())
     out.notes.append(
-        f"ceiling: same-run {baseline} of the same bytes; check: round trip on random data into "
-        "poisoned destinations"
+        f"ceiling: same-run {baseline} of the same bytes (store+load: both ways at once, on two "
+        "streams on CUDA); scattered: N of a churned 2N-block pool; check: round trip of "
+        "random data"
     )
     out.notes += [
-        f"{row.blocks} blocks, {row.strategy}: {row.check}"
+        f"{row.kib} KiB, {row.blocks} blocks, {row.cpu_ids}, {row.strategy}: {row.check}"
         for row in rows
-        if row.check != "PASS" and row.direction == DIRECTIONS[0]
+        if row.check != "PASS" and row.direction == args.directions[0]
     ]
     return out
 

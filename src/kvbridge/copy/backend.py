@@ -21,8 +21,9 @@ _BACKENDS: dict[str, str] = {
     "cpu": "kvbridge.copy.cpu:CPUCopyBackend",
     "cuda": "kvbridge.copy.cuda:CUDACopyBackend",
 }
-# How the CUDA backend copies (``CUDACopyBackend``); "STORE/LOAD" picks one per direction.
-STRATEGIES = ("serial", "pipelined", "direct")
+# How the CUDA backend copies (``CUDACopyBackend``); "STORE/LOAD" picks one per direction;
+# "auto" picks per batch from its shape.
+STRATEGIES = ("auto", "serial", "pipelined", "direct")
 
 
 class CopyStrategy(NamedTuple):
@@ -111,7 +112,8 @@ class AllDone(CopyHandle):
 class CopyBackend(ABC):
     """Runs in a worker; copies KV blocks between the engine's cache and host tensors.
 
-    Both sides are per-layer tensors ``[num_blocks, ...]`` with one block contiguous per layer;
+    Both sides are per-layer tensors ``[num_blocks, ...]`` with one block contiguous per layer
+    (the CPU side may be strided views of a block-major pool, ``allocate_cpu_layers``);
     layer ``i`` of one side pairs with layer ``i`` of the other. Copies are ordered after the
     work already queued on the cache (the forward that wrote a stored block, the last reader of
     a loaded one); the caller keeps the blocks of a batch alive until its handle is done.
@@ -135,9 +137,15 @@ class CopyBackend(ABC):
     @classmethod
     @abstractmethod
     def allocate_cpu_layers(
-        cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int
+        cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int, *, block_major: bool = False
     ) -> list[torch.Tensor]:
-        """Host tensors mirroring ``gpu_layers`` with ``num_cpu_blocks`` blocks each."""
+        """Host tensors mirroring ``gpu_layers`` with ``num_cpu_blocks`` blocks each.
+
+        Layer-major (default): one pool ``[layers, num_cpu_blocks, *block]``, a contiguous
+        tensor per layer. ``block_major``: ``[num_cpu_blocks, layers, *block]``, each layer a
+        strided view, so one CPU block (every layer of it) is one contiguous range and a
+        scattered CPU id costs one copy instead of one per layer.
+        """
 
     @abstractmethod
     def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
@@ -146,6 +154,17 @@ class CopyBackend(ABC):
     @abstractmethod
     def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
         """Copy CPU blocks ``cpu_ids[i]`` into cache blocks ``gpu_ids[i]``."""
+
+    def store_and_load(
+        self,
+        store_gpu: Sequence[int],
+        store_cpu: Sequence[int],
+        load_cpu: Sequence[int],
+        load_gpu: Sequence[int],
+    ) -> tuple[CopyHandle, CopyHandle]:
+        """``store(store_gpu, store_cpu)`` and ``load(load_cpu, load_gpu)`` launched together
+        (disjoint blocks); a backend may interleave them so both directions start at once."""
+        return self.store(store_gpu, store_cpu), self.load(load_cpu, load_gpu)
 
     def shutdown(self) -> None:  # noqa: B027
         """Release streams and staging memory. Idempotent."""

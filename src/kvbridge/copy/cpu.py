@@ -19,18 +19,18 @@ class CPUCopyBackend(CopyBackend):
     Store: ``index_select`` gathers the cache blocks straight into each run of consecutive
     CPU blocks (a row memcpy, no temporary). Load: ``index_copy_`` scatters each run of
     consecutive CPU blocks into the cache blocks. The pool hands out consecutive ids, so a
-    step is usually one op per layer and direction.
+    step is usually one op per layer and direction. Either pool layout works (the ops write
+    strided views of a block-major pool in place).
     """
 
     @classmethod
     def allocate_cpu_layers(
-        cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int
+        cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int, *, block_major: bool = False
     ) -> list[torch.Tensor]:
-        first = gpu_layers[0]
-        pool = torch.empty(
-            (len(gpu_layers), num_cpu_blocks, *first.shape[1:]), dtype=first.dtype, device="cpu"
-        )
-        return list(pool.unbind(0))
+        first, n = gpu_layers[0], len(gpu_layers)
+        shape = (num_cpu_blocks, n) if block_major else (n, num_cpu_blocks)
+        pool = torch.empty((*shape, *first.shape[1:]), dtype=first.dtype, device="cpu")
+        return list(pool.unbind(1 if block_major else 0))
 
     def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
         plan = plan_runs(cpu_ids, gpu_ids)

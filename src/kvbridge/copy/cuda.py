@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,15 @@ from kvbridge.copy.backend import (
     parse_strategy,
     plan_runs,
 )
+from kvbridge.copy.blockwise import (
+    BlockGather,
+    TorchGather,
+    blockwise_load,
+    blockwise_store,
+    plan_block_chunks,
+    pool_blocks,
+)
+from kvbridge.copy.dma import copier_for
 from kvbridge.copy.staged import (
     pipelined_load,
     pipelined_store,
@@ -27,12 +36,36 @@ from kvbridge.copy.staged import (
 if TYPE_CHECKING:
     from kvbridge.copy.triton_copier import TritonCopier
 
-DEFAULT_STRATEGY = "pipelined"
+DEFAULT_STRATEGY = "auto"
 # serial: upper bound of the one GPU staging buffer of a batch, larger batches go in chunks.
 DEFAULT_STAGING_BYTES = 256 << 20
 # pipelined: size of each of the rotating staging buffers.
 DEFAULT_CHUNK_BYTES = 32 << 20
 DEFAULT_NUM_BUFFERS = 2
+# block-major pipelined: chunks of a large batch grow up to this many times chunk_bytes
+GROW_CHUNKS = 4
+# auto: below this many bytes per PCIe copy (a run of CPU ids: every layer of a block-major
+# pool, one layer of a layer-major one) the copy engine's per-copy cost shows; go direct.
+DEFAULT_MIN_COPY_BYTES = 256 << 10
+
+
+def pick_strategy(
+    plan: CopyPlan,
+    *,
+    layers: int,
+    block_layer_bytes: int,
+    block_major: bool,
+    have_direct: bool,
+    min_copy_bytes: int,
+) -> str:
+    """``auto``'s choice for one batch: ``pipelined`` unless its PCIe copies (one per run of
+    CPU ids, times ``layers`` in a layer-major pool) would average under ``min_copy_bytes``,
+    then ``direct`` (one kernel, no per-copy cost) where the direct copier exists."""
+    if not have_direct or not plan.runs:
+        return "pipelined"
+    copies = len(plan.runs) * (1 if block_major else layers)
+    nbytes = len(plan.keyed) * layers * block_layer_bytes
+    return "direct" if nbytes < copies * min_copy_bytes else "pipelined"
 
 
 class _EventHandle(CopyHandle):
@@ -89,11 +122,18 @@ class CUDACopyBackend(CopyBackend):
     - serial: per chunk of blocks, ``index_select`` gathers each layer into one GPU staging
       buffer, then one non-blocking copy per layer and run of CPU ids (loads: the reverse,
       ``index_copy_`` last), all on one stream.
-    - pipelined: the same ops, layer-major in chunks of ``chunk_bytes`` through
-      ``num_buffers`` rotating buffers; the gather (load: the scatter) runs on the direction's
-      stream and the PCIe copies on a second one, so consecutive chunks overlap.
+    - pipelined: chunks of ``chunk_bytes`` (block-major: up to ``GROW_CHUNKS`` times that for
+      large batches) through ``num_buffers`` rotating buffers; the
+      gather (load: the scatter) runs on the direction's stream and the PCIe copies on a
+      second one, so consecutive chunks overlap. A block-major pool (``block_major=True``)
+      is staged block-major (``blockwise``: one gather kernel per chunk, one copy per run of
+      CPU ids, all layers at once); a layer-major one layer by layer (``staged``).
     - direct: one Triton kernel per batch reads or writes the pinned pool through mapped
       memory, no staging (``triton_copier``).
+    - auto (the default): per batch, ``direct`` when its PCIe copies would average under
+      ``min_copy_bytes`` (short runs of CPU ids in a layer-major pool), else ``pipelined``.
+    Stores and loads have their own pair of streams, so a step's stores and loads overlap on
+    the two copy engines.
     """
 
     def __init__(
@@ -104,6 +144,7 @@ class CUDACopyBackend(CopyBackend):
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         num_buffers: int = DEFAULT_NUM_BUFFERS,
+        min_copy_bytes: int = DEFAULT_MIN_COPY_BYTES,
     ) -> None:
         self.strategy = parse_strategy(copy_strategy or DEFAULT_STRATEGY)
         super().__init__(gpu_layers, cpu_layers)
@@ -116,36 +157,78 @@ class CUDACopyBackend(CopyBackend):
             raise ValueError(f"CUDACopyBackend: num_buffers must be >= 1, got {num_buffers}")
         self.device = first.device
         self.block_shape = tuple(first.shape[1:])
-        block_layer_bytes = first[0].numel() * first.element_size()
-        self.chunk_blocks = max(1, staging_bytes // (block_layer_bytes * len(self.gpu_layers)))
-        self.chunk_rows = max(1, chunk_bytes // block_layer_bytes)
+        self.block_layer_bytes = first[0].numel() * first.element_size()
+        block_bytes = self.block_layer_bytes * len(self.gpu_layers)
+        self.chunk_blocks = max(1, staging_bytes // block_bytes)
+        self.chunk_rows = max(1, chunk_bytes // self.block_layer_bytes)
+        self.pipe_blocks = max(1, chunk_bytes // block_bytes)
         self.num_buffers = num_buffers
+        self.min_copy_bytes = min_copy_bytes
         self.gpu_rows = [wide_rows(t) for t in self.gpu_layers]
         self.cpu_rows = [wide_rows(t) for t in self.cpu_layers]
+        # block-major pool: [num_cpu_blocks, layers * row] (None: layer-major)
+        self.cpu_blocks = pool_blocks(self.cpu_layers, self.gpu_rows[0].dtype)
+        self._copy_out = copier_for(self.device)
         self.store_stream = torch.cuda.Stream(device=self.device)
         self.load_stream = torch.cuda.Stream(device=self.device)
         self.store_copy_stream = torch.cuda.Stream(device=self.device)
         self.load_copy_stream = torch.cuda.Stream(device=self.device)
         self._direct: TritonCopier | None = None
-        if "direct" in self.strategy:
-            from kvbridge.copy.triton_copier import TritonCopier
+        self._gather: BlockGather = TorchGather(self.gpu_rows)
+        from kvbridge.copy.triton_copier import HAVE_TRITON
 
-            self._direct = TritonCopier(self.gpu_layers, self.cpu_layers)
+        if HAVE_TRITON or "direct" in self.strategy:
+            from kvbridge.copy.triton_copier import TritonCopier, TritonGather
+
+            try:
+                self._direct = TritonCopier(self.gpu_layers, self.cpu_layers)
+            except ValueError:
+                if "direct" in self.strategy:
+                    raise  # says why not; other strategies stage with torch ops instead
+            if self._direct is not None:
+                most = max(self.chunk_blocks, GROW_CHUNKS * self.pipe_blocks)
+                self._gather = TritonGather(self._direct, most)
 
     @classmethod
     def allocate_cpu_layers(
-        cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int
+        cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int, *, block_major: bool = False
     ) -> list[torch.Tensor]:
-        first = gpu_layers[0]
-        shape = (len(gpu_layers), num_cpu_blocks, *first.shape[1:])
-        pool = torch.empty(shape, dtype=first.dtype, device="cpu", pin_memory=True)
-        return list(pool.unbind(0))
+        first, n = gpu_layers[0], len(gpu_layers)
+        shape = (num_cpu_blocks, n) if block_major else (n, num_cpu_blocks)
+        pool = torch.empty((*shape, *first.shape[1:]), dtype=first.dtype, pin_memory=True)
+        return list(pool.unbind(1 if block_major else 0))
+
+    def choose(self, plan: CopyPlan, strategy: str) -> str:
+        """The strategy a batch of ``plan`` runs with (``auto`` resolved from its shape)."""
+        if strategy != "auto":
+            return strategy
+        return pick_strategy(
+            plan,
+            layers=len(self.gpu_layers),
+            block_layer_bytes=self.block_layer_bytes,
+            block_major=self.cpu_blocks is not None,
+            have_direct=self._direct is not None,
+            min_copy_bytes=self.min_copy_bytes,
+        )
 
     def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
-        return self._copy(plan_runs(cpu_ids, gpu_ids), is_load=False)
+        return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=False))
 
     def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
-        return self._copy(plan_runs(cpu_ids, gpu_ids), is_load=True)
+        return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=True))
+
+    def store_and_load(
+        self,
+        store_gpu: Sequence[int],
+        store_cpu: Sequence[int],
+        load_cpu: Sequence[int],
+        load_gpu: Sequence[int],
+    ) -> tuple[CopyHandle, CopyHandle]:
+        """Chunks of the store and of the load issued alternately, so both copy engines start
+        at once instead of the load waiting for the whole store to be queued."""
+        store = self._steps(plan_runs(store_cpu, store_gpu), is_load=False)
+        load = self._steps(plan_runs(load_cpu, load_gpu), is_load=True)
+        return _interleave(store, load)
 
     def shutdown(self) -> None:
         for stream in (self.store_stream, self.store_copy_stream):
@@ -154,10 +237,18 @@ class CUDACopyBackend(CopyBackend):
             stream.synchronize()
 
     # -- helpers ------------------------------------------------------------------------------
-    def _copy(self, plan: CopyPlan, *, is_load: bool) -> CopyHandle:
-        strategy = self.strategy.load if is_load else self.strategy.store
-        stream = self.load_stream if is_load else self.store_stream
+    def _fence(self, stream: torch.cuda.Stream) -> None:
+        """Order a batch after the work queued on the caller's stream: the forward that wrote
+        a stored block, the last reader of a block a load overwrites (the race test removes
+        this in its control and sees corrupt bytes)."""
         stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def _steps(self, plan: CopyPlan, *, is_load: bool) -> Generator[None, None, CopyHandle]:
+        """Queue one batch; yields between chunks of a block-major staged copy (no stream
+        context is held across a yield); returns its handle."""
+        strategy = self.choose(plan, self.strategy.load if is_load else self.strategy.store)
+        stream = self.load_stream if is_load else self.store_stream
+        self._fence(stream)
         with torch.cuda.stream(stream):
             if not plan.keyed:
                 return _recorded(stream)
@@ -170,41 +261,86 @@ class CUDACopyBackend(CopyBackend):
                 else:
                     self._direct.store(ids[0], ids[1])
                 return _recorded(stream, ids_host, ids)
-            if strategy == "serial":
+            if strategy == "serial" and self.cpu_blocks is None:
                 staging = self._staging(min(len(plan.keyed), self.chunk_blocks), count=0)[0]
                 copy = staged_load if is_load else staged_store
                 copy(self.gpu_layers, self.cpu_layers, plan, ids[0], staging)
                 return _recorded(stream, ids_host, ids, staging)
-            return self._pipelined(plan, ids_host, ids, is_load=is_load)
-
-    def _pipelined(
-        self, plan: CopyPlan, ids_host: torch.Tensor, ids: torch.Tensor, *, is_load: bool
-    ) -> CopyHandle:
-        """Called with the direction's stream current; it gathers (store) or scatters (load)."""
-        chunks = plan_chunks(plan, len(self.gpu_layers), self.chunk_rows, self.num_buffers)
-        rows = max(c.rows for c in chunks)
-        buffers = self._staging(rows, count=min(self.num_buffers, len(chunks)))
+        serial = strategy == "serial"
+        copy_stream = (
+            stream if serial else (self.load_copy_stream if is_load else self.store_copy_stream)
+        )
+        copy_stream.wait_stream(stream)  # the ids, and staging memory last used on ``stream``
+        count = 1 if serial else self.num_buffers
         if is_load:
-            sync = _StreamSync(self.load_copy_stream, self.load_stream, self.num_buffers)
-            run = pipelined_load
+            sync = _StreamSync(copy_stream, stream, count)
         else:
-            sync = _StreamSync(self.store_stream, self.store_copy_stream, self.num_buffers)
-            run = pipelined_store
+            sync = _StreamSync(stream, copy_stream, count)
+        if self.cpu_blocks is None:
+            chunks = plan_chunks(plan, len(self.gpu_layers), self.chunk_rows, count)
+            with torch.cuda.stream(stream):
+                buffers = self._staging(max(c.rows for c in chunks), count=min(count, len(chunks)))
+            for buf in buffers:
+                buf.record_stream(copy_stream)
+            run = pipelined_load if is_load else pipelined_store
+            run(self.gpu_rows, self.cpu_rows, plan, ids[0], buffers, chunks, sync)
+            return _recorded(sync.drain_stream, ids_host, ids, *buffers)
+        per_chunk = self.chunk_blocks if serial else self._pipe_blocks(len(plan.keyed))
+        blocks = plan_block_chunks(plan, per_chunk, count)
+        width = self.gpu_rows[0].shape[1] * len(self.gpu_rows)
+        most = max(c.hi - c.lo for c in blocks)
+        with torch.cuda.stream(stream):
+            buffers = self._staging(most, count=min(count, len(blocks)), width=width)
         for buf in buffers:
-            buf.record_stream(self.load_copy_stream if is_load else self.store_copy_stream)
-        run(self.gpu_rows, self.cpu_rows, plan, ids[0], buffers, chunks, sync)
+            buf.record_stream(copy_stream)
+        move = blockwise_load if is_load else blockwise_store
+        yield from move(
+            self._gather, self.cpu_blocks, plan, ids[0], buffers, blocks, sync, self._copy_out
+        )
         return _recorded(sync.drain_stream, ids_host, ids, *buffers)
 
-    def _staging(self, rows: int, *, count: int) -> list[torch.Tensor]:
-        """``count`` buffers of ``rows`` wide rows; ``count=0``: one ``[layers, rows, *block]``."""
+    def _pipe_blocks(self, pairs: int) -> int:
+        """Blocks per pipelined chunk of a block-major batch of ``pairs``: ``chunk_bytes``,
+        growing up to ``GROW_CHUNKS`` times for batches of more than 16 chunks, since each
+        chunk costs ~0.1-0.2 ms of host time to queue (one H200: a gather launch, events)."""
+        return max(self.pipe_blocks, min(GROW_CHUNKS * self.pipe_blocks, -(-pairs // 16)))
+
+    def _staging(self, rows: int, *, count: int, width: int = 0) -> list[torch.Tensor]:
+        """``count`` buffers of ``rows`` wide rows of ``width`` (default: one block-layer);
+        ``count=0``: one ``[layers, rows, *block]``."""
         if not count:
             shape = (len(self.gpu_layers), rows, *self.block_shape)
             return [torch.empty(shape, dtype=self.gpu_layers[0].dtype, device=self.device)]
         like = self.gpu_rows[0]
         return [
-            torch.empty((rows, like.shape[1]), dtype=like.dtype, device=self.device)
+            torch.empty((rows, width or like.shape[1]), dtype=like.dtype, device=self.device)
             for _ in range(count)
         ]
+
+
+def _drive(steps: Generator[None, None, CopyHandle]) -> CopyHandle:
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            handle: CopyHandle = stop.value
+            return handle
+
+
+def _interleave(
+    first: Generator[None, None, CopyHandle], second: Generator[None, None, CopyHandle]
+) -> tuple[CopyHandle, CopyHandle]:
+    """Advance both batches a chunk at a time, in turn, until both are queued."""
+    pending = {0: first, 1: second}
+    handles: dict[int, CopyHandle] = {}
+    while pending:
+        for key, steps in list(pending.items()):
+            try:
+                next(steps)
+            except StopIteration as stop:
+                handles[key] = stop.value
+                del pending[key]
+    return handles[0], handles[1]
 
 
 def _recorded(stream: torch.cuda.Stream, *keep_alive: torch.Tensor) -> CopyHandle:

@@ -76,7 +76,10 @@ class CPUOffloadWorker(KVConnectorWorker):
         groups = self._group_layers(rows)
         cls = copy_backend_class(first.device.type, user="CPUOffloadWorker")
         try:  # one CPU tensor per layer slot; slot j serves layer j of every group
-            slots = cls.allocate_cpu_layers(max(groups, key=len), self.offload.num_cpu_blocks)
+            # block-major: a CPU block's layers are one range, so a scattered id is one copy
+            slots = cls.allocate_cpu_layers(
+                max(groups, key=len), self.offload.num_cpu_blocks, block_major=True
+            )
         except RuntimeError as e:
             raise ConfigError(
                 f"kv_connector_extra_config.cpu_bytes_to_use: cannot allocate "

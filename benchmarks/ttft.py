@@ -8,6 +8,9 @@ For each prompt length, on one ``LLMEngine`` with ``SimpleCPUOffloadConnector``:
 The baseline is the recompute in the same run; the table shows the speedup and the achieved
 prefill TFLOP/s, so the recompute is known to be a fair (SDPA/flash) baseline. With
 ``--decode-tokens N`` the same engine then decodes N tokens at batch 1 after the shortest prompt.
+With ``--disk-tier DIR`` the CPU tier has the disk tier behind it, and after step 3 a second
+engine (a restart: empty GPU cache and CPU tier, warmed up on another prompt) on the same
+directory answers the prompt from disk (TTFT *disk*).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class TTFTRow(NamedTuple):
     reloaded_tokens: int
     prefill_tflops: float
     same_token: bool
+    disk_ms: float | None = None  # None: no --disk-tier
+    disk_tokens: int = 0
 
     @property
     def speedup(self) -> float:
@@ -58,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed prompts per length (median)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=0, help="batch-1 decode after (0: none)")
+    p.add_argument("--disk-tier", metavar="DIR", help="also TTFT from a disk tier in DIR")
     args = p.parse_args(argv)
     harness.positive(p, args, "repeats", "block_size")
     if min(args.prompt_lens) < 1 or args.decode_tokens < 0:
@@ -80,9 +86,12 @@ def _run(engine: LLMEngine, tokens: list[int]) -> RequestOutput:
     rid = engine.add_request(tokens, ONE_TOKEN)
     final: RequestOutput | None = None
     while final is None:
-        for out in engine.step():
+        outputs = engine.step()
+        for out in outputs:
             if out.request_id == rid and out.finished:
                 final = out
+        if not outputs and not engine.scheduler.running:  # waiting on a transfer: yield the
+            time.sleep(1e-4)  # GIL to the connector's threads, as the server's loop does
     engine.drain(timeout_s=120)
     if final.error is not None or final.ttft is None:
         raise RuntimeError(f"request failed: {final.error}")
@@ -98,9 +107,13 @@ def build_engine(args: argparse.Namespace, max_len: int) -> LLMEngine:
     its ``--decode-tokens``)."""
     bs = args.block_size
     blocks = -(-(max_len + args.decode_tokens) // bs) + 8
+    extra: dict[str, object] = {"num_cpu_blocks": blocks}
+    if args.disk_tier:
+        extra.update(
+            kv_offload_backend="disk", disk_path=args.disk_tier, disk_capacity_bytes=1 << 40
+        )
     transfer = TransferConfig(
-        kv_connector="SimpleCPUOffloadConnector",
-        kv_connector_extra_config={"num_cpu_blocks": blocks},
+        kv_connector="SimpleCPUOffloadConnector", kv_connector_extra_config=extra
     )
     return LLMEngine(
         EngineConfig(
@@ -116,11 +129,36 @@ def build_engine(args: argparse.Namespace, max_len: int) -> LLMEngine:
     )
 
 
+def _settle_disk(engine: LLMEngine, timeout_s: float = 300.0) -> None:
+    """Step until the disk tier has no write in flight (its records complete on disk)."""
+    half = engine.scheduler_connector
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gauges = half.get_kv_connector_gauges() if half is not None else {}
+        if not (isinstance(gauges, dict) and gauges.get("kv_offload_disk_inflight_blocks")):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("disk tier: writes still in flight")
+        engine.step()
+        time.sleep(0.001)
+
+
+def _from_disk(args: argparse.Namespace, tokens: list[int], rng: random.Random) -> RequestOutput:
+    """``tokens`` on a restarted engine: GPU cache and CPU tier empty, the disk holds them."""
+    with build_engine(args, max(args.prompt_lens)) as engine:
+        vocab = engine.model_config.vocab_size
+        _run(engine, [rng.randrange(vocab) for _ in range(len(tokens))])  # warm-up
+        _settle_disk(engine)  # its writes no longer pin CPU blocks
+        out = _run(engine, tokens)
+        _settle_disk(engine)
+    return out
+
+
 def measure(
     engine: LLMEngine, args: argparse.Namespace, prompt_len: int, rng: random.Random
 ) -> TTFTRow:
     model = engine.model_config
-    recompute, reload, same, reloaded = [], [], True, 0
+    recompute, reload, disk, same, reloaded, from_disk = [], [], [], True, 0, 0
     for _ in range(args.repeats):
         tokens = [rng.randrange(model.vocab_size) for _ in range(prompt_len)]
         first = _run(engine, tokens)
@@ -131,6 +169,12 @@ def measure(
         reload.append(second.ttft)
         same &= first.token_ids == second.token_ids
         reloaded = second.num_external_tokens
+        if args.disk_tier:
+            _settle_disk(engine)
+            third = _from_disk(args, tokens, rng)
+            disk.append(third.ttft)
+            same &= first.token_ids == third.token_ids
+            from_disk = third.num_external_tokens
     kv_bytes = engine.runner.cache_spec.block_bytes * (prompt_len / args.block_size)
     t_recompute = statistics.median(x for x in recompute if x is not None)
     return TTFTRow(
@@ -141,6 +185,8 @@ def measure(
         reloaded_tokens=reloaded,
         prefill_tflops=prefill_flops(model, prompt_len) / t_recompute / 1e12,
         same_token=same,
+        disk_ms=statistics.median(x for x in disk if x is not None) * 1e3 if disk else None,
+        disk_tokens=from_disk,
     )
 
 
@@ -169,16 +215,26 @@ COLUMNS = (
 )
 
 
+DISK_COLUMNS = ("TTFT disk ms", "tokens from disk", "disk speedup")
+
+
 def report(args: argparse.Namespace, result: TTFTResult) -> harness.Report:
     title = (
         f"TTFT recompute vs CPU-tier reload: {args.model} on {args.device}, median of "
         f"{args.repeats}; engine built in {result.init_s:.1f} s"
     )
-    out = harness.Report("ttft", title, COLUMNS)
+    disk = bool(args.disk_tier)
+    out = harness.Report("ttft", title, (*COLUMNS, *DISK_COLUMNS) if disk else COLUMNS)
     for r in result.rows:
         cells = [f"{r.prompt_len:,}", f"{r.kv_gib:.3f}", f"{r.recompute_ms:.1f}"]
         cells += [f"{r.prefill_tflops:.1f}", f"{r.reload_ms:.1f}", f"{r.reloaded_tokens:,}"]
         cells += [f"{r.speedup:.1f}x", "yes" if r.same_token else "NO"]
+        if disk and r.disk_ms is not None:
+            cells += [
+                f"{r.disk_ms:.1f}",
+                f"{r.disk_tokens:,}",
+                f"{r.recompute_ms / r.disk_ms:.1f}x",
+            ]
         out.add(cells, {**r._asdict(), "speedup": r.speedup})
     if result.decode_tokens_per_s is not None:
         shortest = min(args.prompt_lens)

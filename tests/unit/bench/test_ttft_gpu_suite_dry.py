@@ -22,6 +22,15 @@ def test_ttft_reloads_every_block_but_the_last_and_answers_the_same(tmp_path: Pa
     assert report["notes"][0].startswith("decode, batch 1 after a 16-token prompt: ")
 
 
+def test_ttft_with_a_disk_tier_answers_a_restarted_engine_from_disk(tmp_path: Path) -> None:
+    out = tmp_path / "ttft.json"
+    argv = ["--prompt-lens", "32", "--repeats", "1", "--block-size", "4"]
+    argv += ["--disk-tier", str(tmp_path / "disk"), "--json", str(out)]
+    assert ttft.main(argv) == 0
+    (row,) = json.loads(out.read_text())["reports"]["ttft"]["rows"]
+    assert row["same_token"] and row["disk_tokens"] == 28 and row["disk_ms"] > 0
+
+
 def test_ttft_rejects_bad_lengths() -> None:
     for bad in (["--prompt-lens", "16,x"], ["--prompt-lens", "0"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):

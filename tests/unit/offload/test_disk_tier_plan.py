@@ -111,3 +111,25 @@ def test_a_corrupt_record_frees_its_cpu_block_and_is_deleted(tmp_path: Path) -> 
     assert deletes is not None and [b.block_hash for b in deletes.deletes] == [H[0]]
     assert not tier.promote("r", H, 0, 2)  # H0 is nowhere now: a miss
     tier.check_integrity()
+
+
+def test_reads_fit_the_cpu_room_left_and_never_wait_without_any(tmp_path: Path) -> None:
+    """CPU blocks pinned by writes in flight leave room for 2 reads: the first 2 missing
+    blocks are read (a shorter hit), the blocks the request already holds are not evicted;
+    with no room at all the request is answered at once."""
+    tier, pool = make(tmp_path, cpu_blocks=6)
+    store(pool, tier, H[:4])  # on disk
+    store(pool, tier, H[4:6])  # the CPU tier is full
+    pinned = store(pool, tier, [bytes([9]) * 16, bytes([10]) * 16], written=False)  # H0, H1 out
+    assert pinned is not None and pool.num_pins == 2  # their writes are in flight
+    pool.prepare_store([H[2], H[3]])  # H2, H3 most recently used: H4, H5 go first
+    assert tier.promote("r", H, 0, 4)
+    jobs = tier.take_jobs()
+    assert jobs is not None and [b.block_hash for b in jobs.reads] == H[:2]
+    assert pool.is_cached(H[2]) and pool.is_cached(H[3])
+    tier.complete(DiskDone(read=jobs.reads))
+    assert not tier.promote("r", H, 0, 4)  # H0..H3 on the CPU tier: a full hit
+    tier2, pool2 = make(tmp_path / "full", cpu_blocks=2)
+    store(pool2, tier2, H[:2])
+    store(pool2, tier2, H[2:4], written=False)  # every CPU block pinned by a write
+    assert not tier2.promote("r", H, 0, 2) and tier2.take_jobs() is None

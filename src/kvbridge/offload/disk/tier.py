@@ -106,6 +106,9 @@ class DiskTier:
         if full_end <= cpu_end:
             self.stats.incr("disk_misses", 1)
             return False
+        full_end = self._fit(hashes, start, cpu_end, full_end)
+        if full_end <= cpu_end:
+            return False  # no CPU block to read into now: serve the CPU hit, never wait
         waiting = False
         wanted: dict[int, list[bytes]] = {}
         held: dict[int, list[bytes]] = {}
@@ -143,6 +146,30 @@ class DiskTier:
         while len(self._rounds) > _TRACKED_REQUESTS:
             self._rounds.popitem(last=False)
         return True
+
+    def _fit(self, hashes: Sequence[bytes], start: int, cpu_end: int, full_end: int) -> int:
+        """The hit's end cut so that its reads fit the CPU blocks free or evictable without
+        evicting the hit's own blocks (one full-attention group: a read-back of a shorter
+        prefix; several groups: all or nothing)."""
+        pool = self.pool
+        held = wanted = 0
+        for g in range(self.rule.num_groups):
+            for i in self.rule.needed(g, start, full_end):
+                if pool.is_cached(hashes[i], g):
+                    held += 1
+                elif not pool.is_storing(hashes[i], g):
+                    wanted += 1
+        room = pool.num_free + pool.num_cached - pool.num_pinned - held
+        if wanted <= room:
+            return full_end
+        if self.rule.num_groups > 1 or self.rule.is_sliding(0) or room <= 0:
+            return cpu_end
+        cut, n = cpu_end, 0
+        while cut < full_end and n < room:
+            h = hashes[cut]
+            n += not (pool.is_cached(h, 0) or pool.is_storing(h, 0))
+            cut += 1
+        return cut
 
     # -- write ------------------------------------------------------------------------------
     def stored(self, cpu_block_ids: Sequence[int]) -> None:

@@ -67,15 +67,17 @@ def test_writes_pin_cpu_blocks_until_written_then_the_disk_serves_what_the_cpu_l
 
 
 def test_a_request_whose_read_blocks_keep_being_evicted_stops_waiting(tmp_path: Path) -> None:
-    tier, pool = make(tmp_path, cpu_blocks=2)
+    tier, pool = make(tmp_path, cpu_blocks=4)
     store(pool, tier, H[:2])
     for round_ in range(MAX_READ_ROUNDS):
-        store(pool, tier, H[2 + 2 * round_ : 4 + 2 * round_])  # push H0, H1 out
+        for k in range(4):  # push H0, H1 out of the 4-block CPU tier
+            store(pool, tier, [bytes([100 + 4 * round_ + k]) * 16])
         assert tier.promote("r", H, 0, 2)
         jobs = tier.take_jobs()
         assert jobs is not None and jobs.reads
         tier.complete(DiskDone(read=jobs.reads))
-    store(pool, tier, H[6:8])
+    for k in range(4):
+        store(pool, tier, [bytes([200 + k]) * 16])
     assert not tier.promote("r", H, 0, 2)  # no third round: the CPU hit (none) is served
     assert tier.promote("other", H, 0, 2)  # another request still may
 
@@ -98,9 +100,10 @@ def test_budget_evicts_the_oldest_record_and_never_rewrites_one_being_deleted(
 
 
 def test_a_corrupt_record_frees_its_cpu_block_and_is_deleted(tmp_path: Path) -> None:
-    tier, pool = make(tmp_path, cpu_blocks=2)
+    tier, pool = make(tmp_path, cpu_blocks=4)
     store(pool, tier, H[:2])
-    store(pool, tier, H[2:4])  # H0, H1 now only on disk
+    store(pool, tier, H[2:4])
+    store(pool, tier, H[4:6])  # H0, H1 now only on disk
     assert tier.promote("r", H, 0, 2)
     jobs = tier.take_jobs()
     assert jobs is not None
@@ -114,22 +117,44 @@ def test_a_corrupt_record_frees_its_cpu_block_and_is_deleted(tmp_path: Path) -> 
 
 
 def test_reads_fit_the_cpu_room_left_and_never_wait_without_any(tmp_path: Path) -> None:
-    """CPU blocks pinned by writes in flight leave room for 2 reads: the first 2 missing
-    blocks are read (a shorter hit), the blocks the request already holds are not evicted;
+    """Pins (writes in flight, other requests' loads) leave room for one read: the first
+    missing block is read (a shorter hit) and the blocks the request already holds stay;
     with no room at all the request is answered at once."""
-    tier, pool = make(tmp_path, cpu_blocks=6)
+    tier, pool = make(tmp_path, cpu_blocks=8, records=16)
     store(pool, tier, H[:4])  # on disk
-    store(pool, tier, H[4:6])  # the CPU tier is full
+    store(pool, tier, H[4:8])  # the CPU tier is full
     pinned = store(pool, tier, [bytes([9]) * 16, bytes([10]) * 16], written=False)  # H0, H1 out
     assert pinned is not None and pool.num_pins == 2  # their writes are in flight
-    pool.prepare_store([H[2], H[3]])  # H2, H3 most recently used: H4, H5 go first
+    pool.prepare_load(H[4:7])  # three more pinned by loads
     assert tier.promote("r", H, 0, 4)
     jobs = tier.take_jobs()
-    assert jobs is not None and [b.block_hash for b in jobs.reads] == H[:2]
+    assert jobs is not None and [b.block_hash for b in jobs.reads] == H[:1]
     assert pool.is_cached(H[2]) and pool.is_cached(H[3])
     tier.complete(DiskDone(read=jobs.reads))
-    assert not tier.promote("r", H, 0, 4)  # H0..H3 on the CPU tier: a full hit
-    tier2, pool2 = make(tmp_path / "full", cpu_blocks=2)
+    assert pool.is_cached(H[0])
+    tier2, pool2 = make(tmp_path / "full", cpu_blocks=4)
     store(pool2, tier2, H[:2])
-    store(pool2, tier2, H[2:4], written=False)  # every CPU block pinned by a write
+    store(pool2, tier2, H[2:4])
+    store(pool2, tier2, H[4:6])  # H0, H1 only on disk now
+    pool2.prepare_load(H[2:6])  # every CPU block pinned (by other requests' loads)
     assert not tier2.promote("r", H, 0, 2) and tier2.take_jobs() is None
+
+
+def test_writes_pin_at_most_half_the_cpu_pool_the_rest_wait(tmp_path: Path) -> None:
+    tier, pool = make(tmp_path, cpu_blocks=4)
+    jobs = store(pool, tier, H[:4], written=False)  # a slow disk: no write has ended
+    assert jobs is not None and [b.block_hash for b in jobs.writes] == H[:2]
+    assert pool.num_pins == 2 and tier.gauges()["kv_offload_disk_inflight_blocks"] == 4
+    tier.complete(DiskDone(written=jobs.writes))
+    later = tier.take_jobs()  # the backlog goes out as pins drop
+    assert later is not None and [b.block_hash for b in later.writes] == H[2:4]
+    tier.complete(DiskDone(written=later.writes))
+    assert pool.num_pins == 0 and "disk_write_drops" not in tier.stats.data
+    backlog = store(pool, tier, H[4:8], written=False)  # evicts H0..H3 from the CPU tier
+    assert backlog is not None and len(backlog.writes) == 2
+    fresh = [bytes([50 + k]) * 16 for k in range(2)]
+    store(pool, tier, fresh, written=False)  # H6, H7 leave the CPU tier, still backlogged
+    tier.complete(DiskDone(written=backlog.writes))
+    nxt = tier.take_jobs()
+    assert nxt is not None and [b.block_hash for b in nxt.writes] == fresh
+    assert tier.stats.data["disk_write_drops"] == 2  # H6, H7: gone before their turn

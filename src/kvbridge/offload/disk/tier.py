@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # A request whose disk reads were undone this often (their CPU blocks evicted before it asked
 # again) is served from what the CPU tier holds, so it can never wait for ever.
 MAX_READ_ROUNDS = 2
+# Writes in flight pin their CPU blocks; beyond this share of the CPU pool a slow disk would
+# starve the CPU tier's own stores, so further writes wait unpinned in a backlog (a block the
+# CPU tier evicts before its turn is not written: a drop, counted).
+MAX_WRITE_PIN_SHARE = 0.5
 _TRACKED_REQUESTS = 4096
 
 
@@ -35,8 +39,9 @@ class DiskTier:
     - Write: a block stored on the CPU tier (``stored``) is written to disk unless a record
       of it is there or being written; its CPU block stays pinned until the write ends, so an
       eviction from the CPU tier never waits for the disk, and a restart finds every block
-      the CPU tier held. Room on disk: LRU records are evicted (deleted by the worker); with
-      none evictable the write is dropped and counted.
+      the CPU tier held. At most half the CPU pool is pinned by writes; the rest wait in a
+      backlog. Room on disk: LRU records are evicted (deleted by the worker); with none
+      evictable the write is dropped and counted.
     - Read: ``promote`` runs before the CPU match. When the disk extends the request's CPU
       hit, the missing blocks are read back into reserved CPU blocks and the request is asked
       again (``None``); once they are on the CPU tier the ordinary CPU->GPU load serves it.
@@ -63,6 +68,7 @@ class DiskTier:
         self._reading: dict[BlockKey, int] = {}  # key -> CPU block it is read into
         self._writing: dict[BlockKey, int] = {}  # key -> CPU block pinned for its write
         self._deleting: set[BlockKey] = set()  # never re-written before the delete ends
+        self._backlog: OrderedDict[BlockKey, int] = OrderedDict()  # key -> CPU block to write
         self._rounds: OrderedDict[str, int] = OrderedDict()  # req id -> reads started
         self._load_existing()
 
@@ -106,20 +112,20 @@ class DiskTier:
         if full_end <= cpu_end:
             self.stats.incr("disk_misses", 1)
             return False
-        full_end = self._fit(hashes, start, cpu_end, full_end)
-        if full_end <= cpu_end:
+        read_end = self._fit(hashes, start, cpu_end, full_end)
+        if read_end <= cpu_end:
             return False  # no CPU block to read into now: serve the CPU hit, never wait
         waiting = False
         wanted: dict[int, list[bytes]] = {}
-        held: dict[int, list[bytes]] = {}
+        held: dict[int, list[bytes]] = {}  # on the CPU tier, up to the whole hit's end
         for g in range(self.rule.num_groups):
             for i in self.rule.needed(g, start, full_end):
                 h = hashes[i]
                 if pool.is_storing(h, g):
-                    waiting = True  # a read (or a GPU store) in flight
+                    waiting = waiting or i < read_end  # a read (or a GPU store) in flight
                 elif pool.is_cached(h, g):
                     held.setdefault(g, []).append(h)
-                else:
+                elif i < read_end:
                     wanted.setdefault(g, []).append(h)
         if not wanted:
             return waiting
@@ -181,7 +187,23 @@ class DiskTier:
             if key in self.index:
                 self.index.touch(key)
                 continue
-            if key in self._deleting:
+            if key in self._deleting or key in self._backlog:
+                continue
+            self._backlog[key] = cpu
+        while len(self._backlog) > self.pool.num_blocks:  # stale entries of a slow disk
+            self._backlog.popitem(last=False)
+            self.stats.incr("disk_write_drops", 1)
+        self._start_writes()
+
+    def _start_writes(self) -> None:
+        """Start backlogged writes while fewer than the cap of CPU blocks are pinned by them."""
+        cap = max(1, int(self.pool.num_blocks * MAX_WRITE_PIN_SHARE))
+        while self._backlog and len(self._writing) < cap:
+            key, cpu = self._backlog.popitem(last=False)
+            if key in self.index:
+                continue
+            if self.pool.cached_block_id(key[1], key[0]) != cpu or key in self._deleting:
+                self.stats.incr("disk_write_drops", 1)  # evicted from the CPU tier first
                 continue
             evicted = self.index.reserve(key, self.sizes[key[0]])
             if evicted is None:
@@ -202,6 +224,7 @@ class DiskTier:
 
     # -- per step ---------------------------------------------------------------------------
     def take_jobs(self) -> DiskJobs | None:
+        self._start_writes()
         if self._jobs.is_empty():
             return None
         jobs, self._jobs = self._jobs, DiskJobs()
@@ -254,7 +277,9 @@ class DiskTier:
         return {
             "kv_offload_disk_blocks": len(self.index),
             "kv_offload_disk_bytes": self.index.used_bytes,
-            "kv_offload_disk_inflight_blocks": len(self._reading) + len(self._writing),
+            "kv_offload_disk_inflight_blocks": (
+                len(self._reading) + len(self._writing) + len(self._backlog)
+            ),
         }
 
     def check_integrity(self) -> None:

@@ -124,7 +124,9 @@ class Scheduler:
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         """Queue a request; one whose prompt is too long ends "rejected" at the next update.
-        A first token handed over by the connector is appended (and output) at once."""
+        A first token handed over by the connector is appended now and goes out with the
+        request's next output (after its load: a failed load under policy "fail" ends the
+        request before any token went out)."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id: {request.request_id!r} is already in use")
         if request.num_prompt_tokens > self.config.max_model_len:
@@ -136,12 +138,9 @@ class Scheduler:
             self._pending_outputs.append(self._finish(request, RequestStatus.FINISHED_IGNORED))
             return
         token = self.transfers.handover(request)
-        seeded = token is not None and take_handover(
-            request, token, self.config.max_model_len, self.vocab_size
-        )
+        if token is not None:
+            take_handover(request, token, self.config.max_model_len, self.vocab_size)
         self.requests[request.request_id] = request
-        if seeded:
-            self._pending_outputs.append(RequestOutput.of(request))
         self.waiting.append(request)
 
     def abort_request(self, request_id: str) -> bool:

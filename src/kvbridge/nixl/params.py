@@ -5,11 +5,14 @@ remote-prefill form that the decode engine receives::
 
     {"do_remote_prefill": true, "remote_engine_id": ..., "remote_host": ..., "remote_port": ...,
      "remote_block_ids": [...], "remote_request_id": ..., "tp_size": ...,
-     "first_token": {"token_id": ..., "logprob": ..., "rank": ..., "top_logprobs": [[id, lp]]}}
+     "first_token": {"token_id": ..., "logprob": ..., "rank": ..., "top_logprobs": [[id, lp]],
+                     "prompt_hash": ...}}
 
 ``first_token`` (optional) is the token the producer sampled after the prompt, with what it
 knows of its log-probability: a decode engine that takes it (``HandoverToken``) loads the KV of
-every prompt token and computes this token first, instead of the prompt's last one.
+every prompt token and computes this token first, instead of the prompt's last one. Its
+``prompt_hash`` names the prompt it follows: a decode request for another prompt carrying these
+params does not take it (its load fails closed too, on the lease answer's prompt hash).
 
 ``remote_block_ids`` is a list of ints (one KV cache group) or a list of such lists (one per
 group of a hybrid cache); entry ``i`` holds the prompt's tokens ``[i*bs, (i+1)*bs)``.
@@ -38,6 +41,7 @@ class FirstToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     logprob: float | None = None
     rank: int | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    prompt_hash: str | None = None  # ``metadata.prompt_hash`` of the prompt it follows
 
     def handover(self) -> HandoverToken:
         return HandoverToken(self.token_id, self.logprob, self.rank, self.top_logprobs)
@@ -206,6 +210,7 @@ def remote_prefill_params(
     request_id: str,
     tp_size: int,
     first_token: HandoverToken | None = None,
+    prompt_hash: str | None = None,
 ) -> dict[str, Any]:
     """The params a producer returns for a finished ``do_remote_decode`` request."""
     ids: list[Any] = list(block_ids[0]) if len(block_ids) == 1 else [list(g) for g in block_ids]
@@ -227,6 +232,8 @@ def remote_prefill_params(
             token["rank"] = first_token.rank
         if first_token.top_logprobs:
             token["top_logprobs"] = [list(t) for t in first_token.top_logprobs]
+        if prompt_hash:
+            token["prompt_hash"] = prompt_hash
         out["first_token"] = token
     return out
 

@@ -143,9 +143,17 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
         if request.request_id in self._loaded or request.num_tokens != request.num_prompt_tokens:
             return None
         remote = self._remote_prefill(request)
-        if remote is None or remote.first_token is None:
+        token = None if remote is None else remote.first_token
+        if token is None:
             return None
-        return remote.first_token.handover()
+        if token.prompt_hash != prompt_hash(request.prompt_token_ids):
+            logger.warning(
+                "request %s: kv_transfer_params.first_token follows another prompt (or names "
+                "none); not taken",
+                request.request_id,
+            )
+            return None
+        return token.handover()
 
     def _remote_prefill(self, request: RequestView) -> RemotePrefill | None:
         params = self._params(request)
@@ -287,13 +295,14 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
                 "with the workers' get_handshake_metadata() before the first request"
             )
         held = tuple(list(g[:n]) for g in block_ids)
+        hashed = prompt_hash(request.prompt_token_ids)
         self._pending_send[rid] = SendSpec(
             request_id=rid,
             num_blocks=n * len(held),
             lease_duration_s=self.settings.kv_lease_duration_s,
             abort_timeout_s=self.settings.abort_timeout_s,
             block_ids=held,
-            prompt_hash=prompt_hash(request.prompt_token_ids),
+            prompt_hash=hashed,
         )
         params_out: dict[str, Any] = remote_prefill_params(
             engine_id=self.config.engine_id,
@@ -303,6 +312,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             request_id=rid,
             tp_size=self.cache_spec.world_size,
             first_token=_first_token(request),
+            prompt_hash=hashed,
         )
         return FinishedRequest(True, params_out)
 

@@ -53,6 +53,7 @@ class FirstTokenParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults
     logprob: float | None = None
     rank: int | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    prompt_hash: str | None = None
 
 
 class KVTransferParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -170,7 +171,7 @@ def _check_first_token(kv: KVTransferParams) -> None:
     token = kv.first_token
     top = tuple((int(t), float(lp)) for t, lp in token.top_logprobs or ())
     first = FirstToken(token_id=token.token_id, logprob=token.logprob, rank=token.rank,
-                       top_logprobs=top)  # fmt: skip
+                       top_logprobs=top, prompt_hash=token.prompt_hash)  # fmt: skip
     try:
         check_first_token(first)
     except KVTransferParamsError as e:

@@ -7,8 +7,9 @@ then decode server (round-robin) with the original request plus the
 ``kv_transfer_params`` the prefill server returned; the decode answer (streamed or not) goes
 back to the client. A streamed answer whose prefill returned its first token
 (``kv_transfer_params.first_token``) starts with that token at once, sent by the proxy; the
-decode server's copy of it is cut from its stream (``kvbridge.serve.handover``). The prefill
-request keeps ``logprobs``/``top_logprobs``, so that token's logprobs come from P.
+decode server's copy of it is cut from its stream (``kvbridge.serve.handover``); a decode
+failure then arrives as an error event after that token. The prefill request keeps
+``logprobs``/``top_logprobs``, so that token's logprobs come from P.
 A prefill that cannot be reached or answers 5xx falls back to the decode
 server computing the prompt itself (no params). A 4xx from either server is passed through
 unchanged; an unreachable decode server is a 502. ``/v1/models`` is a decode server's.

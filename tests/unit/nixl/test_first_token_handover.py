@@ -186,7 +186,7 @@ def test_first_token_outside_the_vocab_is_refused_by_the_engine() -> None:
     try:
         p = prompt(10, 2 * BS)
         kv = _prefill(pd, "p", p, GREEDY)
-        bad = {**kv, "first_token": {"token_id": pd.d.model_config.vocab_size}}
+        bad = {**kv, "first_token": {**kv["first_token"], "token_id": pd.d.model_config.vocab_size}}
         with pytest.raises(ValueError, match="first_token.token_id: .* outside the vocab"):
             pd.d.add_request(p, GREEDY, "d", bad)
         assert "d" not in pd.d.scheduler.requests

@@ -196,3 +196,22 @@ def test_a_partial_utf8_first_token_is_left_to_d() -> None:
     assert first_token_chunk(answer, {"max_tokens": 4}) is None
     answer["choices"][0]["text"] = "ok"
     assert first_token_chunk(answer, {"max_tokens": 4}) is not None
+
+
+def test_d_failing_after_p_token_ends_the_stream_with_its_error() -> None:
+    """The status (200) went out with P's token; D's 500 becomes an error event, then [DONE]."""
+    message = "KV load failed from token 0 (kv_load_failure_policy=fail)"
+
+    async def prefill(_: Request) -> JSONResponse:
+        choice = {"index": 0, "text": "A", "token_ids": [5], "finish_reason": "length"}
+        return JSONResponse({"id": "p", "choices": [choice], "kv_transfer_params": PARAMS})
+
+    async def decode(_: Request) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "code": 500}}, status_code=500)
+
+    p = Starlette(routes=[Route("/v1/completions", prefill, methods=["POST"])])
+    d = Starlette(routes=[Route("/v1/completions", decode, methods=["POST"])])
+    _, events = _stream("/v1/completions", {"prompt": [1], "max_tokens": 3}, p, d)
+    assert events[0]["choices"][0]["token_ids"] == [5]
+    assert message in events[1]["error"]["message"] and events[1]["error"]["code"] == 500
+    assert events[2:] == ["[DONE]"]

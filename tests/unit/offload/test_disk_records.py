@@ -4,6 +4,7 @@ loaded), a writer killed mid-write leaving no record, the start-up scan and LRU 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,3 +195,15 @@ def test_reader_never_sees_a_torn_record_while_another_writer_replaces_it(tmp_pa
         stop.set()
         thread.join()
     assert len(seen) == 2  # both versions were read while the writer replaced the file
+
+
+def test_a_removed_directory_is_made_again_on_the_next_write(tmp_path: Path) -> None:
+    io = RecordIO(NS, ALIGN, False, 8192)
+    parts = payload(1, 8192, seed=3)
+    first = record_path(tmp_path / "ns", 0, b"\x0a" * 16)
+    io.write(first, 0, b"\x0a" * 16, parts)
+    shutil.rmtree(tmp_path / "ns")  # an operator cleaned the cache directory
+    io.write(first, 0, b"\x0a" * 16, parts)
+    out = empty_like(parts)
+    io.read(first, 0, b"\x0a" * 16, out)
+    assert bytes(out[0]) == bytes(parts[0])

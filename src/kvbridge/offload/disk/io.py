@@ -162,7 +162,12 @@ class RecordIO:
             parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(parent)
         tmp = parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags(), 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags()
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:  # the directory was removed under us: make it again
+            parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
         try:
             written = os.pwritev(fd, iov, 0)
         except BaseException:

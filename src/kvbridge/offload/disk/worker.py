@@ -94,6 +94,7 @@ class DiskWorker:
         self._writers = ThreadPoolExecutor(disk.n_write_threads, "kvbridge-disk-write")
         self._inflight: list[tuple[_Batch, str, DiskBlock, Future[tuple[int, float]]]] = []
         self.stats = KVConnectorStats() if stats is None else stats
+        self._problems = 0  # I/O errors and corrupt records seen (for rate-limited logs)
         logger.info(
             "disk tier: %s on %s, %s, %d read + %d write threads, %.2f GiB per worker",
             self.ns_dir,
@@ -159,14 +160,14 @@ class DiskWorker:
             batch.nbytes += nbytes
             batch.ended = max(batch.ended, ended)
         except CorruptRecord as e:
-            logger.warning("disk tier: corrupt record %s (%s); served as a miss", path, e)
+            self._warn("disk tier: corrupt record %s (%s); served as a miss", path, e)
             done.read_corrupt.append(block)
         except FileNotFoundError:
             {"read": done.read_missing, "write": done.write_failed, "delete": done.deleted}[
                 kind
             ].append(block)
         except Exception as e:
-            logger.warning("disk tier: %s of %s failed: %s", kind, path, e)
+            self._warn("disk tier: %s of %s failed: %s", kind, path, e)
             {"read": done.read_missing, "write": done.write_failed, "delete": done.deleted}[
                 kind
             ].append(block)
@@ -176,6 +177,12 @@ class DiskWorker:
         if batch.remaining == 0 and kind in _KINDS and batch.nbytes:
             self.stats.incr(f"{_KINDS[kind]}_bytes", batch.nbytes)
             self.stats.observe(f"{_KINDS[kind]}_time_s", batch.ended - batch.started)
+
+    def _warn(self, message: str, *args: object) -> None:
+        """Log the first problems, then one in a thousand (a full disk fails every write)."""
+        self._problems += 1
+        if self._problems <= 10 or self._problems % 1000 == 0:
+            logger.warning(message + " (problem %d)", *args, self._problems)
 
     @property
     def num_inflight(self) -> int:

@@ -8,6 +8,9 @@ import errno
 import logging
 import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -280,4 +283,59 @@ def test_records_deleted_by_another_server_are_misses(
         out = run_one(restarted, A)
         got = stats(restarted)
     assert out.num_external_tokens == 0 and got.get("disk_missing_records") == 7
+    assert check(expected[tuple(A)], Trace.from_output(out)).ok
+
+
+KILLED_WRITER = """
+import os, sys, threading, time
+sys.path.insert(0, {tests!r})
+from test_disk_tier_engine import A, LLMEngine, PARAMS, disk_config, engine_config
+from kvbridge.offload.disk.io import RecordIO
+from pathlib import Path
+
+real = RecordIO.write
+calls = []
+lock = threading.Lock()
+
+def write(self, path, group, block_hash, parts):
+    with lock:
+        calls.append(path)
+        n = len(calls)
+    if n <= 3:
+        return real(self, path, group, block_hash, parts)
+    tmp = path.parent / ("." + path.name + ".killed.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(b"half a record")  # a write cut short, as the kill will leave it
+    print("writing", flush=True)
+    time.sleep(600)
+
+RecordIO.write = write
+engine = LLMEngine(engine_config(disk_config(Path({root!r}), n_write_threads=1)))
+engine.add_request(A, PARAMS)
+while True:
+    engine.step()
+    time.sleep(0.001)
+"""
+
+
+def test_a_server_killed_mid_write_restarts_on_the_whole_records(
+    tmp_path: Path, expected: dict[tuple[int, ...], Trace]
+) -> None:
+    """SIGKILL while the 4th block's record is being written: a restarted engine finds the
+    3 whole records (12 tokens from disk), never the cut one, and answers like recompute."""
+    tests = str(Path(__file__).parent)
+    code = KILLED_WRITER.format(tests=tests, root=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(list(tmp_path.rglob("*.kvb"))) == 3
+    assert len(list(tmp_path.rglob("*.tmp"))) == 1
+    with LLMEngine(engine_config(disk_config(tmp_path))) as restarted:
+        out = run_one(restarted, A)
+        got = stats(restarted)
+    assert out.num_external_tokens == 12 and got.get("disk_hits") == 3
+    assert not got.get("disk_corrupt_records")
     assert check(expected[tuple(A)], Trace.from_output(out)).ok

@@ -134,8 +134,9 @@ def test_split_engine_matches_the_in_process_engine(
     finally:
         assert split.shutdown() == 0
     assert [o.token_ids for o in got] == [o.token_ids for o in expected] == monolithic
-    # A came over NIXL (all but its last token), A + suffix from the CPU tier (7 full blocks).
-    assert [o.num_external_tokens for o in got] == [len(PROMPT) - 1, 28]
+    # A came over NIXL (every token: P handed its first token over), A + suffix from the CPU
+    # tier (7 full blocks).
+    assert [o.num_external_tokens for o in got] == [len(PROMPT), 28]
     per_child = stats.per_connector
     assert per_child[NIXL].data["num_transfers"] == 1
     assert per_child[CPU].data["cpu_hit_tokens"] == 28

@@ -37,7 +37,8 @@ def test_loaded_requests_run_while_a_preempted_one_waits_for_blocks(
     long = prompt(1, n=9 * BS)  # 10 of the 16 blocks once it samples; its 41st token needs more
     d.add_request(long, LONG, "long")
     d.step()
-    short = {f"s{i}": prompt(10 + i, n=3 * BS) for i in range(2)}  # 3 blocks each: all 16 used
+    # 3 blocks each (with the first token P hands over): all 16 used
+    short = {f"s{i}": prompt(10 + i, n=3 * BS - 1) for i in range(2)}
     params = {rid: pd.prefill(f"p-{rid}", p) for rid, p in short.items()}
     reader = fabric.agent_of("decode2")
     reader.cycles_before_xfer_done = 10**9  # both loads stay in flight...

@@ -17,7 +17,13 @@ from typing import Any
 from kvbridge.config import ConfigError, TransferConfig, check_extra_keys
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.copy.backend import parse_strategy
-from kvbridge.offload.disk.config import DISK_KEYS, DiskConfig, check_disk_extra, check_disk_spec
+from kvbridge.offload.disk.config import (
+    DISK_KEYS,
+    DiskConfig,
+    check_disk_extra,
+    check_disk_spec,
+    ignored_disk_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +221,12 @@ def _startup_warnings(
         out.append(
             f"{_WHERE}: the CPU bytes per rank hold no block of {size.bytes_per_block} bytes; "
             "using 1 CPU block"
+        )
+    ignored = ignored_disk_keys(extra)
+    if ignored:
+        out.append(
+            f"{_WHERE}: {', '.join(ignored)} ignored: kv_offload_backend is 'cpu' (set it to "
+            "'disk' for the disk tier)"
         )
     if lazy:
         out.append(

@@ -41,7 +41,6 @@ def test_vllm_disk_config_is_accepted_as_vllm_writes_it() -> None:
             "n_write_thread: unknown key.*did you mean 'n_write_threads'",
         ),
         ({**DISK, "use_page_cache": "no"}, "use_page_cache: expected bool"),
-        ({"disk_path": "/tmp/x"}, "disk_path: set only with kv_offload_backend 'disk'"),
         ({"kv_offload_backend": "ssd"}, "kv_offload_backend: 'ssd' is not one of cpu, disk"),
     ],
 )
@@ -51,6 +50,12 @@ def test_bad_disk_config_fails_at_parse_time_naming_the_key(
     raw = {"kv_connector": "SimpleCPUOffloadConnector", "kv_connector_extra_config": extra}
     with pytest.raises(ConfigError, match=f"kv_connector_extra_config.{message}"):
         TransferConfig.from_dict(raw)
+
+
+def test_disk_keys_with_the_cpu_backend_are_ignored_with_a_warning_as_in_vllm() -> None:
+    parsed = parse_offload_config(config(disk_path="/tmp/x", use_page_cache=True), spec())
+    assert parsed.disk is None
+    assert any("disk_path, use_page_cache ignored" in w for w in parsed.warnings)
 
 
 def test_disk_tier_refuses_tensor_parallel_workers_and_a_budget_below_one_record() -> None:

@@ -68,14 +68,8 @@ def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
             f"{_P}.kv_offload_backend: {backend!r} is not one of {', '.join(BACKENDS)} "
             "('disk' adds a disk tier behind the CPU tier)"
         )
-    given = [k for k in DISK_KEYS if extra.get(k) is not None]
     if backend == "cpu":
-        if given:
-            raise ConfigError(
-                f"{_P}.{given[0]}: set only with kv_offload_backend 'disk'; add "
-                '"kv_offload_backend": "disk" or drop the key'
-            )
-        return None
+        return None  # disk keys are ignored, as vLLM does (``ignored_disk_keys`` warns)
     path = extra.get("disk_path")
     if not path:
         raise ConfigError(
@@ -107,6 +101,13 @@ def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
         n_write_threads=extra.get("n_write_threads") or DEFAULT_THREADS,
         namespace=extra.get("disk_namespace") or "",
     )
+
+
+def ignored_disk_keys(extra: dict[str, Any]) -> list[str]:
+    """Disk keys set while the backend is 'cpu' (vLLM accepts and ignores them too)."""
+    if (extra.get("kv_offload_backend") or "cpu") != "cpu":
+        return []
+    return [k for k in DISK_KEYS if extra.get(k) is not None]
 
 
 def check_disk_spec(disk: DiskConfig, spec: KVCacheSpec) -> None:

@@ -207,3 +207,10 @@ def test_a_removed_directory_is_made_again_on_the_next_write(tmp_path: Path) -> 
     out = empty_like(parts)
     io.read(first, 0, b"\x0a" * 16, out)
     assert bytes(out[0]) == bytes(parts[0])
+
+
+def test_records_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    io = RecordIO(NS, ALIGN, False, 8192)
+    path = record_path(tmp_path, 0, b"\x0b" * 16)
+    io.write(path, 0, b"\x0b" * 16, payload(1, 8192, seed=4))
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 TMP_SUFFIX = ".tmp"
+RECORD_MODE = 0o600
 
 
 class AlignedBuffer:
@@ -163,11 +164,11 @@ class RecordIO:
             self._dirs.add(parent)
         tmp = parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags()
-        try:
-            fd = os.open(tmp, flags, 0o644)
+        try:  # owner-only: KV blocks encode the prompts (servers of one user share them)
+            fd = os.open(tmp, flags, RECORD_MODE)
         except FileNotFoundError:  # the directory was removed under us: make it again
             parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, flags, 0o644)
+            fd = os.open(tmp, flags, RECORD_MODE)
         try:
             written = os.pwritev(fd, iov, 0)
         except BaseException:

@@ -80,8 +80,10 @@ def build_attention_metadata(
 
     ``gqa_groups`` is ``num_heads // num_kv_heads`` (masks are laid out for folded queries).
     """
-    positions: list[torch.Tensor] = []
-    slots: list[torch.Tensor] = []
+    # Host side: plain ints for single-token (decode) spans, one small tensor op set per prefill
+    # span; everything reaches the device as one packed copy (and one more for decode tables).
+    positions: list[int] = []
+    slots: list[int] = []
     prefills: list[PrefillSeq] = []
     dec_index: list[int] = []
     dec_lens: list[int] = []
@@ -90,27 +92,35 @@ def build_attention_metadata(
     for span in spans:
         kv_len = span.start_pos + span.num_tokens
         nb = -(-kv_len // block_size)
-        table = torch.as_tensor(list(span.block_table[:nb]), dtype=torch.long)
-        pos = torch.arange(span.start_pos, kv_len, dtype=torch.long)
-        positions.append(pos)
-        slots.append(table[pos // block_size] * block_size + pos % block_size)
         if span.num_tokens == 1:
+            pos = span.start_pos
+            positions.append(pos)
+            slots.append(span.block_table[pos // block_size] * block_size + pos % block_size)
             dec_index.append(q_start)
             dec_lens.append(kv_len)
             dec_tables.append(span.block_table[:nb])
         else:
+            table = torch.as_tensor(list(span.block_table[:nb]), dtype=torch.long)
+            pos_t = torch.arange(span.start_pos, kv_len, dtype=torch.long)
+            positions.extend(range(span.start_pos, kv_len))
+            slots.extend((table[pos_t // block_size] * block_size + pos_t % block_size).tolist())
             mask = None
             if span.start_pos > 0:
                 # query i (position start_pos + i) sees keys 0..start_pos + i
-                mask = torch.arange(kv_len)[None, :] <= pos[:, None]
+                mask = torch.arange(kv_len)[None, :] <= pos_t[:, None]
                 mask = mask.repeat(gqa_groups, 1).to(device)
             prefills.append(
                 PrefillSeq(q_start, span.num_tokens, span.start_pos, table.to(device), mask)
             )
         q_start += span.num_tokens
-    slot_mapping = torch.cat(slots)
-    packed = torch.stack(
-        (torch.cat(positions), slot_mapping, slot_mapping // block_size, slot_mapping % block_size)
+    packed = torch.tensor(
+        [
+            positions,
+            slots,
+            [s // block_size for s in slots],
+            [s % block_size for s in slots],
+        ],
+        dtype=torch.long,
     ).to(device)  # one host-to-device copy
     decode = None
     if dec_index:

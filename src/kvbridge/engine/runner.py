@@ -132,11 +132,14 @@ class ModelRunner:
                 sample_rows.append(len(token_ids) - 1)
         groups = self.model_config.num_heads // self.model_config.num_kv_heads
         meta = build_attention_metadata(spans, self.block_size, self.device, groups)
+        # Both index tensors reach the device before the forward is queued: a copy from
+        # pageable host memory waits for the stream, so one made after it would hold the host
+        # until the whole forward ran before the logits could be queued.
         input_ids = torch.tensor(token_ids, dtype=torch.long).to(self.device)
+        rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device) if sample_rows else None
         hidden = self.model(input_ids, meta, self._cache_list, layer_hooks)
-        if not sample_rows:
+        if rows is None:
             return torch.empty((0, vocab), dtype=torch.float32, device=self.device)
-        rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
     def _check_chunk(self, chunk: SeqChunk) -> None:

@@ -243,6 +243,7 @@ class Medium(StrEnum):
     CPU = "CPU"
     GPU = "GPU"
     REMOTE = "REMOTE"
+    STORAGE = "STORAGE"  # a disk or file tier (vLLM's fs and object-store tiers use it too)
 
 
 @dataclass(frozen=True)

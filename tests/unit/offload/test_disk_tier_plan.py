@@ -8,6 +8,7 @@ from pathlib import Path
 from offload_helpers import spec
 
 from kvbridge.connector.stats import KVConnectorStats
+from kvbridge.connector.types import BlockRemoved, BlockStored, Medium
 from kvbridge.offload.disk.config import DiskConfig
 from kvbridge.offload.disk.metadata import DiskDone, DiskJobs
 from kvbridge.offload.disk.tier import MAX_READ_ROUNDS, DiskTier
@@ -158,3 +159,18 @@ def test_writes_pin_at_most_half_the_cpu_pool_the_rest_wait(tmp_path: Path) -> N
     nxt = tier.take_jobs()
     assert nxt is not None and [b.block_hash for b in nxt.writes] == fresh
     assert tier.stats.data["disk_write_drops"] == 2  # H6, H7: gone before their turn
+
+
+def test_kv_events_announce_records_written_and_deleted_on_storage(tmp_path: Path) -> None:
+    tier, pool = make(tmp_path, cpu_blocks=8, records=2)
+    store(pool, tier, H[:2])
+    assert tier.take_events() == [
+        BlockStored((H[0],), Medium.STORAGE, 4, None),
+        BlockStored((H[1],), Medium.STORAGE, 4, None),
+    ]
+    store(pool, tier, H[2:3])  # over the 2-record budget: H0's record is deleted
+    assert tier.take_events() == [
+        BlockRemoved((H[0],), Medium.STORAGE, None),
+        BlockStored((H[2],), Medium.STORAGE, 4, None),
+    ]
+    assert tier.take_events() == []

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import ConnectorOutput, KVConnectorMetadata
 from kvbridge.connector.gauges import GaugeValues
-from kvbridge.connector.types import KVCacheSpec, MatchResult, RequestView, SchedulerStep
+from kvbridge.connector.types import (
+    KVCacheEvent,
+    KVCacheSpec,
+    MatchResult,
+    RequestView,
+    SchedulerStep,
+)
 from kvbridge.offload.disk.config import DiskConfig
 from kvbridge.offload.disk.metadata import DiskDone
 from kvbridge.offload.disk.tier import DiskTier
@@ -68,6 +74,9 @@ class TieredOffloadScheduler(CPUOffloadScheduler):
 
     def get_kv_connector_gauges(self) -> GaugeValues:
         return {**super().get_kv_connector_gauges(), **self.disk.gauges()}
+
+    def take_events(self) -> list[KVCacheEvent]:
+        return [*super().take_events(), *self.disk.take_events()]
 
     def _own_holds(self) -> tuple[int, int]:
         storing, pins = super()._own_holds()

@@ -8,7 +8,14 @@ from collections.abc import Sequence
 
 from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.stats import KVConnectorStats
-from kvbridge.connector.types import IntegrityError, KVCacheSpec
+from kvbridge.connector.types import (
+    BlockRemoved,
+    BlockStored,
+    IntegrityError,
+    KVCacheEvent,
+    KVCacheSpec,
+    Medium,
+)
 from kvbridge.offload.disk.config import DiskConfig
 from kvbridge.offload.disk.index import DiskIndex, scan
 from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs
@@ -70,6 +77,9 @@ class DiskTier:
         self._deleting: set[BlockKey] = set()  # never re-written before the delete ends
         self._backlog: OrderedDict[BlockKey, int] = OrderedDict()  # key -> CPU block to write
         self._rounds: OrderedDict[str, int] = OrderedDict()  # req id -> reads started
+        self._events: list[KVCacheEvent] = []
+        self._block_size = spec.block_size
+        self._num_groups = spec.num_groups
         self._load_existing()
 
     def _load_existing(self) -> None:
@@ -221,6 +231,16 @@ class DiskTier:
         self.index.remove(key)
         self._deleting.add(key)
         self._jobs.deletes.append(DiskBlock(key[0], key[1]))
+        self._events.append(BlockRemoved((key[1],), Medium.STORAGE, self._group_label(key[0])))
+
+    def _group_label(self, group: int) -> int | None:
+        return group if self._num_groups > 1 else None
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """Blocks written to disk (``BlockStored``) and deleted from it (``BlockRemoved``),
+        medium ``STORAGE``, since the last call."""
+        events, self._events = self._events, []
+        return events
 
     # -- per step ---------------------------------------------------------------------------
     def take_jobs(self) -> DiskJobs | None:
@@ -236,6 +256,10 @@ class DiskTier:
         for b in done.written:
             pool.complete_load([self._writing.pop((b.group, b.block_hash))], success=True)
             index.commit((b.group, b.block_hash))
+            label = self._group_label(b.group)
+            self._events.append(
+                BlockStored((b.block_hash,), Medium.STORAGE, self._block_size, label)
+            )
         for b in done.write_failed:
             pool.complete_load([self._writing.pop((b.group, b.block_hash))], success=False)
             index.remove((b.group, b.block_hash))

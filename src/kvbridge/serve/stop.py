@@ -18,7 +18,8 @@ class StopMatcher:
     - Text ends right before the first stop string found (earliest position; at a tie, the
       stop listed first); nothing after it is sent.
     - A tail that could still grow into a stop string is held back until it cannot, or until
-      the request ends (then it is sent).
+      the request ends (then it is sent); so is a stop found after the start of such a tail
+      (a longer stop that starts earlier may still complete and win).
     - Without stop strings, text passes through unchanged.
     """
 
@@ -34,11 +35,12 @@ class StopMatcher:
             return Matched(text, None)
         pending = self._held + text
         found = [(i, k) for k, s in enumerate(self.stops) if (i := pending.find(s)) >= 0]
+        keep = 0 if final else self._partial_tail(pending)
         if found:
             i, k = min(found)
-            self._held = ""
-            return Matched(pending[:i], self.stops[k])
-        keep = 0 if final else self._partial_tail(pending)
+            if len(pending) - keep > i:  # no stop starting at or before i may still complete
+                self._held = ""
+                return Matched(pending[:i], self.stops[k])
         self._held = pending[len(pending) - keep :]
         return Matched(pending[: len(pending) - keep], None)
 

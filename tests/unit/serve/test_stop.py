@@ -70,3 +70,13 @@ def test_any_split_gives_the_one_shot_answer(text: str, stops: list[str], cuts: 
         assert stop is not None and text.find(stop) == len(want_text)
     else:
         assert stop is None
+
+
+def test_a_longer_stop_that_starts_earlier_still_wins_across_a_split():
+    """Found by the property test: 'a' completes first but 'baa' starts first."""
+    m = StopMatcher(("a", "baa"))
+    assert m.feed("ba", final=False) == Matched("", None)  # 'baa' may still complete
+    assert m.feed("a", final=False) == Matched("", "baa")
+    m = StopMatcher(("a", "baa"))
+    assert m.feed("ba", final=False) == Matched("", None)
+    assert m.feed("c", final=False) == Matched("b", "a")  # it did not: the earlier find wins

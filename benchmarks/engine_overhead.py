@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         work_t.append(c - b)
         upd_t.append(d - c)
     reqs = list(eng.scheduler.running)
-    chunks = [SeqChunk(r.request_id, [r.all_token_ids[-1]], r.num_tokens - 1,
-                       eng.block_manager.block_ids(r.request_id), True) for r in reqs]  # fmt: skip
+    # each request's last computed token again (its slot exists; the next one's may not yet)
+    chunks = [SeqChunk(r.request_id, [r.all_token_ids[r.num_computed_tokens - 1]],
+                       r.num_computed_tokens - 1, eng.block_manager.block_ids(r.request_id), True)
+              for r in reqs]  # fmt: skip
 
     def bare() -> None:
         logits = eng.runner.execute(chunks)

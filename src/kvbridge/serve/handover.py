@@ -31,8 +31,8 @@ def first_token_chunk(prefill_answer: dict[str, Any], body: dict[str, Any]) -> b
     if body.get("n") not in (None, 1) or body.get("stop") or body.get("echo"):
         return None
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if limit is not None and limit <= 1:
-        return None
+    if limit is not None and (not isinstance(limit, int) or limit <= 1):
+        return None  # one token, or a value D will refuse (the proxy does not check bodies)
     choice = choices[0]
     if choice.get("finish_reason") != "length":
         return None  # P's token was a stop token: the decode server says how the answer ends

@@ -196,6 +196,9 @@ def test_a_partial_utf8_first_token_is_left_to_d() -> None:
     assert first_token_chunk(answer, {"max_tokens": 4}) is None
     answer["choices"][0]["text"] = "ok"
     assert first_token_chunk(answer, {"max_tokens": 4}) is not None
+    for body in ({"max_tokens": 1}, {"max_tokens": "4"}, {"max_completion_tokens": 1.5},
+                 {"n": 2}, {"stop": "x"}):  # fmt: skip
+        assert first_token_chunk(answer, body) is None, body
 
 
 def test_d_failing_after_p_token_ends_the_stream_with_its_error() -> None:

@@ -10,6 +10,8 @@
   registered facades the factory imports) imports no torch at run time, itself or through
   what it imports; a subprocess also builds MultiConnector(NIXL, CPU offload)'s scheduler
   half with torch blocked.
+- The engine kit imports no torch at run time, itself or through what it imports; a subprocess
+  imports every kit module with torch blocked.
 
 Type-only imports (under ``if TYPE_CHECKING:``) count for the package rules but not for torch.
 """
@@ -186,6 +188,17 @@ def test_scheduler_half_imports_no_torch(root: str) -> None:
     assert root in files
     found = torch_imports([root], files)
     assert not found, "a scheduler half imports torch:\n" + "\n".join(found)
+
+
+def test_the_engine_kit_imports_no_torch() -> None:
+    files = modules()
+    kit = [m for m in files if within(m, (KIT,))]
+    assert kit
+    found = torch_imports(kit, files)
+    assert not found, "the engine kit imports torch:\n" + "\n".join(found)
+    code = "import sys\nsys.modules['torch'] = None\n" + "".join(f"import {m}\n" for m in kit)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_multi_connector_scheduler_half_builds_with_torch_blocked() -> None:

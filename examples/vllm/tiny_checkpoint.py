@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: LlamaConfig's pad/bos/eos defaults
@@ -60,26 +61,37 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
-def build_model(seed: int):  # -> transformers.LlamaForCausalLM
+# The model's shape; tests/vllm builds the same one (``variant="tests"``).
+MODEL_SHAPE: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+EXAMPLE_CONFIG: dict[str, Any] = {
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    # 5x transformers' default: peaked logits, so greedy choices are not near-ties that
+    # rounding noise flips (tests compare outputs token by token and by logprob)
+    "initializer_range": 0.1,
+    "dtype": "bfloat16",
+}
+
+
+def build_model(seed: int, variant: str = "example"):  # -> transformers.LlamaForCausalLM
+    """The tiny Llama with ``seed``'s weights. ``variant="tests"`` is tests/vllm's checkpoint:
+    the same shape with LlamaConfig's defaults otherwise (initializer_range 0.02, no pad id,
+    so other weights); a vLLM offload test's tolerance was tuned on those weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        # 5x transformers' default: peaked logits, so greedy choices are not near-ties that
-        # rounding noise flips (tests compare outputs token by token and by logprob)
-        initializer_range=0.1,
-        dtype="bfloat16",
-    )
+    if variant not in ("example", "tests"):
+        raise ValueError(f"variant {variant!r}: 'example' or 'tests'")
+    config = LlamaConfig(**MODEL_SHAPE, **(EXAMPLE_CONFIG if variant == "example" else {}))
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(torch.bfloat16)
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from vllm_engines import TINY_LLAMA
+from vllm_engines import TINY_CHECKPOINT
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
@@ -30,12 +30,7 @@ else:
 
 def make_tiny_llama(out: Path, seed: int = 0) -> Path:
     """Write the tiny random-weight checkpoint (bf16 safetensors + config) to ``out``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(torch.bfloat16)
-    model.save_pretrained(out)
+    TINY_CHECKPOINT.build_model(seed, variant="tests").save_pretrained(out)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,16 +12,15 @@ from typing import Any
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs multiples of 32
 MODULE = "kvbridge.vllm"
-# The tiny random-weight Llama every vLLM test runs (2 layers, hidden 256, 2 KV heads).
-TINY_LLAMA = {
-    "vocab_size": 512,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-}
+# The tiny random-weight Llama every vLLM test runs (2 layers, hidden 256, 2 KV heads): the
+# shape of examples/vllm/tiny_checkpoint.py, which also builds the tests' weights.
+_spec = importlib.util.spec_from_file_location(
+    "tiny_checkpoint", Path(__file__).resolve().parents[2] / "examples/vllm/tiny_checkpoint.py"
+)
+assert _spec is not None and _spec.loader is not None
+TINY_CHECKPOINT = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(TINY_CHECKPOINT)
+TINY_LLAMA: dict[str, Any] = TINY_CHECKPOINT.MODEL_SHAPE
 
 
 @dataclass(frozen=True)

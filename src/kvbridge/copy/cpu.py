@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from kvbridge.copy.backend import CopyBackend, CopyHandle, DoneHandle, plan_runs
-from kvbridge.copy.staged import WIDE_DTYPES, wide_rows
+from kvbridge.copy.staged import WIDE_DTYPES, allocate_host_pool, wide_rows
 
 # On the CPU the elementwise index_copy_ kernel also moves 16-byte elements.
 _CPU_WIDE_DTYPES = (torch.complex128, *WIDE_DTYPES)
@@ -27,10 +27,7 @@ class CPUCopyBackend(CopyBackend):
     def allocate_cpu_layers(
         cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int, *, block_major: bool = False
     ) -> list[torch.Tensor]:
-        first, n = gpu_layers[0], len(gpu_layers)
-        shape = (num_cpu_blocks, n) if block_major else (n, num_cpu_blocks)
-        pool = torch.empty((*shape, *first.shape[1:]), dtype=first.dtype, device="cpu")
-        return list(pool.unbind(1 if block_major else 0))
+        return allocate_host_pool(gpu_layers, num_cpu_blocks, block_major=block_major, pin=False)
 
     def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
         plan = plan_runs(cpu_ids, gpu_ids)

@@ -25,6 +25,7 @@ from kvbridge.copy.blockwise import (
 )
 from kvbridge.copy.dma import copier_for
 from kvbridge.copy.staged import (
+    allocate_host_pool,
     pipelined_load,
     pipelined_store,
     plan_chunks,
@@ -193,10 +194,7 @@ class CUDACopyBackend(CopyBackend):
     def allocate_cpu_layers(
         cls, gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int, *, block_major: bool = False
     ) -> list[torch.Tensor]:
-        first, n = gpu_layers[0], len(gpu_layers)
-        shape = (num_cpu_blocks, n) if block_major else (n, num_cpu_blocks)
-        pool = torch.empty((*shape, *first.shape[1:]), dtype=first.dtype, pin_memory=True)
-        return list(pool.unbind(1 if block_major else 0))
+        return allocate_host_pool(gpu_layers, num_cpu_blocks, block_major=block_major, pin=True)
 
     def choose(self, plan: CopyPlan, strategy: str) -> str:
         """The strategy a batch of ``plan`` runs with (``auto`` resolved from its shape)."""

@@ -158,6 +158,16 @@ def pipelined_load(
                 gpu_rows[seg.layer].index_copy_(0, index[seg.lo : seg.hi], src)
 
 
+def allocate_host_pool(
+    gpu_layers: Sequence[torch.Tensor], num_cpu_blocks: int, *, block_major: bool, pin: bool
+) -> list[torch.Tensor]:
+    """``CopyBackend.allocate_cpu_layers`` for every backend (``pin``: page-locked memory)."""
+    first, n = gpu_layers[0], len(gpu_layers)
+    shape = (num_cpu_blocks, n) if block_major else (n, num_cpu_blocks)
+    pool = torch.empty((*shape, *first.shape[1:]), dtype=first.dtype, device="cpu", pin_memory=pin)
+    return list(pool.unbind(1 if block_major else 0))
+
+
 def wide_rows(blocks: torch.Tensor, dtypes: Sequence[torch.dtype] = WIDE_DTYPES) -> torch.Tensor:
     """``blocks`` as ``[num_blocks, row]`` of the widest of ``dtypes`` (widest first) that
     divides a block's bytes."""
@@ -228,11 +238,7 @@ def chunk_runs(plan: CopyPlan, chunk: int) -> Iterator[tuple[int, int, list[tupl
     if chunk < 1:
         raise ValueError(f"chunk_runs: chunk must be >= 1, got {chunk}")
     total = len(plan.keyed)
+    run_starts = [offset for offset, _ in plan.runs]
     for lo in range(0, total, chunk):
         hi = min(total, lo + chunk)
-        runs = []
-        for offset, length in plan.runs:
-            a, b = max(offset, lo), min(offset + length, hi)
-            if a < b:
-                runs.append((a, b - a))
-        yield lo, hi, runs
+        yield lo, hi, clip_runs(plan, run_starts, lo, hi)

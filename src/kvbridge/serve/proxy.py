@@ -96,6 +96,11 @@ class PDProxy:
             "prefill attempts that failed and fell back to local prefill on decode",
             registry=self.registry,
         )
+        self.handovers = Counter(
+            "kvbridge:proxy_first_token_handovers",
+            "streamed answers whose first token the proxy sent from the prefill answer",
+            registry=self.registry,
+        )
         self.prefill_time = Histogram(
             "kvbridge:proxy_prefill_seconds",
             "prefill round trip",
@@ -122,6 +127,7 @@ class PDProxy:
         if body.get("stream") is True:
             first = first_token_chunk(answer, body) if params and answer else None
             if first is not None and answer is not None:
+                self.handovers.inc()
                 stripper = TokenStripper(first_token_text(answer))
                 stream = self._handover_stream(url, path, decode_body, first, stripper)
                 return StreamingResponse(stream, media_type="text/event-stream")

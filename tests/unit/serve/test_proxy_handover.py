@@ -87,6 +87,8 @@ def _stream(route: str, body: dict[str, Any], p: Starlette, d: Starlette) -> lis
                 if line.startswith("data: "):
                     first = first if first is not None else time.monotonic() - start
                     events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+        handovers = "kvbridge:proxy_first_token_handovers_total 1.0"
+        assert handovers in client.get("/metrics").text
         return [first, events]
 
 

@@ -34,7 +34,6 @@ import os
 import platform
 import random
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ from typing import Any
 import httpx
 
 from kvbridge.bench import harness
+from kvbridge.demo.processes import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_ARGS = "--block-size 32 --enforce-eager --max-model-len 512"
@@ -98,16 +98,7 @@ def process(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subproce
     try:
         yield proc
     finally:
-        for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            deadline = time.monotonic() + wait_s
-            try:
-                os.killpg(proc.pid, sig)
-                while time.monotonic() < deadline:
-                    proc.poll()  # reap the leader; the group lives while any member does
-                    os.killpg(proc.pid, 0)
-                    time.sleep(0.1)
-            except ProcessLookupError:
-                break
+        stop_group(proc, 15.0, 5.0)
 
 
 def wait_ready(client: httpx.Client, procs: list[tuple[subprocess.Popen[bytes], str]]) -> None:

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from kvbridge.config import TransferConfig
 from kvbridge.connector.stats import KVConnectorStats, MultiKVConnectorStats
-from kvbridge.demo.processes import ProcessSet, ServiceError
+from kvbridge.demo.processes import ProcessSet, ServiceError, stop_group
 from kvbridge.demo.reference import compare
 from kvbridge.demo.report import RunSummary, percentile, render_report
 from kvbridge.demo.workload import PromptBuilder, RequestRecord, WorkloadSpec
@@ -170,6 +170,27 @@ def test_stop_all_kills_a_child_that_ignores_sigterm(tmp_path: Path):
     assert not stubborn.group_alive() and not polite.group_alive()
     assert polite.returncode == -signal.SIGTERM
     assert stubborn.returncode == -signal.SIGKILL
+
+
+def test_stop_group_terms_kills_the_stubborn_and_wakes_a_paused_group() -> None:
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    cases = [
+        ("import time; time.sleep(60)", 5.0, -signal.SIGTERM, False),
+        (ignore, 0.5, -signal.SIGKILL, False),
+        ("import time; time.sleep(60)", None, -signal.SIGKILL, False),
+        ("import time; time.sleep(60)", 5.0, -signal.SIGTERM, True),
+    ]
+    for code, term_s, returncode, paused in cases:
+        proc = subprocess.Popen(_python(code), start_new_session=True)
+        time.sleep(0.3)
+        if paused:
+            os.killpg(proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        stop_group(proc, term_s, 5.0)
+        assert time.monotonic() - start < 5.0
+        assert proc.wait(5) == returncode
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
 
 
 # -- workload and checks --------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from kvbridge.demo.processes import stop_group
+
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 SECTION = "## Use with vLLM"
@@ -170,20 +172,7 @@ class Server:
     def kill(self, timeout_s: float = 15.0, *, crash: bool = False) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after ``timeout_s``; returns
         once the group is gone. ``crash``: SIGKILL at once (no shutdown code runs)."""
-        steps = [(signal.SIGTERM, timeout_s)] if not crash else []
-        for sig, wait_s in [*steps, (signal.SIGKILL, 10.0)]:
-            try:
-                os.killpg(self.proc.pid, sig)
-                os.killpg(self.proc.pid, signal.SIGCONT)  # a paused group acts on it too
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if self.alive:
-                    self.proc.poll()
-                if not _group_alive(self.proc.pid):
-                    return
-                time.sleep(0.1)
+        stop_group(self.proc, None if crash else timeout_s, 10.0)
 
     def pause(self) -> None:
         """Stop the whole group (SIGSTOP): it costs no CPU until ``resume``."""
@@ -191,14 +180,6 @@ class Server:
 
     def resume(self) -> None:
         os.killpg(self.proc.pid, signal.SIGCONT)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def wait_ready(servers: Sequence[tuple[Server, str]], deadline_s: float) -> None:

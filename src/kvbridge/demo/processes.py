@@ -1,4 +1,5 @@
 """ServiceProcess and ProcessSet: the demo's child processes (servers, proxy), started and stopped.
+``stop_group`` stops a process group (also for the vLLM P/D benchmark and its tests).
 
 Each child runs in a process group of its own (so a Ctrl-C in the terminal reaches only the demo,
 which then stops the children in order); a reader thread copies its output to a log file and
@@ -26,6 +27,28 @@ READY_LINE = re.compile(r"listening on (https?://\S+)")
 
 class ServiceError(RuntimeError):
     """A child process failed to start, or died; the message names it and its log file."""
+
+
+def stop_group(proc: subprocess.Popen[bytes], term_s: float | None, kill_s: float) -> None:
+    """Stop the process group of ``proc`` (started with ``start_new_session``): SIGTERM, then
+    SIGKILL if any member outlives ``term_s`` (None: SIGKILL at once); each signal is followed
+    by SIGCONT, so a stopped group acts on it too. Returns once the group is gone, or
+    ``kill_s`` after the SIGKILL."""
+    steps = [(signal.SIGTERM, term_s)] if term_s is not None else []
+    for sig, wait_s in [*steps, (signal.SIGKILL, kill_s)]:
+        try:
+            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader; the group lives while any member does
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 class ServiceProcess:

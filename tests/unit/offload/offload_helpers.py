@@ -15,6 +15,7 @@ from kvbridge.connector.types import (
     ScheduledRequest,
     SimpleRequest,
 )
+from kvbridge.copy.backend import CopyHandle
 from kvbridge.kit.driver import ConnectorDriver
 
 BLOCK_SIZE = 4
@@ -89,3 +90,17 @@ def kv_caches(s: KVCacheSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     shape = (s.num_blocks, 2, s.block_size, s.num_kv_heads, s.head_dim)
     return {f"layers.{i}": torch.randn(shape, generator=gen) for i in range(s.num_layers)}
+
+
+class Later(CopyHandle):
+    """Completes after ``polls`` calls of done(): an async copy, as on CUDA."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def wait(self) -> None:
+        self.polls = -1

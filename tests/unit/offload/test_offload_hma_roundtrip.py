@@ -14,6 +14,7 @@ import torch
 from offload_helpers import (
     BLOCK_SIZE,
     Driver,
+    Later,
     config,
     hybrid_spec,
     kv_caches,
@@ -119,22 +120,10 @@ def test_each_groups_load_writes_only_its_own_layers() -> None:
             assert changed == [target], name
 
 
-class _Later(CopyHandle):
-    def __init__(self, polls: int) -> None:
-        self.polls = polls
-
-    def done(self) -> bool:
-        self.polls -= 1
-        return self.polls < 0
-
-    def wait(self) -> None:
-        self.polls = -1
-
-
 class SlowLoads(CPUCopyBackend):
     def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
         super().load(cpu_ids, gpu_ids)
-        return _Later(2)
+        return Later(2)
 
 
 def test_the_request_is_received_only_when_every_groups_load_is_done() -> None:

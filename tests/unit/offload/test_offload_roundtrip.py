@@ -6,7 +6,16 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from offload_helpers import BLOCK_SIZE, Driver, config, kv_caches, request, scheduled, spec
+from offload_helpers import (
+    BLOCK_SIZE,
+    Driver,
+    Later,
+    config,
+    kv_caches,
+    request,
+    scheduled,
+    spec,
+)
 
 from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorRole
@@ -89,30 +98,16 @@ def test_finish_flush_keeps_blocks_until_finished_sending() -> None:
         assert torch.equal(got, want)
 
 
-class _Later(CopyHandle):
-    """Completes after ``polls`` calls of done(): an async copy, as on CUDA."""
-
-    def __init__(self, polls: int) -> None:
-        self.polls = polls
-
-    def done(self) -> bool:
-        self.polls -= 1
-        return self.polls < 0
-
-    def wait(self) -> None:
-        self.polls = -1
-
-
 class SlowBackend(CPUCopyBackend):
     polls = 2
 
     def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
         super().store(gpu_ids, cpu_ids)
-        return _Later(self.polls)
+        return Later(self.polls)
 
     def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
         super().load(cpu_ids, gpu_ids)
-        return _Later(self.polls)
+        return Later(self.polls)
 
 
 def _slow(h: Halves) -> None:

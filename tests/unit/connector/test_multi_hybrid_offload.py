@@ -6,7 +6,6 @@ multi-group cache only if every child supports HMA.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from kvbridge.connector.types import (
 )
 from kvbridge.kit.worker_step import run_worker_step
 from kvbridge.offload.scheduler import CPUOffloadScheduler
+from support.hashes import block_hashes
 
 BS = 4
 SPEC = KVCacheSpec(
@@ -100,7 +100,7 @@ def test_the_cpu_child_stores_and_loads_every_group_inside_the_composite() -> No
         return out
 
     try:
-        a = SimpleRequest("a", list(range(9)), block_hashes=_hashes(list(range(9))))
+        a = SimpleRequest("a", list(range(9)), block_hashes=block_hashes(list(range(9)), BS))
         blocks = ([1, 2, 3], [4, 5, 6])
         step(ScheduledRequest(a, blocks, 0, 9))
         step(ScheduledRequest(a, blocks, 9, 1))
@@ -110,7 +110,7 @@ def test_the_cpu_child_stores_and_loads_every_group_inside_the_composite() -> No
         want.append(caches["layers.1"][[4, 5]].clone())
         for t in caches.values():
             t.zero_()
-        b = SimpleRequest("b", list(range(10)), block_hashes=_hashes(list(range(10))))
+        b = SimpleRequest("b", list(range(10)), block_hashes=block_hashes(list(range(10)), BS))
         assert sched.get_num_new_matched_tokens(b, 0) == (2 * BS, True)
         sched.update_state_after_alloc(b, ([7, 8, 9], [10, 11, 12]), 2 * BS)
         assert step().finished_recving == {"b"}
@@ -121,11 +121,3 @@ def test_the_cpu_child_stores_and_loads_every_group_inside_the_composite() -> No
     finally:
         worker.shutdown()
         sched.shutdown()
-
-
-def _hashes(tokens: list[int]) -> list[bytes]:
-    out, prev = [], b""
-    for i in range(len(tokens) // BS):
-        prev = hashlib.sha256(prev + repr(tokens[i * BS : (i + 1) * BS]).encode()).digest()
-        out.append(prev)
-    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -35,6 +34,7 @@ from kvbridge.nixl.worker import NixlWorker
 from kvbridge.offload.metadata import CPUOffloadMetadata
 from kvbridge.offload.scheduler import CPUOffloadScheduler
 from kvbridge.offload.worker import CPUOffloadWorker
+from support.hashes import block_hashes
 
 CPU_CHILD: dict[str, Any] = {
     "kv_connector": "SimpleCPUOffloadConnector",
@@ -61,21 +61,10 @@ def multi_config(role: str, engine_id: str, *children: dict[str, Any]) -> Transf
     )
 
 
-def block_hashes(tokens: list[int]) -> list[bytes]:
-    """Chained hashes of the full blocks (what an engine with prefix caching provides)."""
-    out: list[bytes] = []
-    prev = b""
-    for i in range(len(tokens) // BLOCK_SIZE):
-        chunk = tokens[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
-        prev = hashlib.sha256(prev + repr(chunk).encode()).digest()
-        out.append(prev)
-    return out
-
-
 def hashed_request(
     rid: str, tokens: list[int], params: dict[str, Any] | None = None
 ) -> SimpleRequest:
-    return SimpleRequest(rid, list(tokens), block_hashes(tokens), params)
+    return SimpleRequest(rid, list(tokens), block_hashes(tokens, BLOCK_SIZE), params)
 
 
 def remote_params(port: int, block_ids: list[int], rid: str = "p-1") -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from kvbridge.connector.types import (
 )
 from kvbridge.copy.backend import CopyHandle
 from kvbridge.kit.driver import ConnectorDriver
+from support.hashes import block_hashes
 
 BLOCK_SIZE = 4
 
@@ -52,21 +52,10 @@ def config(**extra: Any) -> TransferConfig:
     return TransferConfig(kv_connector="SimpleCPUOffloadConnector", kv_connector_extra_config=extra)
 
 
-def block_hashes(tokens: list[int], block_size: int = BLOCK_SIZE) -> list[bytes]:
-    """Chained hash of every full block (what an engine with prefix caching provides)."""
-    out: list[bytes] = []
-    prev = b""
-    for i in range(len(tokens) // block_size):
-        chunk = tokens[i * block_size : (i + 1) * block_size]
-        prev = hashlib.sha256(prev + repr(chunk).encode()).digest()
-        out.append(prev)
-    return out
-
-
 def request(req_id: str, tokens: list[int], output: list[int] | None = None) -> SimpleRequest:
     req = SimpleRequest(request_id=req_id, prompt_token_ids=list(tokens))
     req.output_token_ids = list(output or [])
-    req.block_hashes = block_hashes(req.all_token_ids)
+    req.block_hashes = block_hashes(req.all_token_ids, BLOCK_SIZE)
     return req
 
 

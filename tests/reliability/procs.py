@@ -16,14 +16,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kvbridge.config import TransferConfig
-from kvbridge.engine.engine import EngineConfig, LLMEngine
+from kvbridge.engine.engine import LLMEngine
 from kvbridge.engine.request import RequestOutput
 from kvbridge.engine.sampling import SamplingParams
 from kvbridge.nixl.transport import XferHandle, XferState
 from kvbridge.nixl.wrapper import NixlWrapper
+from reliability.pd import engine as build_engine  # the engine pd.expected answers like
 
-BS = 4
-NUM_BLOCKS = 48
 SAMPLING = {
     "prefill": SamplingParams(max_tokens=1, ignore_eos=True),
     "greedy": SamplingParams(max_tokens=6, ignore_eos=True),
@@ -52,19 +51,6 @@ def nixl_config(role: str, engine_id: str, extra: dict[str, Any]) -> TransferCon
         kv_role=role,  # type: ignore[arg-type]
         engine_id=engine_id,
         kv_connector_extra_config={"side_channel_port": 0, **extra},
-    )
-
-
-def build_engine(transfer: TransferConfig | None) -> LLMEngine:
-    return LLMEngine(
-        EngineConfig(
-            model="tiny",
-            block_size=BS,
-            num_gpu_blocks=NUM_BLOCKS,
-            max_num_seqs=16,
-            max_model_len=128,
-            kv_transfer_config=transfer,
-        )
     )
 
 

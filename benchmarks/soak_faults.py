@@ -19,6 +19,7 @@ from typing import Any
 
 from kvbridge.nixl.transport import (
     DlistHandle,
+    Indices,
     LiveCounts,
     MemoryType,
     NixlTransport,
@@ -147,9 +148,9 @@ class FaultyTransport(NixlTransport):
         self,
         op: XferOp,
         local_dlist: DlistHandle,
-        local_indices: Sequence[int],
+        local_indices: Indices,
         remote_dlist: DlistHandle,
-        remote_indices: Sequence[int],
+        remote_indices: Indices,
         notif_msg: bytes = b"",
     ) -> XferHandle:
         return self._inner.make_prepped_xfer(

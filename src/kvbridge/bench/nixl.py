@@ -67,9 +67,11 @@ class CaseResult(NamedTuple):
     raw_descs: int  # descriptors NIXL counted in the first raw READ
     phase_ms: dict[str, float]  # stats key -> median milliseconds over the timed READs
     correct: bool  # the bytes read (connector and raw) equal the producer's
+    plan_post_ms: tuple[float, float] = (0.0, 0.0)  # the connector's plan_read, make xfer
 
 
 PHASES = (keys.POST_TIME, keys.XFER_TIME, keys.CONFIRM_TIME)
+PLAN_POST_ITERS = 10
 
 
 class Row(NamedTuple):
@@ -168,6 +170,9 @@ def run_case(
         mine, theirs = harness.abba(
             lambda: _read(worker, next(timed)), lambda: raw.read(xfer).seconds, iters
         )
+    # the connector's planning and posting on real agents (the raw reader's, untimed READ)
+    posts = [raw.plan_post([ids], [ids], merge=case.merge) for _ in range(PLAN_POST_ITERS)]
+    plan_post_ms = tuple(1e3 * statistics.median(p[k] for p in posts) for k in (0, 1))
     stats = worker.get_kv_connector_stats()
     data = stats.data if isinstance(stats, KVConnectorStats) else {}
     descs = data.get(keys.NUM_DESCRIPTORS, [])
@@ -191,6 +196,7 @@ def run_case(
         xfer.num_descs if raw_descs is None else raw_descs,
         phase_ms,
         correct,
+        (plan_post_ms[0], plan_post_ms[1]),
     )
 
 
@@ -267,6 +273,7 @@ COLUMNS = (
     "ratio of medians",
     "paired ratio",
     "connector ms: READ / post / NIXL xfer / confirm",
+    "plan + make xfer ms (per GiB)",
 )
 
 
@@ -275,6 +282,7 @@ def _cells(row: Row) -> list[str]:
     mine = [_gbps(row.nbytes, f(r.seconds)) for f in (statistics.median, min)]
     raw = [_gbps(row.nbytes, f(r.raw_seconds)) for f in (statistics.median, min)]
     phases = [1e3 * statistics.median(r.seconds)] + [r.phase_ms.get(k, 0.0) for k in PHASES]
+    plan, post = r.plan_post_ms
     return [
         row.case.pattern,
         "on" if row.case.merge else "off",
@@ -286,6 +294,7 @@ def _cells(row: Row) -> list[str]:
         f"{mine[0] / raw[0]:.2f}",
         f"{paired_ratio(r.seconds, r.raw_seconds):.2f}",
         " / ".join(f"{ms:.1f}" for ms in phases),
+        f"{plan:.2f} + {post:.2f} ({(plan + post) * 2**30 / row.nbytes:.2f})",
     ]
 
 

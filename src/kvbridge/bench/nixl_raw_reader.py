@@ -24,7 +24,13 @@ from kvbridge.nixl.registration import cache_regions, check_kv_caches
 from kvbridge.nixl.remotes import RemoteEngine, RemoteEngines, memory_type
 from kvbridge.nixl.settings import DEFAULT_PROGRESS_DELAY_US, NixlSettings
 from kvbridge.nixl.transfers import KVRegions, plan_read
-from kvbridge.nixl.transport import LOCAL_AGENT, DlistHandle, LiveCounts, NixlTransport
+from kvbridge.nixl.transport import (
+    LOCAL_AGENT,
+    DlistHandle,
+    Indices,
+    LiveCounts,
+    NixlTransport,
+)
 from kvbridge.nixl.wrapper import NixlWrapper
 
 ENGINE_ID = "bench-raw-reader"
@@ -34,15 +40,23 @@ class PreparedRead(NamedTuple):
     """A planned READ's dlists and indices."""
 
     local_dlist: DlistHandle
-    local_indices: list[int]
+    local_indices: Indices
     remote_dlist: DlistHandle
-    remote_indices: list[int]
+    remote_indices: Indices
     num_descs: int  # descriptors of the plan
 
 
 class RawSample(NamedTuple):
     seconds: float  # make transfer .. released, wall clock
     nixl_descs: int | None  # NIXL's telemetry descriptor count, when asked for
+    post_seconds: float = 0.0  # make transfer .. ``transfer`` returned
+    make_seconds: float = 0.0  # make transfer (NIXL builds the request from the indices)
+
+
+class PlanPost(NamedTuple):
+    plan_seconds: float  # plan_read
+    make_seconds: float  # make_prepped_xfer
+    num_bytes: int
 
 
 class RawReader:
@@ -107,6 +121,29 @@ class RawReader:
             local_ids, remote_ids, merge=merge,
         )  # fmt: skip
 
+    def plan_post(
+        self,
+        local_ids: Sequence[Sequence[int]],
+        remote_ids: Sequence[Sequence[int]],
+        *,
+        merge: bool,
+    ) -> PlanPost:
+        """The connector's way to post a READ, timed: ``plan_read``, then NIXL's request made
+        over the per-block dlists prepared once (then posted and run to DONE, untimed: with
+        UCX's cma the copy runs inside ``transfer``)."""
+        start = time.perf_counter()
+        plan = plan_read(
+            self.regions, self.remote.regions, self.group_layers, local_ids, remote_ids,
+            merge=merge,
+        )  # fmt: skip
+        planned = time.perf_counter()
+        prepared = PreparedRead(
+            self.local_dlist, plan.local_indices, self.remote.dlist, plan.remote_indices,
+            plan.num_descs,
+        )  # fmt: skip
+        sample = timed_read(self._t, prepared, self.timeout_s)
+        return PlanPost(planned - start, sample.make_seconds, plan.num_bytes)
+
     def read(self, prepared: PreparedRead, *, telemetry: bool = False) -> RawSample:
         return timed_read(self._t, prepared, self.timeout_s, telemetry=telemetry)
 
@@ -165,8 +202,10 @@ def timed_read(
         "READ", prepared.local_dlist, prepared.local_indices,
         prepared.remote_dlist, prepared.remote_indices,
     )  # fmt: skip
+    made = time.perf_counter() - start
     try:
         state = t.transfer(handle)
+        posted = time.perf_counter() - start
         while state == "PROC":
             if time.monotonic() > deadline:
                 raise TimeoutError(f"raw READ not done in {timeout_s:g}s")
@@ -178,4 +217,4 @@ def timed_read(
             descs = None if info is None else info.desc_count
     finally:
         t.release_xfer_handle(handle)
-    return RawSample(time.perf_counter() - start, descs)
+    return RawSample(time.perf_counter() - start, descs, posted, made)

@@ -11,6 +11,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from kvbridge.nixl.transport import (
     DlistHandle,
+    Indices,
     LiveCounts,
     MemoryType,
     NixlHandleError,
@@ -235,9 +236,9 @@ class FakeNixlWrapper(NixlTransport):
         self,
         op: XferOp,
         local_dlist: DlistHandle,
-        local_indices: Sequence[int],
+        local_indices: Indices,
         remote_dlist: DlistHandle,
-        remote_indices: Sequence[int],
+        remote_indices: Indices,
         notif_msg: bytes = b"",
     ) -> XferHandle:
         check_xfer_op(op)
@@ -248,7 +249,7 @@ class FakeNixlWrapper(NixlTransport):
             )
         if remote.agent_name != self.agent_name:
             self._require_remote("make_prepped_xfer", remote.agent_name)
-        if not local_indices or len(local_indices) != len(remote_indices):
+        if len(local_indices) == 0 or len(local_indices) != len(remote_indices):
             raise NixlTransportError(
                 f"make_prepped_xfer: need equal non-empty index lists, got "
                 f"{len(local_indices)} local and {len(remote_indices)} remote",

@@ -11,12 +11,12 @@ or cut network) until ``resume``. Use ``fabric.wrapper`` as the ``nixl_wrapper``
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
 from typing import Any
 
 from kvbridge.nixl.fake import FakeDescriptor, FakeNixlWrapper, _Xfer
 from kvbridge.nixl.transport import (
     DlistHandle,
+    Indices,
     LiveCounts,
     NixlTransportError,
     XferHandle,
@@ -89,9 +89,9 @@ class FabricNixlWrapper(FakeNixlWrapper):
         self,
         op: XferOp,
         local_dlist: DlistHandle,
-        local_indices: Sequence[int],
+        local_indices: Indices,
         remote_dlist: DlistHandle,
-        remote_indices: Sequence[int],
+        remote_indices: Indices,
         notif_msg: bytes = b"",
     ) -> XferHandle:
         handle = super().make_prepped_xfer(

@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+import numpy.typing as npt
+
 from kvbridge.nixl.transport import XferItem
 
 
@@ -28,6 +31,24 @@ class BlockRun(NamedTuple):
     length: int
 
 
+BlockIds = Sequence[int] | npt.NDArray[np.integer]
+
+
+def _ids(ids: BlockIds) -> npt.NDArray[np.int64]:
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+
+def _sorted_runs(
+    local: npt.NDArray[np.int64], remote: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.intp]]:
+    """The pairs sorted by local id (then remote), and where each maximal run starts."""
+    order = np.lexsort((remote, local))
+    local, remote = local[order], remote[order]
+    breaks = (np.diff(local) != 1) | (np.diff(remote) != 1)
+    starts = np.flatnonzero(np.concatenate(([local.size > 0], breaks)))
+    return local, remote, starts
+
+
 def merge_runs(local: Sequence[int], remote: Sequence[int]) -> list[BlockRun]:
     """Group the pairs ``(local[i], remote[i])`` into maximal runs contiguous on both sides.
 
@@ -36,15 +57,12 @@ def merge_runs(local: Sequence[int], remote: Sequence[int]) -> list[BlockRun]:
     """
     if len(local) != len(remote):
         raise ValueError(f"merge_runs: {len(local)} local vs {len(remote)} remote block ids")
-    runs: list[BlockRun] = []
-    for loc, rem in sorted(zip(local, remote)):
-        if runs:
-            last = runs[-1]
-            if loc == last.local_start + last.length and rem == last.remote_start + last.length:
-                runs[-1] = last._replace(length=last.length + 1)
-                continue
-        runs.append(BlockRun(loc, rem, 1))
-    return runs
+    loc, rem, starts = _sorted_runs(_ids(local), _ids(remote))
+    lengths = np.diff(np.append(starts, loc.size))
+    return [
+        BlockRun(int(a), int(b), int(n))
+        for a, b, n in zip(loc[starts], rem[starts], lengths, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -93,33 +111,52 @@ class KVRegions:
     def index(self, layer: int, block: int) -> int:
         return layer * self.num_blocks + block
 
-    def check_blocks(self, block_ids: Sequence[int], side: str) -> None:
-        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
-        if bad:
-            raise ValueError(f"{side} block id {bad[0]} outside 0..{self.num_blocks - 1}")
+    def check_blocks(self, block_ids: BlockIds, side: str) -> None:
+        ids = _ids(block_ids)
+        bad = ids[(ids < 0) | (ids >= self.num_blocks)]
+        if bad.size:
+            raise ValueError(f"{side} block id {int(bad[0])} outside 0..{self.num_blocks - 1}")
+
+
+class GroupRuns(NamedTuple):
+    """A KV cache group's runs (arrays of ``BlockRun``'s fields) and the layers read."""
+
+    layers: tuple[int, ...]
+    local_starts: npt.NDArray[np.int64]
+    remote_starts: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
 class ReadPlan:
     """One READ: indices into the per-block dlists prepared once per remote, in run order.
 
-    ``merged`` plans order the indices so that each run of blocks contiguous on both sides is
-    consecutive (NIXL joins consecutive adjacent descriptors into one). The joined
-    descriptors themselves (``local_items``/``remote_items``, one per layer and run) are
-    built only on demand: the READ does not need them, a baseline that prepares them does.
+    The indices are int32 arrays (NIXL takes them without a per-index conversion). ``merged``
+    plans order them so that each run of blocks contiguous on both sides is consecutive (NIXL
+    joins consecutive adjacent descriptors into one). The joined descriptors themselves
+    (``local_items``/``remote_items``, one per layer and run) are built only on demand: the
+    READ does not need them, a baseline that prepares them does.
     """
 
-    local_indices: list[int]
-    remote_indices: list[int]
+    local_indices: npt.NDArray[np.int32]
+    remote_indices: npt.NDArray[np.int32]
     num_bytes: int
     num_block_layers: int  # (block, layer) pairs moved
     num_descs: int  # descriptors once NIXL joins the runs (one per block and layer if none)
-    group_runs: tuple[tuple[Sequence[int], list[BlockRun]], ...] = ()  # merged: layers, runs
+    runs: tuple[GroupRuns, ...] = ()  # merged: per group
     regions: tuple[KVRegions, KVRegions] | None = field(default=None, repr=False)
 
     @property
     def merged(self) -> bool:
-        return bool(self.group_runs)
+        return bool(self.runs)
+
+    @property
+    def group_runs(self) -> tuple[tuple[tuple[int, ...], list[BlockRun]], ...]:
+        """Per group, its layers and its runs as ``BlockRun`` tuples."""
+        return tuple(
+            (g.layers, [BlockRun(int(a), int(b), int(n)) for a, b, n in zip(*g[1:], strict=True)])
+            for g in self.runs
+        )
 
     @property
     def local_items(self) -> list[XferItem]:
@@ -141,6 +178,13 @@ class ReadPlan:
         ]
 
 
+def _layer_major(
+    layers: npt.NDArray[np.int64], num_blocks: int, ids: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Dlist indices of ``ids`` in each of ``layers``, layer by layer (``KVRegions.index``)."""
+    return (layers[:, None] * num_blocks + ids[None, :]).reshape(-1)
+
+
 def plan_read(
     local: KVRegions,
     remote: KVRegions,
@@ -152,40 +196,46 @@ def plan_read(
 ) -> ReadPlan:
     """Plan reading ``remote_ids[g]`` into ``local_ids[g]`` for the layers of each group ``g``.
 
+    A fixed number of array operations per group: no Python work per block or per layer.
     Raises ``ValueError`` for mismatched lists or block ids outside either side's cache.
     """
     if local.block_len != remote.block_len or local.layer_names != remote.layer_names:
         raise ValueError("local and remote KV regions differ in block length or layers")
     if not len(group_layers) == len(local_ids) == len(remote_ids):
         raise ValueError("one list of block ids per KV cache group on both sides is required")
-    runs_per_group: list[list[BlockRun]] = []
-    for loc, rem in zip(local_ids, remote_ids):
+    groups = []  # (layers, local ids, remote ids, sorted local, sorted remote, run starts)
+    for layer_list, loc_list, rem_list in zip(group_layers, local_ids, remote_ids):
+        loc, rem = _ids(loc_list), _ids(rem_list)
         local.check_blocks(loc, "local")
         remote.check_blocks(rem, "remote")
-        if len(loc) != len(rem):
-            raise ValueError(f"{len(loc)} local vs {len(rem)} remote block ids in one group")
-        runs_per_group.append(merge_runs(loc, rem) if merge else [])
-    pairs = sum(len(layers) * len(ids) for layers, ids in zip(group_layers, local_ids))
-    num_bytes = pairs * local.block_len
-    nothing_merges = not merge or all(
-        len(runs) == len(ids) for runs, ids in zip(runs_per_group, local_ids)
-    )
+        if loc.size != rem.size:
+            raise ValueError(f"{loc.size} local vs {rem.size} remote block ids in one group")
+        layers = np.asarray(layer_list, dtype=np.int64).reshape(-1)
+        groups.append((layers, loc, rem, *_sorted_runs(loc, rem)))
+    pairs = sum(g[0].size * g[1].size for g in groups)
+    nothing_merges = not merge or all(g[5].size == g[1].size for g in groups)
     if nothing_merges or not (local.mergeable and remote.mergeable):
-        li: list[int] = []
-        ri: list[int] = []
-        for layers, loc, rem in zip(group_layers, local_ids, remote_ids):
-            for layer in layers:  # indices as ``KVRegions.index``, inlined: a READ has thousands
-                lo, ro = layer * local.num_blocks, layer * remote.num_blocks
-                li.extend([lo + b for b in loc])
-                ri.extend([ro + b for b in rem])
-        return ReadPlan(li, ri, num_bytes, pairs, len(li))
-    li, ri = [], []
-    for layers, runs in zip(group_layers, runs_per_group):
-        for layer in layers:
-            lo, ro = layer * local.num_blocks, layer * remote.num_blocks
-            for run in runs:
-                li.extend(range(lo + run.local_start, lo + run.local_start + run.length))
-                ri.extend(range(ro + run.remote_start, ro + run.remote_start + run.length))
-    group_runs = tuple(zip(group_layers, runs_per_group))
-    num_descs = sum(len(layers) * len(runs) for layers, runs in group_runs)
-    return ReadPlan(li, ri, num_bytes, pairs, num_descs, group_runs, (local, remote))
+        li = [_layer_major(g[0], local.num_blocks, g[1]) for g in groups]
+        ri = [_layer_major(g[0], remote.num_blocks, g[2]) for g in groups]
+        return ReadPlan(_indices(li), _indices(ri), pairs * local.block_len, pairs, pairs)
+    li = [_layer_major(g[0], local.num_blocks, g[3]) for g in groups]
+    ri = [_layer_major(g[0], remote.num_blocks, g[4]) for g in groups]
+    runs = tuple(
+        GroupRuns(
+            tuple(int(x) for x in layers),
+            sorted_loc[starts],
+            sorted_rem[starts],
+            np.diff(np.append(starts, sorted_loc.size)),
+        )
+        for layers, _, _, sorted_loc, sorted_rem, starts in groups
+    )
+    num_descs = sum(len(g.layers) * g.lengths.size for g in runs)
+    return ReadPlan(
+        _indices(li), _indices(ri), pairs * local.block_len, pairs, num_descs, runs, (local, remote)
+    )
+
+
+def _indices(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int32]:
+    if not parts:
+        return np.empty(0, dtype=np.int32)
+    return np.concatenate(parts).astype(np.int32, copy=False)

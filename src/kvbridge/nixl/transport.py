@@ -16,7 +16,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, NewType, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NewType, TypeAlias
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 MemoryType = Literal["DRAM", "VRAM"]
 XferOp = Literal["READ", "WRITE"]
@@ -25,6 +29,8 @@ DlistHandle = NewType("DlistHandle", int)
 XferHandle = NewType("XferHandle", int)
 
 XferItem: TypeAlias = tuple[int, int, int]  # (addr, length, device_id)
+# dlist indices of a transfer: a list, or an int array (NIXL takes it without converting each)
+Indices: TypeAlias = "Sequence[int] | npt.NDArray[np.integer[Any]]"
 RegItem: TypeAlias = tuple[int, int, int] | tuple[int, int, int, str]  # (+ backend meta string)
 RegDescs: TypeAlias = object  # opaque: what get_reg_descs returned
 XferDescs: TypeAlias = object  # opaque: what get_xfer_descs returned
@@ -148,9 +154,9 @@ class NixlTransport(ABC):
         self,
         op: XferOp,
         local_dlist: DlistHandle,
-        local_indices: Sequence[int],
+        local_indices: Indices,
         remote_dlist: DlistHandle,
-        remote_indices: Sequence[int],
+        remote_indices: Indices,
         notif_msg: bytes = b"",
     ) -> XferHandle:
         """A transfer of ``local[i] <-> remote[j]`` pairs (same non-zero count on both sides).

@@ -15,9 +15,13 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar, cast
 
+import numpy as np
+import numpy.typing as npt
+
 from kvbridge.nixl.settings import DEFAULT_PROGRESS_DELAY_US
 from kvbridge.nixl.transport import (
     DlistHandle,
+    Indices,
     LiveCounts,
     MemoryType,
     NixlHandleError,
@@ -119,6 +123,11 @@ def make_agent(
             threaded = num_threads > 0 and backend in ("UCX", "OBJ", "LIBFABRIC")
             agent.create_backend(backend, {"num_threads": str(num_threads)} if threaded else {})
     return agent
+
+
+def _int32(indices: Indices) -> npt.NDArray[np.int32]:
+    """Indices as NIXL takes them whole (a list is converted index by index: 0.5 ms at 16k)."""
+    return np.asarray(indices, dtype=np.int32)
 
 
 def _error_code(exc: BaseException) -> str:
@@ -266,16 +275,16 @@ class NixlWrapper(NixlTransport):
         self,
         op: XferOp,
         local_dlist: DlistHandle,
-        local_indices: Sequence[int],
+        local_indices: Indices,
         remote_dlist: DlistHandle,
-        remote_indices: Sequence[int],
+        remote_indices: Indices,
         notif_msg: bytes = b"",
     ) -> XferHandle:
         check_xfer_op(op)
         local, remote = self._native_dlist(local_dlist), self._native_dlist(remote_dlist)
         with self._nixl_errors("make_prepped_xfer"):
             native = self._live().make_prepped_xfer(
-                op, local, list(local_indices), remote, list(remote_indices), notif_msg
+                op, local, _int32(local_indices), remote, _int32(remote_indices), notif_msg
             )
         handle = XferHandle(next(self._ids))
         self._xfers[handle] = native

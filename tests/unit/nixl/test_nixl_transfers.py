@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -71,8 +72,8 @@ def test_scattered_blocks_use_the_prepared_dlists() -> None:
     local, remote = regions(), regions(num_blocks=32, base=1 << 30)
     plan = plan_read(local, remote, [[0, 1]], [[5, 9]], [[2, 7]])
     assert not plan.merged
-    assert plan.local_indices == [5, 9, 64 + 5, 64 + 9]
-    assert plan.remote_indices == [2, 7, 32 + 2, 32 + 7]
+    assert plan.local_indices.tolist() == [5, 9, 64 + 5, 64 + 9]
+    assert plan.remote_indices.tolist() == [2, 7, 32 + 2, 32 + 7]
     assert plan.num_bytes == 4 * BLOCK and plan.num_descs == 4
 
 
@@ -98,8 +99,8 @@ def test_padded_blocks_are_never_merged() -> None:
 def test_groups_read_only_their_own_layers() -> None:
     local, remote = regions(layers=3), regions(layers=3, base=1 << 30)
     plan = plan_read(local, remote, [[0, 2], [1]], [[1], [2]], [[3], [4]])
-    assert plan.local_indices == [1, 2 * 64 + 1, 64 + 2]
-    assert plan.remote_indices == [3, 2 * 64 + 3, 64 + 4]
+    assert plan.local_indices.tolist() == [1, 2 * 64 + 1, 64 + 2]
+    assert plan.remote_indices.tolist() == [3, 2 * 64 + 3, 64 + 4]
 
 
 def test_out_of_range_and_mismatched_plans_are_refused() -> None:
@@ -116,3 +117,37 @@ def test_out_of_range_and_mismatched_plans_are_refused() -> None:
 
 def test_descending_block_ids_still_merge() -> None:
     assert merge_runs([7, 6, 5, 4], [13, 12, 11, 10]) == [BlockRun(4, 10, 4)]
+
+
+def _reference_plan(
+    local: KVRegions, remote: KVRegions, layers: list[int], loc: list[int], rem: list[int]
+) -> tuple[list[int], list[int], int]:
+    """The per-block plan, one Python step per block and layer: indices and descriptors."""
+    runs = merge_runs(loc, rem)
+    if len(runs) == len(loc):
+        li = [local.index(layer, b) for layer in layers for b in loc]
+        ri = [remote.index(layer, b) for layer in layers for b in rem]
+        return li, ri, len(li)
+    li, ri = [], []
+    for layer in layers:
+        for run in runs:
+            li += [local.index(layer, run.local_start + i) for i in range(run.length)]
+            ri += [remote.index(layer, run.remote_start + i) for i in range(run.length)]
+    return li, ri, len(layers) * len(runs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(pairs, max_size=4).map(lambda chunks: [p for c in chunks for p in c]),
+    st.lists(st.integers(0, 2), min_size=1, max_size=3, unique=True),
+)
+def test_the_array_plan_matches_the_per_block_plan(
+    pair_list: list[tuple[int, int]], layers: list[int]
+) -> None:
+    local, remote = regions(layers=3), regions(num_blocks=48, layers=3, base=1 << 30)
+    loc, rem = [p[0] for p in pair_list], [p[1] for p in pair_list]
+    plan = plan_read(local, remote, [layers], [loc], [rem])
+    li, ri, descs = _reference_plan(local, remote, layers, loc, rem)
+    assert plan.local_indices.tolist() == li and plan.remote_indices.tolist() == ri
+    assert plan.num_descs == descs and plan.num_block_layers == len(li)
+    assert plan.local_indices.dtype == np.int32

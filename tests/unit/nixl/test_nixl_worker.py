@@ -67,8 +67,8 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
     assert results[-1][2] == set()  # no load errors
     ((op, _, local_idx, _, remote_idx, notif), _) = fake.calls_to("make_prepped_xfer")[0]
     n = consumer.worker.cache_spec.num_blocks  # per-block dlists: index = layer * n + block
-    assert op == "READ" and local_idx == [2, 3, 4, n + 2, n + 3, n + 4]
-    assert remote_idx == [5, 6, 7, n + 5, n + 6, n + 7]  # each run consecutive: NIXL joins it
+    assert op == "READ" and list(local_idx) == [2, 3, 4, n + 2, n + 3, n + 4]
+    assert list(remote_idx) == [5, 6, 7, n + 5, n + 6, n + 7]  # each run consecutive: NIXL joins it
     assert len(fake.calls_to("prep_xfer_dlist")) == 2  # the cache's and the remote's, once
     assert notif == b""  # the READ carries no notification: NIXL would hold DONE back for it
     sent = [as_tuple(m) for agent, m in fake.sent_notifs if agent == "fake-remote"]
@@ -93,8 +93,8 @@ def test_scattered_blocks_read_through_the_prepared_lists(nodes: tuple[Node, Nod
     )
     ((_, _, local_idx, _, remote_idx, _), _) = consumer.fake.calls_to("make_prepped_xfer")[0]
     n = spec().num_blocks
-    assert local_idx == [9, 2, 4, n + 9, n + 2, n + 4]
-    assert remote_idx == [1, 8, 3, n + 1, n + 8, n + 3]
+    assert list(local_idx) == [9, 2, 4, n + 9, n + 2, n + 4]
+    assert list(remote_idx) == [1, 8, 3, n + 1, n + 8, n + 3]
 
 
 @pytest.mark.parametrize("on_post", [False, True])

@@ -7,12 +7,14 @@ import enum
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from kvbridge.config import ConfigError, TransferConfig
 from kvbridge.nixl import worker as worker_module
 from kvbridge.nixl.settings import DEFAULT_PROGRESS_DELAY_US, NixlSettings
-from kvbridge.nixl.wrapper import NixlApi, make_agent
+from kvbridge.nixl.transport import LOCAL_AGENT
+from kvbridge.nixl.wrapper import NixlApi, NixlWrapper, make_agent
 
 
 class _Sync(enum.Enum):
@@ -53,6 +55,18 @@ class _ApiAgent:
         self.agent.backends.append((backend, init))
         self.backends[backend] = object()
 
+    def prep_xfer_dlist(self, agent: str, descs: object) -> object:
+        return object()
+
+    def make_prepped_xfer(self, *args: Any) -> tuple[Any, ...]:
+        return args  # what the bindings were handed
+
+    def release_xfer_handle(self, handle: object) -> None:
+        pass
+
+    def release_dlist_handle(self, handle: object) -> None:
+        pass
+
 
 def _nixl() -> NixlApi:
     api = SimpleNamespace(
@@ -90,6 +104,22 @@ def test_delay_zero_keeps_nixls_own_construction() -> None:
     agent = _agent(0)
     assert agent.agent.config.pthrDelay == 0
     assert agent.agent.backends == [("UCX", {})]
+
+
+def test_indices_reach_nixl_as_one_int32_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list is converted by NIXL's bindings index by index (0.5 ms at 16k indices); an int32
+    array is taken whole (0.02 ms)."""
+    monkeypatch.setattr("kvbridge.nixl.wrapper.load_nixl_api", _nixl)
+    wrapper = NixlWrapper("w")
+    local = wrapper.prep_xfer_dlist(LOCAL_AGENT, object())
+    remote = wrapper.prep_xfer_dlist("w", object())
+    for indices in ([3, 1, 2], np.array([3, 1, 2], dtype=np.int64)):
+        handle = wrapper.make_prepped_xfer("READ", local, indices, remote, indices)
+        native = wrapper._xfers[handle]
+        for got in (native[2], native[4]):
+            assert isinstance(got, np.ndarray) and got.dtype == np.int32
+            assert got.tolist() == [3, 1, 2]
+    wrapper.close()
 
 
 def test_the_connector_passes_its_configured_delay(monkeypatch: pytest.MonkeyPatch) -> None:

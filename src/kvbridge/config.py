@@ -36,6 +36,14 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key and the fix."""
 
 
+def check_load_failure_policy(value: object) -> None:
+    """``ConfigError`` unless ``value`` is one of ``LOAD_FAILURE_POLICIES``."""
+    if value not in LOAD_FAILURE_POLICIES:
+        raise ConfigError(
+            f"kv_load_failure_policy: {value!r} is not one of {', '.join(LOAD_FAILURE_POLICIES)}"
+        )
+
+
 @dataclass(frozen=True)
 class TransferConfig:
     """Which connector to build and how; mirrors vLLM's KVTransferConfig keys."""
@@ -68,11 +76,7 @@ class TransferConfig:
                 "kv_connector_extra_config: must be a dict (JSON object), got "
                 f"{type(self.kv_connector_extra_config).__name__}"
             )
-        if self.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
-            raise ConfigError(
-                f"kv_load_failure_policy: {self.kv_load_failure_policy!r} is not one of "
-                f"{', '.join(LOAD_FAILURE_POLICIES)}"
-            )
+        check_load_failure_policy(self.kv_load_failure_policy)
         if self.kv_connector_module_path is not None and not isinstance(
             self.kv_connector_module_path, str
         ):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvbridge.config import LOAD_FAILURE_POLICIES
+from kvbridge.config import check_load_failure_policy
 from kvbridge.connector.base import ConnectorOutput, KVConnectorMetadata, KVConnectorScheduler
 from kvbridge.connector.types import IntegrityError, ScheduledRequest, SchedulerStep
 from kvbridge.engine.block_manager import BlockManager
@@ -44,11 +44,7 @@ class SchedulerConfig:
                 f"max_num_batched_tokens: {self.max_num_batched_tokens} < max_model_len "
                 f"{self.max_model_len}; without chunked prefill a whole prompt must fit one step"
             )
-        if self.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
-            raise ValueError(
-                f"kv_load_failure_policy: {self.kv_load_failure_policy!r} is not one of "
-                f"{', '.join(LOAD_FAILURE_POLICIES)}"
-            )
+        check_load_failure_policy(self.kv_load_failure_policy)
 
 
 @dataclass(frozen=True)

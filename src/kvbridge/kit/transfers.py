@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from kvbridge.config import LOAD_FAILURE_POLICIES
+from kvbridge.config import check_load_failure_policy
 from kvbridge.connector.base import (
     ConnectorOutput,
     KVConnectorMetadata,
@@ -106,11 +106,7 @@ class TransferTracker:
         block_size: int,
         kv_load_failure_policy: str = "recompute",
     ) -> None:
-        if kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
-            raise ValueError(
-                f"kv_load_failure_policy: {kv_load_failure_policy!r} is not one of "
-                f"{', '.join(LOAD_FAILURE_POLICIES)}"
-            )
+        check_load_failure_policy(kv_load_failure_policy)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size: must be a positive int, got {block_size!r}")
         self.connector = connector

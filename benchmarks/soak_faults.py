@@ -13,25 +13,15 @@ consumer's NixlConnector config) and counts READ posts (``transfer`` calls):
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kvbridge.nixl.transport import (
-    DlistHandle,
-    Indices,
-    LiveCounts,
-    MemoryType,
+    DelegatingTransport,
     NixlTransport,
     NixlTransportError,
-    RegDescs,
-    RegItem,
-    XferDescs,
     XferHandle,
-    XferItem,
-    XferOp,
     XferState,
-    XferTelemetry,
 )
 
 
@@ -72,15 +62,14 @@ class FaultLog:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-class FaultyTransport(NixlTransport):
+class FaultyTransport(DelegatingTransport):
     """Runs in the consumer worker; the real transport with ``plan``'s READ faults."""
 
     def __init__(self, inner: NixlTransport, plan: FaultPlan, log: FaultLog) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._plan = plan
         self._log = log
         self._stuck: set[XferHandle] = set()
-        self.agent_name: str = getattr(inner, "agent_name", "")
 
     def transfer(self, handle: XferHandle) -> XferState:
         with self._log.lock:
@@ -94,7 +83,7 @@ class FaultyTransport(NixlTransport):
             raise NixlTransportError(
                 f"transfer: injected disconnect at post {n}", "REMOTE_DISCONNECT"
             )
-        state = self._inner.transfer(handle)
+        state = self.inner.transfer(handle)
         if n == self._plan.stuck_read and state != "ERR":
             self._log.stuck += 1
             self._stuck.add(handle)
@@ -104,80 +93,11 @@ class FaultyTransport(NixlTransport):
     def check_xfer_state(self, handle: XferHandle) -> XferState:
         if handle in self._stuck:
             return "PROC"
-        return self._inner.check_xfer_state(handle)
+        return self.inner.check_xfer_state(handle)
 
     def release_xfer_handle(self, handle: XferHandle) -> None:
-        self._inner.release_xfer_handle(handle)
+        self.inner.release_xfer_handle(handle)
         self._stuck.discard(handle)
 
-    # -- the rest as the real transport does it ------------------------------------------------
-    def get_reg_descs(self, items: Sequence[RegItem], memory_type: MemoryType) -> RegDescs:
-        return self._inner.get_reg_descs(items, memory_type)
-
-    def register_memory(self, descs: RegDescs) -> None:
-        self._inner.register_memory(descs)
-
-    def deregister_memory(self, descs: RegDescs) -> None:
-        self._inner.deregister_memory(descs)
-
-    def get_xfer_descs(self, items: Sequence[XferItem], memory_type: MemoryType) -> XferDescs:
-        return self._inner.get_xfer_descs(items, memory_type)
-
-    def prep_xfer_dlist(self, agent_name: str, descs: XferDescs) -> DlistHandle:
-        return self._inner.prep_xfer_dlist(agent_name, descs)
-
-    def release_dlist_handle(self, handle: DlistHandle) -> None:
-        self._inner.release_dlist_handle(handle)
-
-    def get_agent_metadata(self) -> bytes:
-        return self._inner.get_agent_metadata()
-
-    def add_remote_agent(self, metadata: bytes) -> str:
-        return self._inner.add_remote_agent(metadata)
-
-    def remove_remote_agent(self, agent_name: str) -> None:
-        self._inner.remove_remote_agent(agent_name)
-
-    def get_new_notifs(self) -> dict[str, list[bytes]]:
-        return self._inner.get_new_notifs()
-
-    def send_notif(self, remote_agent: str, msg: bytes) -> None:
-        self._inner.send_notif(remote_agent, msg)
-
-    def make_prepped_xfer(
-        self,
-        op: XferOp,
-        local_dlist: DlistHandle,
-        local_indices: Indices,
-        remote_dlist: DlistHandle,
-        remote_indices: Indices,
-        notif_msg: bytes = b"",
-    ) -> XferHandle:
-        return self._inner.make_prepped_xfer(
-            op, local_dlist, local_indices, remote_dlist, remote_indices, notif_msg
-        )
-
-    def get_xfer_telemetry(self, handle: XferHandle) -> XferTelemetry | None:
-        return self._inner.get_xfer_telemetry(handle)
-
-    @property
-    def num_live_xfer_handles(self) -> int:
-        return self._inner.num_live_xfer_handles
-
-    @property
-    def num_live_dlist_handles(self) -> int:
-        return self._inner.num_live_dlist_handles
-
-    @property
-    def num_registered_regions(self) -> int:
-        return self._inner.num_registered_regions
-
-    @property
-    def num_remote_agents(self) -> int:
-        return self._inner.num_remote_agents
-
-    def close(self) -> LiveCounts:
-        return self._inner.close()
-
     def __getattr__(self, name: str) -> Any:  # anything else a real transport offers
-        return getattr(self._inner, name)
+        return getattr(self.inner, name)

@@ -217,3 +217,88 @@ class NixlTransport(ABC):
 
         Any later call other than ``close`` raises ``NixlTransportError``.
         """
+
+
+class DelegatingTransport(NixlTransport):
+    """Forwards every call to ``inner``; subclass it to change a few (fault injection)."""
+
+    def __init__(self, inner: NixlTransport) -> None:
+        self.inner = inner
+        self.agent_name: str = getattr(inner, "agent_name", "")
+
+    def get_reg_descs(self, items: Sequence[RegItem], memory_type: MemoryType) -> RegDescs:
+        return self.inner.get_reg_descs(items, memory_type)
+
+    def register_memory(self, descs: RegDescs) -> None:
+        self.inner.register_memory(descs)
+
+    def deregister_memory(self, descs: RegDescs) -> None:
+        self.inner.deregister_memory(descs)
+
+    def get_xfer_descs(self, items: Sequence[XferItem], memory_type: MemoryType) -> XferDescs:
+        return self.inner.get_xfer_descs(items, memory_type)
+
+    def prep_xfer_dlist(self, agent_name: str, descs: XferDescs) -> DlistHandle:
+        return self.inner.prep_xfer_dlist(agent_name, descs)
+
+    def release_dlist_handle(self, handle: DlistHandle) -> None:
+        self.inner.release_dlist_handle(handle)
+
+    def get_agent_metadata(self) -> bytes:
+        return self.inner.get_agent_metadata()
+
+    def add_remote_agent(self, metadata: bytes) -> str:
+        return self.inner.add_remote_agent(metadata)
+
+    def remove_remote_agent(self, agent_name: str) -> None:
+        self.inner.remove_remote_agent(agent_name)
+
+    def get_new_notifs(self) -> dict[str, list[bytes]]:
+        return self.inner.get_new_notifs()
+
+    def send_notif(self, remote_agent: str, msg: bytes) -> None:
+        self.inner.send_notif(remote_agent, msg)
+
+    def make_prepped_xfer(
+        self,
+        op: XferOp,
+        local_dlist: DlistHandle,
+        local_indices: Indices,
+        remote_dlist: DlistHandle,
+        remote_indices: Indices,
+        notif_msg: bytes = b"",
+    ) -> XferHandle:
+        return self.inner.make_prepped_xfer(
+            op, local_dlist, local_indices, remote_dlist, remote_indices, notif_msg
+        )
+
+    def transfer(self, handle: XferHandle) -> XferState:
+        return self.inner.transfer(handle)
+
+    def check_xfer_state(self, handle: XferHandle) -> XferState:
+        return self.inner.check_xfer_state(handle)
+
+    def release_xfer_handle(self, handle: XferHandle) -> None:
+        self.inner.release_xfer_handle(handle)
+
+    def get_xfer_telemetry(self, handle: XferHandle) -> XferTelemetry | None:
+        return self.inner.get_xfer_telemetry(handle)
+
+    @property
+    def num_live_xfer_handles(self) -> int:
+        return self.inner.num_live_xfer_handles
+
+    @property
+    def num_live_dlist_handles(self) -> int:
+        return self.inner.num_live_dlist_handles
+
+    @property
+    def num_registered_regions(self) -> int:
+        return self.inner.num_registered_regions
+
+    @property
+    def num_remote_agents(self) -> int:
+        return self.inner.num_remote_agents
+
+    def close(self) -> LiveCounts:
+        return self.inner.close()

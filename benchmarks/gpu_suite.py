@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-lens", default="2048,8192,32768")
     p.add_argument("--blocks", default="64,256,1024,4096", help="offload blocks per step")
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--load-modes", default="async,layerwise", help="CPU-tier load modes (ttft)")
     p.add_argument("--nixl-args", default="", help="extra arguments for benchmarks.nixl_modes")
     args = p.parse_args(argv)
     args.json = args.json or args.out / "results.json"
@@ -57,6 +58,7 @@ def run_offload(args: argparse.Namespace) -> harness.Report:
 
 def run_ttft(args: argparse.Namespace) -> harness.Report:
     argv = ["--model", args.model, "--device", args.device, "--prompt-lens", args.prompt_lens]
+    argv += ["--load-modes", args.load_modes]
     bench_args = ttft.parse_args([*argv, "--decode-tokens", str(args.decode_tokens)])
     return ttft.report(bench_args, ttft.run(bench_args))
 
@@ -118,9 +120,14 @@ def plot(results: dict[str, list[Any]], out: Path) -> None:
     ttft_rows = results.get("ttft") or []
     if ttft_rows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        lens = [r["prompt_len"] for r in ttft_rows]
-        ax.plot(lens, [r["recompute_ms"] for r in ttft_rows], marker="o", label="recompute")
-        ax.plot(lens, [r["reload_ms"] for r in ttft_rows], marker="o", label="CPU-tier reload")
+        modes = list(dict.fromkeys(r["load_mode"] for r in ttft_rows))
+        first = [r for r in ttft_rows if r["load_mode"] == modes[0]]
+        lens = [r["prompt_len"] for r in first]
+        ax.plot(lens, [r["recompute_ms"] for r in first], marker="o", label="recompute")
+        for mode in modes:
+            mine = [r for r in ttft_rows if r["load_mode"] == mode]
+            xs, ys = [r["prompt_len"] for r in mine], [r["reload_ms"] for r in mine]
+            ax.plot(xs, ys, marker="o", label=f"CPU-tier reload ({mode})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens")

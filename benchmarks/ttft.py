@@ -8,6 +8,9 @@ For each prompt length, on one ``LLMEngine`` with ``SimpleCPUOffloadConnector``:
 The baseline is the recompute in the same run; the table shows the speedup and the achieved
 prefill TFLOP/s, so the recompute is known to be a fair (SDPA/flash) baseline. With
 ``--decode-tokens N`` the same engine then decodes N tokens at batch 1 after the shortest prompt.
+``--load-modes`` runs the reload once per CPU-tier ``load_mode`` (``async``: the hit loads between
+steps; ``layerwise``: inside the step that computes it, layer i computing while later layers
+copy), each on its own engine, a row per mode.
 With ``--disk-tier DIR`` the CPU tier has the disk tier behind it, and after step 3 a second
 engine (a restart: empty GPU cache and CPU tier, warmed up on another prompt) on the same
 directory answers the prompt from disk (TTFT *disk*).
@@ -27,11 +30,13 @@ from kvbridge.engine.engine import EngineConfig, LLMEngine
 from kvbridge.engine.model_config import NAMED_CONFIGS, ModelConfig
 from kvbridge.engine.request import RequestOutput
 from kvbridge.engine.sampling import SamplingParams
+from kvbridge.offload.config import LOAD_MODES
 
 ONE_TOKEN = SamplingParams(max_tokens=1, ignore_eos=True)
 
 
 class TTFTRow(NamedTuple):
+    load_mode: str
     prompt_len: int
     kv_gib: float
     recompute_ms: float
@@ -64,6 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=0, help="batch-1 decode after (0: none)")
     p.add_argument("--disk-tier", metavar="DIR", help="also TTFT from a disk tier in DIR")
+    p.add_argument(
+        "--load-modes",
+        type=harness.subset(LOAD_MODES),
+        default=["layerwise"],
+        help=f"CPU-tier load modes, comma-separated ({', '.join(LOAD_MODES)})",
+    )
     args = p.parse_args(argv)
     harness.positive(p, args, "repeats", "block_size")
     if min(args.prompt_lens) < 1 or args.decode_tokens < 0:
@@ -102,12 +113,12 @@ def _drop_gpu_cache(engine: LLMEngine) -> None:
     engine.block_manager.reset_prefix_cache()
 
 
-def build_engine(args: argparse.Namespace, max_len: int) -> LLMEngine:
+def build_engine(args: argparse.Namespace, max_len: int, load_mode: str) -> LLMEngine:
     """One engine whose GPU pool and CPU tier each hold one prompt of ``max_len`` tokens (and
     its ``--decode-tokens``)."""
     bs = args.block_size
     blocks = -(-(max_len + args.decode_tokens) // bs) + 8
-    extra: dict[str, object] = {"num_cpu_blocks": blocks}
+    extra: dict[str, object] = {"num_cpu_blocks": blocks, "load_mode": load_mode}
     if args.disk_tier:
         extra.update(
             kv_offload_backend="disk", disk_path=args.disk_tier, disk_capacity_bytes=1 << 40
@@ -143,9 +154,11 @@ def _settle_disk(engine: LLMEngine, timeout_s: float = 300.0) -> None:
         time.sleep(0.001)
 
 
-def _from_disk(args: argparse.Namespace, tokens: list[int], rng: random.Random) -> RequestOutput:
+def _from_disk(
+    args: argparse.Namespace, tokens: list[int], rng: random.Random, load_mode: str
+) -> RequestOutput:
     """``tokens`` on a restarted engine: GPU cache and CPU tier empty, the disk holds them."""
-    with build_engine(args, max(args.prompt_lens)) as engine:
+    with build_engine(args, max(args.prompt_lens), load_mode) as engine:
         vocab = engine.model_config.vocab_size
         _run(engine, [rng.randrange(vocab) for _ in range(len(tokens))])  # warm-up
         _settle_disk(engine)  # its writes no longer pin CPU blocks
@@ -155,7 +168,11 @@ def _from_disk(args: argparse.Namespace, tokens: list[int], rng: random.Random) 
 
 
 def measure(
-    engine: LLMEngine, args: argparse.Namespace, prompt_len: int, rng: random.Random
+    engine: LLMEngine,
+    args: argparse.Namespace,
+    prompt_len: int,
+    rng: random.Random,
+    load_mode: str = "layerwise",
 ) -> TTFTRow:
     model = engine.model_config
     recompute, reload, disk, same, reloaded, from_disk = [], [], [], True, 0, 0
@@ -171,13 +188,14 @@ def measure(
         reloaded = second.num_external_tokens
         if args.disk_tier:
             _settle_disk(engine)
-            third = _from_disk(args, tokens, rng)
+            third = _from_disk(args, tokens, rng, load_mode)
             disk.append(third.ttft)
             same &= first.token_ids == third.token_ids
             from_disk = third.num_external_tokens
     kv_bytes = engine.runner.cache_spec.block_bytes * (prompt_len / args.block_size)
     t_recompute = statistics.median(x for x in recompute if x is not None)
     return TTFTRow(
+        load_mode=load_mode,
         prompt_len=prompt_len,
         kv_gib=kv_bytes / 2**30,
         recompute_ms=t_recompute * 1e3,
@@ -210,7 +228,8 @@ def measure_decode(
 
 
 COLUMNS = (
-    *("prompt tokens", "KV GiB", "TTFT recompute ms", "prefill TFLOP/s", "TTFT reload ms"),
+    *("load mode", "prompt tokens", "KV GiB", "TTFT recompute ms", "prefill TFLOP/s"),
+    "TTFT reload ms",
     *("tokens from CPU", "speedup", "same first token"),
 )
 
@@ -226,7 +245,7 @@ def report(args: argparse.Namespace, result: TTFTResult) -> harness.Report:
     disk = bool(args.disk_tier)
     out = harness.Report("ttft", title, (*COLUMNS, *DISK_COLUMNS) if disk else COLUMNS)
     for r in result.rows:
-        cells = [f"{r.prompt_len:,}", f"{r.kv_gib:.3f}", f"{r.recompute_ms:.1f}"]
+        cells = [r.load_mode, f"{r.prompt_len:,}", f"{r.kv_gib:.3f}", f"{r.recompute_ms:.1f}"]
         cells += [f"{r.prefill_tflops:.1f}", f"{r.reload_ms:.1f}", f"{r.reloaded_tokens:,}"]
         cells += [f"{r.speedup:.1f}x", "yes" if r.same_token else "NO"]
         if disk and r.disk_ms is not None:
@@ -247,19 +266,24 @@ def report(args: argparse.Namespace, result: TTFTResult) -> harness.Report:
 
 def run(args: argparse.Namespace) -> TTFTResult:
     rng = random.Random(0)
-    start = time.perf_counter()
-    with build_engine(args, max(args.prompt_lens)) as engine:
-        init_s = time.perf_counter() - start
-        vocab = engine.model_config.vocab_size
-        warm_len = min(4 * args.block_size, max(args.prompt_lens))
-        warm = [rng.randrange(vocab) for _ in range(warm_len)]
-        for _ in range(2):  # warm-up: kernels, allocator, both copy directions
-            _run(engine, warm)
-            _drop_gpu_cache(engine)
-        rows = [measure(engine, args, n, rng) for n in args.prompt_lens]
-        decode = None
-        if args.decode_tokens:
-            decode = measure_decode(engine, min(args.prompt_lens), args.decode_tokens, rng)
+    rows: list[TTFTRow] = []
+    decode = None
+    init_s = 0.0
+    for mode in args.load_modes:  # an engine per mode, one after the other (GPU memory)
+        start = time.perf_counter()
+        with build_engine(args, max(args.prompt_lens), mode) as engine:
+            init_s = max(init_s, time.perf_counter() - start)
+            vocab = engine.model_config.vocab_size
+            warm_len = min(4 * args.block_size, max(args.prompt_lens))
+            warm = [rng.randrange(vocab) for _ in range(warm_len)]
+            for _ in range(2):  # warm-up: kernels, allocator, both copy directions
+                _run(engine, warm)
+                _drop_gpu_cache(engine)
+                _run(engine, warm)  # a reload: the mode's load path warm too
+                _drop_gpu_cache(engine)
+            rows += [measure(engine, args, n, rng, mode) for n in args.prompt_lens]
+            if args.decode_tokens and decode is None:
+                decode = measure_decode(engine, min(args.prompt_lens), args.decode_tokens, rng)
     return TTFTResult(rows, decode, init_s)
 
 

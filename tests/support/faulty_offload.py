@@ -33,13 +33,20 @@ class _OtherPromptLoads:
         self._stored.extend(i for i in cpu_ids if i not in self._stored)
         return self._inner.store(gpu_ids, cpu_ids)
 
-    def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
+    def _wrong(self, cpu_ids: Sequence[int]) -> list[int]:
         mine = set(cpu_ids)
         others = [i for i in self._stored if i not in mine]
         if not others:
             raise ValueError("faulty_offload: no other prompt's blocks stored to load instead")
-        wrong = [others[j % len(others)] for j in range(len(cpu_ids))]
-        return self._inner.load(wrong, gpu_ids)
+        return [others[j % len(others)] for j in range(len(cpu_ids))]
+
+    def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
+        return self._inner.load(self._wrong(cpu_ids), gpu_ids)
+
+    def load_layers(
+        self, cpu_ids: Sequence[int], gpu_ids: Sequence[int], chunks: Sequence[tuple[int, int]]
+    ) -> list[CopyHandle]:
+        return self._inner.load_layers(self._wrong(cpu_ids), gpu_ids, chunks)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -82,6 +82,11 @@ class CopyHandle(ABC):
     def wait(self) -> None:
         """Block until the copies finished; raises if they failed."""
 
+    def order_before_current(self) -> None:
+        """Make the work queued next on the caller's (compute) stream run after these copies;
+        the default waits on the host, a device backend makes the stream wait instead."""
+        self.wait()
+
 
 class DoneHandle(CopyHandle):
     """A batch that completed synchronously."""
@@ -155,6 +160,15 @@ class CopyBackend(ABC):
     def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
         """Copy CPU blocks ``cpu_ids[i]`` into cache blocks ``gpu_ids[i]``."""
 
+    def load_layers(
+        self, cpu_ids: Sequence[int], gpu_ids: Sequence[int], chunks: Sequence[tuple[int, int]]
+    ) -> list[CopyHandle]:
+        """``load(cpu_ids, gpu_ids)`` in chunks of layers ``[lo, hi)`` (in order, covering every
+        layer), one handle per chunk, so layer ``lo`` can compute while later chunks still
+        copy. The default loads everything at once and shares one handle."""
+        handle = self.load(cpu_ids, gpu_ids)
+        return [handle] * len(chunks)
+
     def store_and_load(
         self,
         store_gpu: Sequence[int],
@@ -168,6 +182,16 @@ class CopyBackend(ABC):
 
     def shutdown(self) -> None:  # noqa: B027
         """Release streams and staging memory. Idempotent."""
+
+
+def layer_chunks(num_layers: int, layer_bytes: int, min_chunk_bytes: int) -> list[tuple[int, int]]:
+    """Layers ``0..num_layers`` in consecutive chunks ``[lo, hi)`` of at least
+    ``min_chunk_bytes`` each (``layer_bytes`` per layer; the last chunk may be smaller), so a
+    small load is not split into copies too small to run at PCIe speed."""
+    if num_layers < 1:
+        raise ValueError(f"layer_chunks: num_layers must be >= 1, got {num_layers}")
+    per = max(1, -(-min_chunk_bytes // max(1, layer_bytes)))
+    return [(lo, min(num_layers, lo + per)) for lo in range(0, num_layers, per)]
 
 
 def copy_backend_class(device_type: str, *, user: str) -> type[CopyBackend]:

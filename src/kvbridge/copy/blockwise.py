@@ -151,6 +151,40 @@ def blockwise_load(
         yield
 
 
+def layerwise_load(
+    cpu_blocks: torch.Tensor,
+    gpu_rows: Sequence[torch.Tensor],
+    plan: CopyPlan,
+    index: torch.Tensor,
+    buffers: Sequence[torch.Tensor],
+    layer_chunks: Sequence[tuple[int, int]],
+    sync: StageSync,
+    copy: Copier,
+) -> Iterator[int]:
+    """A load in chunks of layers ``[lo, hi)``, in order: per chunk, the columns of those
+    layers of each run of CPU ids (one strided copy per run; a block-major pool keeps a
+    block's layers side by side), then one scatter per layer. A chunk goes through the buffers
+    in slices of at most ``buffers[0].shape[0]`` pairs, rotating buffers; yields the chunk's
+    number once its last scatter is queued (its layers are in place after that)."""
+    row = gpu_rows[0].shape[1]
+    rows = buffers[0].shape[0]
+    slices = plan_block_chunks(plan, rows, 1)
+    turn = 0
+    for c, (lo, hi) in enumerate(layer_chunks):
+        columns = cpu_blocks[:, lo * row : hi * row]
+        for part in slices:
+            b = turn % len(buffers)
+            turn += 1
+            buf = buffers[b][: part.hi - part.lo, : (hi - lo) * row]
+            with sync.fill(b):
+                copy(buf, columns, [(o - part.lo, plan.keyed[o], n) for o, n in part.runs])
+            with sync.drain(b):
+                ids = index[part.lo : part.hi]
+                for k, layer in enumerate(range(lo, hi)):
+                    gpu_rows[layer].index_copy_(0, ids, buf[:, k * row : (k + 1) * row])
+        yield c
+
+
 def run(steps: Iterable[None]) -> None:
     """Drive a sequence of steps to its end."""
     for _ in steps:

@@ -20,6 +20,7 @@ from kvbridge.copy.blockwise import (
     TorchGather,
     blockwise_load,
     blockwise_store,
+    layerwise_load,
     plan_block_chunks,
     pool_blocks,
 )
@@ -85,6 +86,9 @@ class _EventHandle(CopyHandle):
     def wait(self) -> None:
         self._event.synchronize()
         self._keep_alive = ()
+
+    def order_before_current(self) -> None:
+        torch.cuda.current_stream(self._event.device).wait_event(self._event)
 
 
 class _StreamSync:
@@ -214,6 +218,46 @@ class CUDACopyBackend(CopyBackend):
 
     def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
         return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=True))
+
+    def load_layers(
+        self, cpu_ids: Sequence[int], gpu_ids: Sequence[int], chunks: Sequence[tuple[int, int]]
+    ) -> list[CopyHandle]:
+        """Each chunk of layers its own event: ``direct`` (one kernel per chunk) when the
+        chunk's PCIe copies (one per run of CPU ids and chunk) would average under
+        ``min_copy_bytes``, else staged by columns of the block-major pool through two
+        rotating buffers (``layerwise_load``)."""
+        plan = plan_runs(cpu_ids, gpu_ids)
+        nbytes = len(plan.keyed) * len(self.gpu_layers) * self.block_layer_bytes
+        direct = self._direct is not None and (
+            self.cpu_blocks is None or nbytes < len(plan.runs) * len(chunks) * self.min_copy_bytes
+        )
+        if not plan.keyed or (self.cpu_blocks is None and not direct):
+            return super().load_layers(cpu_ids, gpu_ids, chunks)
+        stream = self.load_stream
+        self._fence(stream)
+        with torch.cuda.stream(stream):
+            ids_host = torch.tensor([plan.other, plan.keyed], dtype=torch.int64).pin_memory()
+            ids = ids_host.to(self.device, non_blocking=True)
+            if direct and self._direct is not None:
+                handles: list[CopyHandle] = []
+                for chunk in chunks:
+                    self._direct.load(ids[1], ids[0], layers=chunk)
+                    handles.append(_recorded(stream, ids_host, ids))
+                return handles
+        assert self.cpu_blocks is not None
+        copy_stream = self.load_copy_stream
+        copy_stream.wait_stream(stream)
+        sync = _StreamSync(copy_stream, stream, self.num_buffers)
+        widest = max(hi - lo for lo, hi in chunks) * self.gpu_rows[0].shape[1]
+        rows = min(len(plan.keyed), self.chunk_rows)
+        with torch.cuda.stream(stream):
+            buffers = self._staging(rows, count=self.num_buffers, width=widest)
+        for buf in buffers:
+            buf.record_stream(copy_stream)
+        steps = layerwise_load(
+            self.cpu_blocks, self.gpu_rows, plan, ids[0], buffers, chunks, sync, self._copy_out
+        )
+        return [_recorded(stream, ids_host, ids, *buffers) for _ in steps]
 
     def store_and_load(
         self,

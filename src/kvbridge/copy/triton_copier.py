@@ -156,9 +156,22 @@ class TritonCopier:
         """Queue cache rows ``gpu_ids[i]`` -> CPU rows ``cpu_ids[i]`` (device int64 tensors)."""
         self.launch(self._gpu, self._cpu, self._gpu_vecs, self._cpu_vecs, gpu_ids, cpu_ids)
 
-    def load(self, cpu_ids: torch.Tensor, gpu_ids: torch.Tensor) -> None:
-        """Queue CPU rows ``cpu_ids[i]`` -> cache rows ``gpu_ids[i]`` (device int64 tensors)."""
-        self.launch(self._cpu, self._gpu, self._cpu_vecs, self._gpu_vecs, cpu_ids, gpu_ids)
+    def load(
+        self, cpu_ids: torch.Tensor, gpu_ids: torch.Tensor, layers: tuple[int, int] | None = None
+    ) -> None:
+        """Queue CPU rows ``cpu_ids[i]`` -> cache rows ``gpu_ids[i]`` (device int64 tensors),
+        of every layer or of layers ``[lo, hi)``."""
+        lo, hi = layers or (0, self.num_layers)
+        if not 0 <= lo < hi <= self.num_layers:
+            raise ValueError(f"TritonCopier: layers {layers} outside 0..{self.num_layers}")
+        self.launch(
+            self._cpu,
+            self._gpu,
+            self._cpu_vecs[lo:hi],
+            self._gpu_vecs[lo:hi],
+            cpu_ids,
+            gpu_ids,
+        )
 
     def launch(
         self,
@@ -175,7 +188,8 @@ class TritonCopier:
         if pairs == 0:
             return
         shape = self.shape
-        grid = (self.num_layers * pairs * shape.tiles,)
+        layers = src_vecs.numel()  # every layer, or a slice of the tables
+        grid = (layers * pairs * shape.tiles,)
         here = self.device.index is None or torch.cuda.current_device() == self.device.index
         with nullcontext() if here else torch.cuda.device(self.device):
             _copy_blocks_kernel[grid](
@@ -189,7 +203,7 @@ class TritonCopier:
                 ROW=self.row,
                 SRC_STRIDE=src.stride,
                 DST_STRIDE=dst.stride,
-                LAYERS=self.num_layers,
+                LAYERS=layers,
                 PAIR_MAJOR=self._cpu_pair_major if pair_major is None else pair_major,
                 TILE=shape.tile,
                 TILES=shape.tiles,

@@ -3,7 +3,8 @@
 The keys and their meaning are vLLM's SimpleCPUOffloadConnector's (``cpu_bytes_to_use``,
 ``cpu_bytes_to_use_per_rank``, ``lazy_offload``, ``lazy_offload_min_prefix_tokens``,
 ``kv_offload_backend``), plus kvbridge's own ``num_cpu_blocks``, ``store_decode_blocks``,
-``block_size`` and ``copy_strategy``; the disk tier's keys are in ``kvbridge.offload.disk.config``.
+``block_size``, ``copy_strategy`` and ``load_mode``; the disk tier's keys are in
+``kvbridge.offload.disk.config``.
 An unknown key is an error that names it.
 """
 
@@ -38,11 +39,17 @@ _KEYS: dict[str, type | tuple[type, ...]] = {
     "store_decode_blocks": bool,
     "block_size": int,
     "copy_strategy": str,
+    "load_mode": str,
     **DISK_KEYS,
 }
 # vLLM's default CPU capacity, server-wide (split by world size).
 DEFAULT_CPU_BYTES = 8 << 30
 ATTENTION_KINDS = ("full", "sliding_window")
+# async: a hit loads between steps, the request computes in a later step (the step's other
+# requests never wait for PCIe). layerwise: the hit loads inside the step that computes the
+# request, layer by layer, and layer i computes while later layers still copy (lowest TTFT;
+# the step's other requests wait for the copy).
+LOAD_MODES = ("async", "layerwise")
 _GIB = float(1 << 30)
 
 
@@ -73,6 +80,7 @@ class OffloadConfig:
     lazy_offload: bool = False
     lazy_offload_min_prefix_tokens: int = 0
     copy_strategy: str | None = None  # None: the copy backend's default
+    load_mode: str = "async"  # one of LOAD_MODES
     warnings: tuple[str, ...] = ()
     disk: DiskConfig | None = None  # the disk tier behind the CPU tier (kv_offload_backend)
 
@@ -168,6 +176,12 @@ def check_offload_extra(config: TransferConfig) -> dict[str, Any]:
             parse_strategy(strategy)
         except ValueError as e:  # "copy_strategy: ... is not one of ..."
             raise ConfigError(f"kv_connector_extra_config.{e}") from e
+    mode = extra.get("load_mode")
+    if mode is not None and mode not in LOAD_MODES:
+        raise ConfigError(
+            f"kv_connector_extra_config.load_mode: {mode!r} is not one of "
+            f"{', '.join(LOAD_MODES)} ('layerwise' for the lowest TTFT on a hit)"
+        )
     return extra
 
 
@@ -200,6 +214,7 @@ def parse_offload_config(config: TransferConfig, spec: KVCacheSpec) -> OffloadCo
         lazy_offload=lazy,
         lazy_offload_min_prefix_tokens=min_prefix or 0,
         copy_strategy=strategy,
+        load_mode=extra.get("load_mode") or "async",
         warnings=_startup_warnings(extra, spec, size, lazy),
         disk=disk,
     )

@@ -123,7 +123,8 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         if match is None:
             return MatchResult(0, False)
         self._state(request.request_id).match = match
-        return MatchResult((match.end_block - start) * self.block_size, True)
+        is_async = self.offload.load_mode == "async"
+        return MatchResult((match.end_block - start) * self.block_size, is_async)
 
     def update_state_after_alloc(
         self, request: RequestView, block_ids: BlockIds, num_external_tokens: int

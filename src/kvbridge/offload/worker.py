@@ -13,7 +13,13 @@ from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.layout import block_rows
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
-from kvbridge.copy.backend import CopyBackend, CopyHandle, copy_backend_class
+from kvbridge.copy.backend import (
+    AllDone,
+    CopyBackend,
+    CopyHandle,
+    copy_backend_class,
+    layer_chunks,
+)
 from kvbridge.offload.config import parse_offload_config
 from kvbridge.offload.metadata import CPUOffloadMetadata, CPUOffloadWorkerMetadata, TransferJob
 
@@ -21,6 +27,10 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+# load_mode "layerwise": the smallest chunk of layers with its own completion event (a small
+# load is not split into copies too short to run at PCIe speed).
+LAYER_CHUNK_BYTES = 8 << 20
 
 
 @dataclass
@@ -32,6 +42,7 @@ class _Batch:
     handle: CopyHandle | None  # None: the launch itself failed
     started: float
     nbytes: int
+    in_step: bool = False  # a layerwise load: its request computes in the launching step
 
 
 class CPUOffloadWorker(KVConnectorWorker):
@@ -45,12 +56,19 @@ class CPUOffloadWorker(KVConnectorWorker):
     ``report_when_done``, once in ``finished_sending`` when none of its stores is in flight.
     On a hybrid cache the groups share the CPU memory of a block id, layer slot by slot (a
     CPU block belongs to one group at a time, as a GPU block does).
+
+    With ``load_mode: "layerwise"`` the scheduler admits a hit to compute in the step that
+    loads it: ``start_load_kv`` launches the loads in chunks of layers, each with its own
+    completion, and ``wait_for_layer_load`` orders a layer's compute after its chunk only (on
+    CUDA the compute stream waits on an event, the host never blocks).
     """
 
     def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
         super().__init__(config, cache_spec)
         self.offload = parse_offload_config(config, cache_spec)
         self.backends: list[CopyBackend] = []  # group -> backend over the group's layers
+        self._group_names: list[list[str]] = []  # group -> its layer names, in backend order
+        self._layer_ready: dict[str, CopyHandle] = {}  # layer -> its chunk of a layerwise load
         self._group_bytes: list[int] = []  # group -> bytes of one block of its layers
         self._inflight: list[_Batch] = []
         self._req_loads: dict[str, set[int]] = {}  # req id -> launched or pending load ids
@@ -73,7 +91,8 @@ class CPUOffloadWorker(KVConnectorWorker):
         first = next(iter(rows.values()))
         if any(t.dtype != first.dtype or t.device != first.device for t in rows.values()):
             raise ValueError("CPUOffloadWorker: all KV cache layers must share dtype and device")
-        groups = self._group_layers(rows)
+        self._group_names = self._group_layer_names(rows)
+        groups = [[rows[n] for n in names] for names in self._group_names]
         cls = copy_backend_class(first.device.type, user="CPUOffloadWorker")
         try:  # one CPU tensor per layer slot; slot j serves layer j of every group
             # block-major: a CPU block's layers are one range, so a scattered id is one copy
@@ -102,12 +121,12 @@ class CPUOffloadWorker(KVConnectorWorker):
             type(self.backends[0]).__name__,
         )
 
-    def _group_layers(self, rows: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Each group's layers, in the spec's order (every layer on a single-group cache)."""
+    def _group_layer_names(self, rows: dict[str, torch.Tensor]) -> list[list[str]]:
+        """Each group's layer names, in the spec's order (every layer on a single-group cache)."""
         spec = self.cache_spec
         if spec.num_groups == 1:
-            return [list(rows.values())]
-        grouped: list[list[torch.Tensor]] = []
+            return [list(rows)]
+        grouped: list[list[str]] = []
         for i, group in enumerate(spec.groups):
             if not group.layer_names:
                 raise ConfigError(f"cache_spec.groups[{i}].layer_names: group has no layers")
@@ -117,7 +136,7 @@ class CPUOffloadWorker(KVConnectorWorker):
                     f"cache_spec.groups[{i}].layer_names: layer {missing[0]!r} of group "
                     f"{group.name!r} has no registered KV cache"
                 )
-            grouped.append([rows[n] for n in group.layer_names])
+            grouped.append(list(group.layer_names))
         named = {n for g in spec.groups for n in g.layer_names}
         stray = [n for n in rows if n not in named]
         if stray:
@@ -158,7 +177,17 @@ class CPUOffloadWorker(KVConnectorWorker):
     def start_load_kv(self) -> None:
         self._launch_pending(loads=True, stores=False)
 
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        handle = self._layer_ready.pop(layer_name, None)
+        if handle is None:
+            return
+        try:
+            handle.order_before_current()
+        except Exception:  # the batch's poll reports the failure (the step rolls back)
+            logger.exception("CPU offload: layerwise load of %s failed", layer_name)
+
     def wait_for_save(self) -> None:
+        self._layer_ready.clear()  # layers the forward never asked for are past use
         self._launch_pending(loads=True, stores=True)
 
     def get_finished(self, finished_req_ids: frozenset[str]) -> FinishedTransfers:
@@ -213,13 +242,15 @@ class CPUOffloadWorker(KVConnectorWorker):
                 self._launch(group_jobs, is_load=False)
 
     def _launch(self, jobs: list[TransferJob], *, is_load: bool) -> None:
-        """Launch jobs of one group as one batch on that group's backend."""
+        """Launch jobs of one group as one batch on that group's backend (a layerwise load in
+        chunks of layers, each layer's chunk noted for ``wait_for_layer_load``)."""
         group = jobs[0].group
         gpu_ids = [b for job in jobs for b in job.gpu_block_ids]
         cpu_ids = [b for job in jobs for b in job.cpu_block_ids]
         started = time.perf_counter()
         handle: CopyHandle | None = None
         nbytes = 0
+        in_step = is_load and self.offload.load_mode == "layerwise"
         try:
             if not 0 <= group < len(self.backends):
                 raise RuntimeError(
@@ -228,16 +259,32 @@ class CPUOffloadWorker(KVConnectorWorker):
                 )
             nbytes = len(gpu_ids) * self._group_bytes[group]
             backend = self.backends[group]
-            handle = backend.load(cpu_ids, gpu_ids) if is_load else backend.store(gpu_ids, cpu_ids)
+            if not is_load:
+                handle = backend.store(gpu_ids, cpu_ids)
+            elif in_step:
+                handle = self._launch_layerwise(group, cpu_ids, gpu_ids, nbytes)
+            else:
+                handle = backend.load(cpu_ids, gpu_ids)
         except Exception:
             logger.exception(
                 "CPU offload: launching %d %s job(s) failed", len(jobs), _kind(is_load)
             )
-        batch = _Batch(is_load, jobs, handle, started, nbytes)
+        batch = _Batch(is_load, jobs, handle, started, nbytes, in_step)
         if handle is None:
             self._finish(batch, ok=False)
         else:
             self._inflight.append(batch)
+
+    def _launch_layerwise(
+        self, group: int, cpu_ids: list[int], gpu_ids: list[int], nbytes: int
+    ) -> CopyHandle:
+        names = self._group_names[group]
+        chunks = layer_chunks(len(names), nbytes // len(names), LAYER_CHUNK_BYTES)
+        handles = self.backends[group].load_layers(cpu_ids, gpu_ids, chunks)
+        for (lo, hi), handle in zip(chunks, handles, strict=True):
+            for name in names[lo:hi]:
+                self._layer_ready[name] = handle
+        return AllDone(list({id(h): h for h in handles}.values()))
 
     def _poll(self) -> None:
         pending: list[_Batch] = []
@@ -272,7 +319,8 @@ class CPUOffloadWorker(KVConnectorWorker):
                 continue
             if batch.is_load:  # the request's last load job: every group is in place
                 self._req_loads.pop(job.req_id, None)
-                self._recving.add(job.req_id)
+                if not batch.in_step:  # an async load's request resumes
+                    self._recving.add(job.req_id)
             else:
                 self._req_stores.pop(job.req_id, None)
         direction = "cpu_to_gpu" if batch.is_load else "gpu_to_cpu"

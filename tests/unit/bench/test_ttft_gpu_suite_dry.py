@@ -13,9 +13,15 @@ from benchmarks import gpu_suite, ttft
 def test_ttft_reloads_every_block_but_the_last_and_answers_the_same(tmp_path: Path) -> None:
     out = tmp_path / "ttft.json"
     argv = ["--prompt-lens", "16,32", "--repeats", "1", "--block-size", "4"]
+    argv += ["--load-modes", "async,layerwise"]
     assert ttft.main([*argv, "--decode-tokens", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())["reports"]["ttft"]
-    assert [r["prompt_len"] for r in report["rows"]] == [16, 32]
+    assert [(r["load_mode"], r["prompt_len"]) for r in report["rows"]] == [
+        ("async", 16),
+        ("async", 32),
+        ("layerwise", 16),
+        ("layerwise", 32),
+    ]
     for r in report["rows"]:
         assert r["same_token"] and r["reloaded_tokens"] == r["prompt_len"] - 4
         assert r["recompute_ms"] > 0 and r["reload_ms"] > 0
@@ -32,7 +38,8 @@ def test_ttft_with_a_disk_tier_answers_a_restarted_engine_from_disk(tmp_path: Pa
 
 
 def test_ttft_rejects_bad_lengths() -> None:
-    for bad in (["--prompt-lens", "16,x"], ["--prompt-lens", "0"], ["--repeats", "0"]):
+    bad_args = (["--prompt-lens", "16,x"], ["--prompt-lens", "0"], ["--repeats", "0"])
+    for bad in (*bad_args, ["--load-modes", "eager"]):
         with pytest.raises(SystemExit):
             ttft.parse_args(bad)
 

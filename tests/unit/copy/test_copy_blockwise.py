@@ -8,11 +8,12 @@ from collections.abc import Generator, Sequence
 import pytest
 import torch
 
-from kvbridge.copy.backend import CopyHandle, CopyPlan, DoneHandle, plan_runs
+from kvbridge.copy.backend import CopyHandle, CopyPlan, DoneHandle, layer_chunks, plan_runs
 from kvbridge.copy.blockwise import (
     TorchGather,
     blockwise_load,
     blockwise_store,
+    layerwise_load,
     plan_block_chunks,
     pool_blocks,
     run,
@@ -215,3 +216,60 @@ def test_raw_copier_addresses_strided_rows_and_refuses_runs_outside() -> None:
     for bad in ([(5, 0, 2)], [(0, 3, 2)], [(0, 0, 0)]):
         with pytest.raises(ValueError, match="outside"):
             copier(blocks, staged, bad)
+
+
+def test_layer_chunks_hold_at_least_the_minimum_bytes() -> None:
+    assert layer_chunks(5, layer_bytes=10, min_chunk_bytes=25) == [(0, 3), (3, 5)]
+    assert layer_chunks(3, layer_bytes=100, min_chunk_bytes=8) == [(0, 1), (1, 2), (2, 3)]
+    assert layer_chunks(2, layer_bytes=0, min_chunk_bytes=8) == [(0, 2)]
+    with pytest.raises(ValueError, match="num_layers must be >= 1"):
+        layer_chunks(0, 1, 1)
+
+
+def test_layerwise_load_puts_each_chunk_in_place_before_it_yields() -> None:
+    # Four layers in chunks (0,1) (1,3) (3,4); buffers of 3 pairs, so each chunk goes in
+    # slices; after chunk c is yielded its layers hold the loaded blocks, later ones do not.
+    layers = 4
+    gpu = _cache(16, layers=layers, seed=5)
+    cpu = CPUCopyBackend.allocate_cpu_layers(gpu, 12, block_major=True)
+    stored = [g.clone() for g in gpu]
+    src, slots = [15, 2, 7, 3, 11, 0, 9], [8, 0, 1, 2, 5, 6, 11]
+    CPUCopyBackend(gpu, cpu).store(src, slots).wait()
+    for g in gpu:
+        g.fill_(POISON)
+    gpu_rows = [wide_rows(t) for t in gpu]
+    blocks = pool_blocks(cpu, gpu_rows[0].dtype)
+    assert blocks is not None
+    targets = [1, 4, 5, 6, 8, 10, 12]
+    plan = plan_runs(slots, targets)
+    width = 2 * gpu_rows[0].shape[1]
+    buffers = [torch.full((3, width), -1, dtype=blocks.dtype) for _ in range(2)]
+    chunks = [(0, 1), (1, 3), (3, 4)]
+    copies: list[int] = []
+
+    def counting(
+        dst: torch.Tensor, src: torch.Tensor, runs: Sequence[tuple[int, int, int]]
+    ) -> None:
+        copies.append(len(runs))
+        torch_copy(dst, src, runs)
+
+    index = torch.tensor(plan.other)
+    steps = layerwise_load(blocks, gpu_rows, plan, index, buffers, chunks, InOrder(), counting)
+    for c, (_lo, hi) in zip(steps, chunks, strict=True):
+        for layer in range(layers):
+            loaded = all(torch.equal(gpu[layer][t], stored[layer][s]) for s, t in zip(src, targets))
+            assert loaded == (layer < hi), (c, layer)
+    assert len(copies) == 3 * 3  # three slices of 3, 3 and 1 pairs per chunk
+    kept = [b for b in range(16) if b not in targets]
+    assert all(bool((g[kept] == POISON).all()) for g in gpu)
+
+
+def test_default_load_layers_shares_one_handle() -> None:
+    gpu = _cache(4, layers=2, seed=0)
+    cpu = CPUCopyBackend.allocate_cpu_layers(gpu, 4, block_major=True)
+    backend = CPUCopyBackend(gpu, cpu)
+    backend.store([0, 1], [2, 3]).wait()
+    handles = backend.load_layers([2, 3], [3, 2], [(0, 1), (1, 2)])
+    assert len(handles) == 2 and handles[0] is handles[1]
+    handles[0].order_before_current()
+    assert torch.equal(gpu[1][3], gpu[1][0]) and torch.equal(gpu[0][2], gpu[0][1])

@@ -353,3 +353,32 @@ def test_cuda_group_with_fewer_layers_than_pool_slots(strategy: str, gather: str
     for g, w in zip(gpu, want):
         assert torch.equal(g[targets].cpu(), w)
     backend.shutdown()
+
+
+@needs_cuda
+@pytest.mark.parametrize("scattered", [False, True], ids=["runs", "scattered"])
+def test_cuda_load_layers_orders_each_chunk_before_the_compute_stream(scattered: bool) -> None:
+    # Chunks of layers load on their own events; the compute stream reads a layer right after
+    # waiting on its chunk's event (no host sync), and sees the loaded blocks.
+    gpu = _cuda_layers(64, layers=5)
+    cpu = CUDACopyBackend.allocate_cpu_layers(gpu, 48, block_major=True)
+    row_bytes = gpu[0][0].numel() * gpu[0].element_size()
+    backend = CUDACopyBackend(gpu, cpu, chunk_bytes=6 * row_bytes)  # slices of 6 pairs
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randperm(64, generator=gen)[:20].tolist()
+    slots = torch.randperm(48, generator=gen)[:20].tolist() if scattered else list(range(20))
+    want = [g[src].clone() for g in gpu]
+    _poll(backend.store(src, slots))
+    for g in gpu:
+        g.fill_(POISON)
+    targets = torch.randperm(64, generator=gen)[:20].tolist()
+    chunks = [(0, 2), (2, 3), (3, 5)]
+    handles = backend.load_layers(slots, targets, chunks)
+    assert len(handles) == 3
+    seen = []
+    for (lo, hi), handle in zip(chunks, handles, strict=True):
+        handle.order_before_current()
+        seen += [gpu[layer][targets].clone() for layer in range(lo, hi)]
+    for got, w in zip(seen, want, strict=True):
+        assert torch.equal(got, w)
+    backend.shutdown()

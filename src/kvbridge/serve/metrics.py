@@ -80,6 +80,10 @@ COUNTER_METRICS: dict[str, tuple[str, str]] = {
         "kvbridge:kv_offload_disk_missing_records",
         "indexed disk records gone when read (served as misses)",
     ),
+    "disk_guard_skips": (
+        "kvbridge:kv_offload_disk_guard_skips",
+        "disk hits not read back: recomputing them was predicted faster",
+    ),
     "disk_write_drops": ("kvbridge:kv_offload_disk_write_drops", "disk writes dropped: no room"),
     "disk_write_errors": ("kvbridge:kv_offload_disk_write_errors", "disk writes that failed"),
 }

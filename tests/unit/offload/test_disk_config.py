@@ -41,6 +41,7 @@ def test_vllm_disk_config_is_accepted_as_vllm_writes_it() -> None:
             "n_write_thread: unknown key.*did you mean 'n_write_threads'",
         ),
         ({**DISK, "use_page_cache": "no"}, "use_page_cache: expected bool"),
+        ({**DISK, "disk_recompute_guard": "off"}, "disk_recompute_guard: expected bool"),
         ({"kv_offload_backend": "ssd"}, "kv_offload_backend: 'ssd' is not one of cpu, disk"),
     ],
 )

@@ -7,7 +7,8 @@ OffloadingConnector's ``fs`` tier (``n_read_threads``, ``n_write_threads``). One
 by design: vLLM's disk backend replaces the DRAM pool (DRAM only stages), kvbridge's sits
 *behind* the CPU tier (as vLLM's ``TieringOffloadingSpec`` secondary tiers do): blocks stored
 on the CPU tier are written to disk, and a lookup that misses the CPU tier reads the disk
-back into CPU blocks. ``disk_namespace`` is kvbridge's own (see ``DiskConfig``).
+back into CPU blocks. ``disk_namespace`` and ``disk_recompute_guard`` are kvbridge's own (see
+``DiskConfig``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ DISK_KEYS: dict[str, type | tuple[type, ...]] = {
     "n_read_threads": int,
     "n_write_threads": int,
     "disk_namespace": str,
+    "disk_recompute_guard": bool,
 }
 BACKENDS = ("cpu", "disk")
 DEFAULT_ALIGNMENT = 4096  # vLLM's default direct_io_alignment
@@ -55,6 +57,7 @@ class DiskConfig:
     n_read_threads: int = DEFAULT_THREADS
     n_write_threads: int = DEFAULT_THREADS
     namespace: str = ""
+    recompute_guard: bool = True
 
 
 def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
@@ -92,6 +95,12 @@ def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
         value = extra.get(key)
         if value is not None and value < 1:
             raise ConfigError(f"{_P}.{key}: must be >= 1, got {value}")
+    guard = extra.get("disk_recompute_guard")
+    if guard is not None and not isinstance(guard, bool):
+        raise ConfigError(
+            f"{_P}.disk_recompute_guard: expected true or false, got {guard!r}; false reads "
+            "every disk hit back even when recomputing it would be faster"
+        )
     return DiskConfig(
         path=str(path),
         capacity_bytes=int(capacity),
@@ -100,6 +109,7 @@ def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
         n_read_threads=extra.get("n_read_threads") or DEFAULT_THREADS,
         n_write_threads=extra.get("n_write_threads") or DEFAULT_THREADS,
         namespace=extra.get("disk_namespace") or "",
+        recompute_guard=guard is not False,
     )
 
 

@@ -33,6 +33,8 @@ class TieredOffloadScheduler(CPUOffloadScheduler):
     - A lookup that the disk extends beyond the CPU hit starts its reads and answers "ask
       again" (``None``); the next answer is the CPU tier's, the read blocks now on it.
     - A block stored on the CPU tier is then written to disk (its CPU block pinned meanwhile).
+    - Each step is timed from ``build_connector_meta`` to ``update_connector_output``: the
+      recompute rate the disk's recompute guard weighs reads against.
     """
 
     def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
@@ -56,11 +58,13 @@ class TieredOffloadScheduler(CPUOffloadScheduler):
         return super().get_num_new_matched_tokens(request, num_computed_tokens)
 
     def build_connector_meta(self, step: SchedulerStep) -> CPUOffloadMetadata:
+        self.disk.step_started(sum(s.num_scheduled_tokens for s in step.scheduled))
         meta = super().build_connector_meta(step)
         meta.disk = self.disk.take_jobs()
         return meta
 
     def update_connector_output(self, output: ConnectorOutput) -> None:
+        self.disk.step_ended()  # the oldest step built has run: a recompute sample
         super().update_connector_output(output)
         meta = output.worker_meta
         if isinstance(meta, CPUOffloadWorkerMetadata) and meta.disk is not None:

@@ -13,6 +13,14 @@ class DiskBlock(msgspec.Struct, frozen=True, array_like=True):
     cpu_block_id: int = -1  # -1: a delete, no CPU block involved
 
 
+class ReadBatch(msgspec.Struct, frozen=True, array_like=True):
+    """One step's disk reads, every one ended: the bytes read (records that loaded) and the
+    wall time from their submission to the last one's end (the recompute guard's sample)."""
+
+    nbytes: int
+    seconds: float
+
+
 class DiskJobs(msgspec.Struct):
     """Scheduler -> worker: disk work planned this step, run on the worker's I/O threads.
 
@@ -37,6 +45,7 @@ class DiskDone(msgspec.Struct):
     read_missing: list[DiskBlock] = msgspec.field(default_factory=list)  # no record (deleted)
     read_corrupt: list[DiskBlock] = msgspec.field(default_factory=list)  # never loaded
     deleted: list[DiskBlock] = msgspec.field(default_factory=list)
+    read_batches: list[ReadBatch] = msgspec.field(default_factory=list)  # read rate samples
 
     def is_empty(self) -> bool:
         return not any(msgspec.structs.astuple(self))

@@ -17,6 +17,7 @@ from kvbridge.connector.types import (
     Medium,
 )
 from kvbridge.offload.disk.config import DiskConfig
+from kvbridge.offload.disk.guard import RecomputeGuard
 from kvbridge.offload.disk.index import DiskIndex, scan
 from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs
 from kvbridge.offload.disk.record import (
@@ -52,6 +53,8 @@ class DiskTier:
     - Read: ``promote`` runs before the CPU match. When the disk extends the request's CPU
       hit, the missing blocks are read back into reserved CPU blocks and the request is asked
       again (``None``); once they are on the CPU tier the ordinary CPU->GPU load serves it.
+      With the recompute guard on (``disk_recompute_guard``), a read expected to take longer
+      than recomputing its tokens is not started: the CPU hit is served, the skip counted.
     - A read that finds no record or a corrupt one (size, header, checksum) frees its CPU
       block unindexed, drops the record, counts it and leaves a miss: never wrong tokens.
     """
@@ -63,6 +66,7 @@ class DiskTier:
         pool: CPUBlockPool,
         rule: HitRule,
         stats: KVConnectorStats,
+        guard: RecomputeGuard | None = None,
     ) -> None:
         self.config = disk
         self.pool = pool
@@ -80,6 +84,9 @@ class DiskTier:
         self._events: list[KVCacheEvent] = []
         self._block_size = spec.block_size
         self._num_groups = spec.num_groups
+        if guard is None and disk.recompute_guard:
+            guard = RecomputeGuard()
+        self.guard = guard  # None: every disk hit is read back
         self._load_existing()
 
     def _load_existing(self) -> None:
@@ -142,6 +149,8 @@ class DiskTier:
         rounds = self._rounds.get(req_id, 0)
         if rounds >= MAX_READ_ROUNDS:
             return False
+        if not self._worth_reading(wanted, (read_end - cpu_end) * self._block_size):
+            return False  # recomputing is faster: serve the CPU hit
         for g, group_hashes in held.items():  # most recently used: evicted after the others
             pool.prepare_store(group_hashes, g)
         started = 0
@@ -162,6 +171,17 @@ class DiskTier:
         while len(self._rounds) > _TRACKED_REQUESTS:
             self._rounds.popitem(last=False)
         return True
+
+    def _worth_reading(self, wanted: dict[int, list[bytes]], num_tokens: int) -> bool:
+        """Whether the guard (if on) expects reading ``wanted`` to beat recomputing
+        ``num_tokens``; a skip is counted (``disk_guard_skips``)."""
+        if self.guard is None:
+            return True
+        nbytes = sum(self.sizes[g] * len(hashes) for g, hashes in wanted.items())
+        if self.guard.decide(nbytes, num_tokens).take:
+            return True
+        self.stats.incr("disk_guard_skips", 1)
+        return False
 
     def _fit(self, hashes: Sequence[bytes], start: int, cpu_end: int, full_end: int) -> int:
         """The hit's end cut so that its reads fit the CPU blocks free or evictable without
@@ -243,6 +263,16 @@ class DiskTier:
         return events
 
     # -- per step ---------------------------------------------------------------------------
+    def step_started(self, num_tokens: int) -> None:
+        """An engine step computing ``num_tokens`` tokens was built (times recompute)."""
+        if self.guard is not None:
+            self.guard.step_started(num_tokens)
+
+    def step_ended(self) -> None:
+        """The oldest step built ran."""
+        if self.guard is not None:
+            self.guard.step_ended()
+
     def take_jobs(self) -> DiskJobs | None:
         self._start_writes()
         if self._jobs.is_empty():
@@ -272,6 +302,9 @@ class DiskTier:
             index.touch(key)
         if done.read:
             self.stats.incr("disk_hits", len(done.read))
+        if self.guard is not None:
+            for batch in done.read_batches:
+                self.guard.read_done(batch.nbytes, batch.seconds)
         for blocks, what in ((done.read_missing, "missing"), (done.read_corrupt, "corrupt")):
             for b in blocks:
                 key = (b.group, b.block_hash)

@@ -16,7 +16,7 @@ from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.offload.disk.config import DiskConfig
 from kvbridge.offload.disk.io import RecordIO, filesystem_type, probe_direct
-from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs
+from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs, ReadBatch
 from kvbridge.offload.disk.record import (
     CorruptRecord,
     group_payload_bytes,
@@ -37,7 +37,8 @@ _KINDS = {"write": "cpu_to_disk", "read": "disk_to_cpu"}
 
 @dataclass
 class _Batch:
-    """One step's blocks of one kind; its wall time feeds the GB/s counters."""
+    """One step's blocks of one kind; its wall time feeds the GB/s counters (and, for reads,
+    the scheduler's recompute guard)."""
 
     kind: str
     started: float
@@ -175,8 +176,11 @@ class DiskWorker:
             {"read": done.read, "write": done.written, "delete": done.deleted}[kind].append(block)
         batch.remaining -= 1
         if batch.remaining == 0 and kind in _KINDS and batch.nbytes:
+            seconds = batch.ended - batch.started
             self.stats.incr(f"{_KINDS[kind]}_bytes", batch.nbytes)
-            self.stats.observe(f"{_KINDS[kind]}_time_s", batch.ended - batch.started)
+            self.stats.observe(f"{_KINDS[kind]}_time_s", seconds)
+            if kind == "read":
+                done.read_batches.append(ReadBatch(batch.nbytes, seconds))
 
     def _warn(self, message: str, *args: object) -> None:
         """Log the first problems, then one in a thousand (a full disk fails every write)."""

@@ -126,8 +126,8 @@ def plot(results: dict[str, list[Any]], out: Path) -> None:
         ax.plot(lens, [r["recompute_ms"] for r in first], marker="o", label="recompute")
         for mode in modes:
             mine = [r for r in ttft_rows if r["load_mode"] == mode]
-            xs, ms = [r["prompt_len"] for r in mine], [r["reload_ms"] for r in mine]
-            ax.plot(xs, ms, marker="o", label=f"reload ({mode})")
+            lens_m, ms = [r["prompt_len"] for r in mine], [r["reload_ms"] for r in mine]
+            ax.plot(lens_m, ms, marker="o", label=f"reload ({mode})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("prompt tokens")

@@ -44,6 +44,7 @@ class TTFTRow(NamedTuple):
     reloaded_tokens: int
     prefill_tflops: float
     same_token: bool
+    gpu_hit_ms: float = 0.0  # the prompt again, its KV still in the GPU prefix cache
     disk_ms: float | None = None  # None: no --disk-tier
     disk_tokens: int = 0
 
@@ -69,6 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=0, help="batch-1 decode after (0: none)")
     p.add_argument("--disk-tier", metavar="DIR", help="also TTFT from a disk tier in DIR")
+    p.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="profile one more reload of the longest prompt: top ops table, Chrome trace PATH",
+    )
     p.add_argument(
         "--load-modes",
         type=harness.subset(LOAD_MODES),
@@ -175,11 +181,14 @@ def measure(
     load_mode: str = "layerwise",
 ) -> TTFTRow:
     model = engine.model_config
-    recompute, reload, disk, same, reloaded, from_disk = [], [], [], True, 0, 0
+    recompute, reload, disk, gpu_hit, same, reloaded, from_disk = [], [], [], [], True, 0, 0
     for _ in range(args.repeats):
         tokens = [rng.randrange(model.vocab_size) for _ in range(prompt_len)]
         first = _run(engine, tokens)
+        gpu_hit.append(_run(engine, tokens).ttft)  # no copy: the step's own cost
         _drop_gpu_cache(engine)
+        if args.disk_tier:
+            _settle_disk(engine)  # the reload does not compete with write-through
         second = _run(engine, tokens)
         _drop_gpu_cache(engine)
         recompute.append(first.ttft)
@@ -202,10 +211,34 @@ def measure(
         reload_ms=statistics.median(x for x in reload if x is not None) * 1e3,
         reloaded_tokens=reloaded,
         prefill_tflops=prefill_flops(model, prompt_len) / t_recompute / 1e12,
+        gpu_hit_ms=statistics.median(x for x in gpu_hit if x is not None) * 1e3,
         same_token=same,
         disk_ms=statistics.median(x for x in disk if x is not None) * 1e3 if disk else None,
         disk_tokens=from_disk,
     )
+
+
+def profile_reload(engine: LLMEngine, prompt_len: int, rng: random.Random, trace: str) -> None:
+    """One more recompute + reload of a ``prompt_len`` prompt, the reload under
+    ``torch.profiler``: prints the ops that took the most device and host time, writes a
+    Chrome trace to ``trace``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = [rng.randrange(engine.model_config.vocab_size) for _ in range(prompt_len)]
+    _run(engine, tokens)
+    _drop_gpu_cache(engine)
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        out = _run(engine, tokens)
+    _drop_gpu_cache(engine)
+    prof.export_chrome_trace(trace)
+    key = "cuda_time_total" if len(activities) > 1 else "cpu_time_total"
+    print(f"reload of {prompt_len} tokens under the profiler: TTFT {(out.ttft or 0) * 1e3:.1f} ms")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def measure_decode(
@@ -230,7 +263,7 @@ def measure_decode(
 COLUMNS = (
     *("load mode", "prompt tokens", "KV GiB", "TTFT recompute ms", "prefill TFLOP/s"),
     "TTFT reload ms",
-    *("tokens from CPU", "speedup", "same first token"),
+    *("tokens from CPU", "speedup", "same first token", "TTFT GPU hit ms"),
 )
 
 
@@ -247,7 +280,7 @@ def report(args: argparse.Namespace, result: TTFTResult) -> harness.Report:
     for r in result.rows:
         cells = [r.load_mode, f"{r.prompt_len:,}", f"{r.kv_gib:.3f}", f"{r.recompute_ms:.1f}"]
         cells += [f"{r.prefill_tflops:.1f}", f"{r.reload_ms:.1f}", f"{r.reloaded_tokens:,}"]
-        cells += [f"{r.speedup:.1f}x", "yes" if r.same_token else "NO"]
+        cells += [f"{r.speedup:.1f}x", "yes" if r.same_token else "NO", f"{r.gpu_hit_ms:.1f}"]
         if disk and r.disk_ms is not None:
             cells += [
                 f"{r.disk_ms:.1f}",
@@ -282,6 +315,8 @@ def run(args: argparse.Namespace) -> TTFTResult:
                 _run(engine, warm)  # a reload: the mode's load path warm too
                 _drop_gpu_cache(engine)
             rows += [measure(engine, args, n, rng, mode) for n in args.prompt_lens]
+            if args.profile:
+                profile_reload(engine, max(args.prompt_lens), rng, f"{args.profile}.{mode}.json")
             if args.decode_tokens and decode is None:
                 decode = measure_decode(engine, min(args.prompt_lens), args.decode_tokens, rng)
     return TTFTResult(rows, decode, init_s)

@@ -1,0 +1,52 @@
+"""``matmul_attention`` (a few query rows over a long context on CUDA) against SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvbridge.engine.attention import matmul_attention, use_matmul_attention
+
+
+def _qkv(batch: int, heads: int, rows: int, keys: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, 32, generator=gen) for n in (rows, keys, keys)]
+
+
+def test_matches_sdpa_for_a_chunk_after_a_prefix_hit() -> None:
+    # 4 folded groups x 5 new tokens after 300 cached ones: query i sees keys 0..300 + i.
+    q, k, v = _qkv(1, 2, 4 * 5, 305)
+    keys = torch.arange(305)
+    mask = (keys[None, :] <= keys[300:, None]).repeat(4, 1)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = matmul_attention(q, k, v, mask)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    wrong = matmul_attention(q, k, v, mask.roll(1, dims=1))  # the mask must matter
+    assert not torch.allclose(wrong, want, atol=1e-3)
+
+
+def test_matches_sdpa_for_a_padded_decode_batch() -> None:
+    q, k, v = _qkv(3, 2, 4, 64, seed=1)
+    lens = torch.tensor([64, 17, 40])
+    mask = (torch.arange(64)[None, :] < lens[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(matmul_attention(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+    assert matmul_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("device", "heads", "rows", "keys", "expected"),
+    [
+        ("cuda", 8, 64, 32768, True),  # a 16-token chunk of Llama-8B after a 32k hit
+        ("cuda", 8, 4, 8192, True),  # decode at batch 1
+        ("cpu", 8, 64, 32768, False),  # CPU keeps SDPA
+        ("cuda", 8, 8192, 32768, False),  # a long chunk fills the GPU through SDPA
+        ("cuda", 8, 64, 512, False),  # a short context
+        ("cuda", 32, 4, 2 << 20, False),  # float32 scores over the byte cap
+    ],
+)
+def test_the_rule_picks_matmul_only_for_few_rows_over_many_keys(
+    device: str, heads: int, rows: int, keys: int, expected: bool
+) -> None:
+    assert use_matmul_attention(device, heads, rows, keys) is expected

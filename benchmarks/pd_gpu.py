@@ -6,6 +6,7 @@ decode engine (kv_consumer) on the second, each with MultiConnector(NixlConnecto
 SimpleCPUOffloadConnector) and prefix caching, and ``kvbridge proxy`` in front. A monolithic
 ``kvbridge serve`` (CPU offload only) on the decode GPU runs beside the first mode's pair.
 Each process sees one GPU (``CUDA_VISIBLE_DEVICES``); NVLink multicast is off in all of them.
+On a one-GPU machine (``--gpus 0,0``, the default there) all three servers share that GPU.
 
 For each prompt length, fresh random prompts (the same ones in every mode) go to the monolithic
 server and through the proxy (P prefills, D reads the KV over NIXL, D decodes). Time to first
@@ -64,7 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--model", default="llama3.1-8b", help="named config (random weights) or checkpoint dir")
     lens = harness.int_list
     add("--prompt-lens", type=lens, default=[2048, 8192, 32768], help="comma-separated lengths")
-    add("--gpus", type=lens, default=[0, 1], help="prefill GPU,decode GPU (mono: decode's)")
+    add(
+        "--gpus",
+        type=lens,
+        help="prefill GPU,decode GPU (mono: decode's; default 0,1, or 0,0 on one GPU)",
+    )
     modes = harness.subset(MODES)
     add("--modes", type=modes, default=["direct", "staged"], help=f"subset of {','.join(MODES)}")
     add("--repeats", type=int, default=2, help="timed prompts per length (median)")
@@ -75,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--keep-logs", action="store_true", help="keep the servers' configs and logs")
     args = p.parse_args(argv)
     args.startup_timeout = args.startup_timeout or (300.0 if args.device == "cuda" else 120.0)
+    if args.gpus is None:
+        args.gpus = [0, 1] if args.device == "cuda" and visible_gpus() >= 2 else [0, 0]
     harness.positive(p, args, "repeats", "max_tokens")
     if len(args.gpus) != 2 or min(args.prompt_lens) < 2:
         p.error("--gpus takes two indices; prompt lengths must be >= 2")
@@ -94,8 +101,8 @@ def preflight(args: argparse.Namespace) -> str | None:
         return str(e)
     if args.device == "cuda":
         n = visible_gpus()
-        if n < 2:
-            return f"--device cuda needs two GPUs (prefill and decode); {n} visible"
+        if n < 1:
+            return "--device cuda needs a GPU; none visible"
         if not all(0 <= g < n for g in args.gpus):
             return f"--gpus {args.gpus[0]},{args.gpus[1]}: only GPUs 0..{n - 1} are visible"
     return None

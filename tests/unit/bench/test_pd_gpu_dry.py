@@ -40,10 +40,14 @@ def test_prompts_are_distinct_and_the_same_for_every_mode() -> None:
 
 
 @needs_nixl
-@pytest.mark.skipif(visible_gpus() >= 2, reason="two GPUs are visible")
-def test_cuda_needs_two_gpus(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.skipif(visible_gpus() >= 1, reason="a GPU is visible")
+def test_cuda_needs_a_gpu_and_one_gpu_defaults_to_sharing_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert pd_gpu.main(["--device", "cuda"]) == 2
-    assert "needs two GPUs" in capsys.readouterr().err
+    assert "needs a GPU; none visible" in capsys.readouterr().err
+    assert pd_gpu.parse_args(["--device", "cuda"]).gpus == [0, 0]  # P, D and mono share it
+    assert pd_gpu.main(["--device", "cuda", "--gpus", "0,3"]) == 2
 
 
 @needs_nixl

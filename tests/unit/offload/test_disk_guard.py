@@ -4,22 +4,19 @@ DiskTier / the tiered halves skipping a disk hit that recomputing would beat (an
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
-from offload_helpers import BLOCK_SIZE, Driver, config, kv_caches, request, scheduled, spec
+from disk_guard_helpers import A, C, Clock, Pair, timed_step
+from offload_helpers import request, spec
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvbridge.config import ConfigError
-from kvbridge.connector.base import KVConnectorRole
-from kvbridge.connector.factory import create_connector
 from kvbridge.connector.stats import KVConnectorStats
-from kvbridge.connector.types import SimpleRequest
 from kvbridge.offload.disk.config import DiskConfig, check_disk_extra
 from kvbridge.offload.disk.guard import RateEstimate, RecomputeGuard
-from kvbridge.offload.disk.halves import TieredOffloadScheduler, TieredOffloadWorker
-from kvbridge.offload.disk.metadata import DiskDone, ReadBatch
+from kvbridge.offload.disk.metadata import DiskDone, ReadBatch, WriteBatch
+from kvbridge.offload.disk.rates import RATES_FILE, load_rates
 from kvbridge.offload.disk.tier import DiskTier
 from kvbridge.offload.groups import HitRule
 from kvbridge.offload.pool import CPUBlockPool
@@ -27,25 +24,6 @@ from kvbridge.serve.metrics import ServerMetrics
 
 H = [bytes([i]) * 16 for i in range(8)]
 MB = 1_000_000
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def timed_step(guard: RecomputeGuard, clock: Clock, tokens: int, seconds: float) -> None:
-    guard.step_started(tokens)
-    clock.advance(seconds)
-    guard.step_ended()
 
 
 # -- estimates -------------------------------------------------------------------------------
@@ -136,6 +114,32 @@ def test_while_skipping_one_lookup_a_probe_interval_reads_again() -> None:
     assert guard.decide(10 * MB, 100).reason == "faster"
 
 
+def test_the_write_rate_stands_in_for_the_read_rate_until_a_read_is_measured() -> None:
+    """No read yet: a disk writing 1 MB/s is taken to read no faster, so 10 MB (~10 s) loses to
+    recomputing 500 tokens (0.5 s); one writing 1 GB/s wins. A measured read replaces the prior."""
+    clock = Clock()
+    slow = RecomputeGuard(clock=clock, min_step_tokens=16, probe_after_s=60)
+    timed_step(slow, clock, 1000, 1.0)  # 1,000 tokens/s
+    slow.write_done(MB, 1.0)  # 1 MB/s
+    verdict = slow.decide(10 * MB, 500)
+    assert (verdict.take, verdict.reason, verdict.from_writes) == (False, "slower", True)
+    assert verdict.read_s == pytest.approx(10) and verdict.recompute_s == pytest.approx(0.5)
+    clock.advance(60)  # nothing read in this run: the probe interval began at the first skip
+    assert slow.decide(10 * MB, 500).reason == "probe"
+    slow.read_done(1000 * MB, 1.0)  # the probe measured 1 GB/s: 10 ms
+    verdict = slow.decide(10 * MB, 500)
+    assert (verdict.take, verdict.reason, verdict.from_writes) == (True, "faster", False)
+    assert verdict.read_s == pytest.approx(0.01)
+    slow.write_done(MB, 100.0)  # slower writes no longer matter: reads are measured
+    assert slow.decide(10 * MB, 500).take
+
+    fast = RecomputeGuard(clock=clock, min_step_tokens=16)
+    timed_step(fast, clock, 1000, 1.0)
+    fast.write_done(1000 * MB, 1.0)
+    verdict = fast.decide(10 * MB, 500)
+    assert (verdict.take, verdict.reason, verdict.from_writes) == (True, "faster", True)
+
+
 # -- DiskTier --------------------------------------------------------------------------------
 def disk_tier(
     tmp_path: Path, guard: RecomputeGuard | None, *, recompute_guard: bool = True
@@ -176,6 +180,22 @@ def test_disk_tier_skips_a_disk_slower_than_recompute_and_reads_a_faster_one(
     assert read == (H[:2] if reads else [])
     assert tier.stats.data.get("disk_guard_skips", 0) == (0 if reads else 1)
     assert tier.num_cpu_reserved == (2 if reads else 0)
+    tier.check_integrity()
+
+
+def test_disk_tier_weighs_its_first_read_by_the_write_batches_the_worker_timed(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    guard = RecomputeGuard(clock=clock, min_step_tokens=64)
+    tier = disk_tier(tmp_path, guard)
+    only_on_disk(tier)
+    timed_step(guard, clock, 640, 0.1)  # 8 tokens (H0, H1) recompute in 1.25 ms
+    tier.complete(DiskDone(write_batches=[WriteBatch(MB, 1.0)]))  # 16 KiB at 1 MB/s: 16 ms
+    assert guard.read.rate is None and guard.write.rate == pytest.approx(MB)
+    assert not tier.promote("r", H, 0, 2) and tier.stats.data["disk_guard_skips"] == 1
+    tier.complete(DiskDone(read_batches=[ReadBatch(1000 * MB, 1.0)]))  # a read: 1 GB/s
+    assert tier.promote("r", H, 0, 2) and tier.num_cpu_reserved == 2
     tier.check_integrity()
 
 
@@ -222,42 +242,6 @@ def test_disk_recompute_guard_key_defaults_on_and_rejects_a_non_bool() -> None:
 
 
 # -- the tiered halves end to end --------------------------------------------------------------
-class Pair:
-    """A scheduler/worker pair on ``root`` whose guard runs on ``clock``; a fresh one is a
-    restart (empty GPU cache and CPU tier, the records on disk)."""
-
-    def __init__(self, root: Path, clock: Clock) -> None:
-        cfg = config(
-            num_cpu_blocks=16, kv_offload_backend="disk", disk_path=str(root),
-            disk_capacity_bytes=1 << 30, n_read_threads=2, n_write_threads=2,
-        )  # fmt: skip
-        sched = create_connector(cfg, KVConnectorRole.SCHEDULER, spec())
-        worker = create_connector(cfg, KVConnectorRole.WORKER, spec())
-        assert isinstance(sched, TieredOffloadScheduler)
-        assert isinstance(worker, TieredOffloadWorker)
-        assert sched.disk.guard is not None  # on by default
-        sched.disk.guard = RecomputeGuard(clock=clock, min_step_tokens=BLOCK_SIZE)
-        self.guard = sched.disk.guard
-        self.sched, self.worker, self.clock = sched, worker, clock
-        worker.register_kv_caches(kv_caches(spec()))
-        self.drv = Driver(sched, worker, wire=True)
-
-    def compute(self, req: SimpleRequest, blocks: list[int], seconds: float) -> None:
-        """A step that prefills ``req`` and takes ``seconds`` on the guard's clock."""
-        n = len(req.prompt_token_ids)
-        self.drv.step(scheduled(req, blocks, 0, n), forward=lambda: self.clock.advance(seconds))
-
-    def settle(self) -> None:
-        deadline = time.monotonic() + 30
-        while self.sched.disk.gauges()["kv_offload_disk_inflight_blocks"]:
-            assert time.monotonic() < deadline, "disk I/O still in flight"
-            self.drv.step()
-            time.sleep(0.001)
-
-
-A, C = list(range(21)), list(range(100, 121))  # 5 full blocks and one token each
-
-
 @pytest.mark.parametrize(("recompute_s", "reads"), [(1e-6, False), (1e3, True)])
 def test_tiered_halves_weigh_measured_disk_reads_against_measured_recompute(
     tmp_path: Path, recompute_s: float, reads: bool
@@ -266,20 +250,13 @@ def test_tiered_halves_weigh_measured_disk_reads_against_measured_recompute(
     of 20 tokens in 1 us beats any disk (the hit is skipped, counted), in 1,000 s none does."""
     clock = Clock()
     first = Pair(tmp_path, clock)
-    for i, tokens in enumerate((A, C)):
-        req = request(f"w{i}", tokens)
-        blocks = list(range(1 + 6 * i, 7 + 6 * i))
-        first.drv.step(scheduled(req, blocks, 0, 21))
-        first.drv.step(scheduled(req, blocks, 21, 1))
-        req.num_computed_tokens = 22
-        assert first.sched.request_finished(req, blocks) == (False, None)
-    first.settle()
+    first.store_a_and_c()
     assert first.sched.disk.gauges()["kv_offload_disk_blocks"] == 10
     first.worker.shutdown()
 
     second = Pair(tmp_path, clock)  # restarted: both prompts only on disk
     b = request("b", [*A, 7])
-    assert second.sched.get_num_new_matched_tokens(b, 0) == (None, False)  # nothing measured
+    assert second.sched.get_num_new_matched_tokens(b, 0) == (None, False)  # no recompute yet
     second.settle()
     assert second.guard.read.samples >= 1 and second.guard.read.rate is not None
     second.compute(request("x", list(range(500, 520))), [11, 12, 13, 14, 15], recompute_s)
@@ -291,3 +268,42 @@ def test_tiered_halves_weigh_measured_disk_reads_against_measured_recompute(
     assert stats is not None and stats.data.get("disk_guard_skips", 0) == (0 if reads else 1)
     second.settle()
     second.worker.shutdown()
+
+
+@pytest.mark.parametrize(("disk_tick_s", "reads"), [(1.0, False), (1e-9, True)])
+def test_a_restarted_server_weighs_its_first_disk_hit_by_the_rates_the_last_run_saved(
+    tmp_path: Path, disk_tick_s: float, reads: bool
+) -> None:
+    """The first run writes A and C (each write batch takes >= 1 s, or >= 1 ns, on the worker's
+    ticking clock), times a 20-token step at 1 ms and saves its rates at shutdown, having read
+    nothing. The restarted run weighs its very first lookup (5 records, 40 KiB) by the saved
+    write rate: <= 40 KB/s (~1 s) loses to the 1 ms recompute and is skipped; a fast disk is
+    read, and that read's rate replaces the prior (and is saved in turn)."""
+    clock = Clock()
+    first = Pair(tmp_path, clock, disk_tick_s=disk_tick_s)
+    first.store_a_and_c()
+    first.compute(request("x", list(range(500, 520))), [11, 12, 13, 14, 15], 1e-3)
+    first.settle()
+    first.shutdown()
+    path = first.sched.disk.ns_dir / RATES_FILE
+    saved = load_rates(path)
+    assert saved is not None and saved.read_bytes_per_s is None and saved.read_samples == 0
+    assert saved.recompute_tokens_per_s == pytest.approx(20 / 1e-3)
+    assert saved.write_bytes_per_s is not None and saved.write_samples >= 2
+    assert (saved.write_bytes_per_s > 1e10) is reads  # slow: <= 40 KB/s; fast: ns a batch
+
+    second = Pair(tmp_path, clock)  # restarted: nothing measured in this run
+    assert second.guard.read.rate is None
+    assert second.guard.write.rate == pytest.approx(saved.write_bytes_per_s)
+    assert second.guard.recompute.rate == pytest.approx(20 / 1e-3)
+    got = second.sched.get_num_new_matched_tokens(request("b", [*A, 7]), 0)
+    assert got == ((None, False) if reads else (0, False))
+    stats = second.sched.get_kv_connector_stats()
+    skips = stats.data.get("disk_guard_skips", 0) if stats is not None else 0
+    assert skips == (0 if reads else 1)
+    second.settle()
+    assert second.guard.read.samples == (1 if reads else 0)
+    assert second.guard.decide(1, 20).from_writes is not reads
+    second.shutdown()
+    resaved = load_rates(path)
+    assert resaved is not None and resaved.read_samples == (1 if reads else 0)

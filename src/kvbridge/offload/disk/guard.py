@@ -1,9 +1,15 @@
 """RecomputeGuard: a disk hit is read back only when that is expected to beat recomputing it.
 
-Two online estimates, both torch-free and clocked by an injectable ``clock``:
+Three online estimates, all torch-free and clocked by an injectable ``clock``:
 
 - disk reads, bytes/s: one sample per completed read batch (the worker times a step's reads
   from their submission to the last one's end, so queueing behind other reads counts);
+- disk writes, bytes/s: the same for each step's writes (the write-through of stored blocks).
+  Until a read is measured the write rate stands in for the read rate, on the assumption that
+  the disk reads at least as fast as it writes, as most disks (SSDs, HDDs, network and virtual
+  disks) do; a disk that reads slower than it writes may be read until its first read batch
+  is measured. With buffered I/O (``use_page_cache``) a write may end in the page cache, so
+  this prior is optimistic there, as reading unmeasured always was;
 - recompute, tokens/s: one sample per engine step that computed at least ``min_step_tokens``
   tokens, timed from ``build_connector_meta`` (the step starts) to ``update_connector_output``
   (it ran). Smaller steps are left out: below a few hundred tokens a GPU step is bound by
@@ -17,6 +23,10 @@ Two online estimates, both torch-free and clocked by an injectable ``clock``:
 A hit is skipped when ``bytes / read_rate > tokens / recompute_rate * margin``. The margin
 (0.8 by default) leaves room for what the read rate leaves out: the CPU->GPU load of the read
 blocks and the engine step more a read-back costs (the request is asked again).
+
+The estimates outlive the process (``rates.py``): ``rates()`` / ``seed()`` carry them to and
+from ``guard_rates.json`` in the disk tier's directory, so a restarted server weighs its first
+disk hits against what the previous run measured instead of reading them unmeasured.
 """
 
 from __future__ import annotations
@@ -72,23 +82,51 @@ class RateEstimate:
         rate = self.rate
         return None if rate is None else amount / rate
 
+    def seed(self, rate: float, samples: int) -> None:
+        """Start from ``rate`` (a previous run's estimate, ``samples`` samples); later samples
+        move it as they would have moved that run's estimate."""
+        if not (rate > 0 and math.isfinite(rate)) or samples < 1:
+            raise ValueError(f"RateEstimate.seed: bad rate {rate!r} or samples {samples!r}")
+        self._log = math.log(rate)
+        self.samples = samples
+
 
 @dataclass(frozen=True)
 class Verdict:
-    """A lookup's decision. ``reason``: ``faster`` or ``slower`` (both measured), ``unmeasured``
-    (a rate is still unknown: the disk is taken), ``probe`` (slower, taken to measure again)."""
+    """A lookup's decision. ``reason``: ``faster`` or ``slower`` (both known), ``unmeasured``
+    (a rate is still unknown: the disk is taken), ``probe`` (slower, taken to measure again).
+    ``from_writes``: ``read_s`` was predicted from the write rate (no read measured yet)."""
 
     take: bool
     reason: str
     read_s: float | None = None
     recompute_s: float | None = None
+    from_writes: bool = False
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The guard's estimates as plain numbers (None: never measured), to persist and seed."""
+
+    read_bytes_per_s: float | None = None
+    read_samples: int = 0
+    write_bytes_per_s: float | None = None
+    write_samples: int = 0
+    recompute_tokens_per_s: float | None = None
+    recompute_samples: int = 0
+
+    @property
+    def total_samples(self) -> int:
+        return self.read_samples + self.write_samples + self.recompute_samples
 
 
 class RecomputeGuard:
     """Runs in the scheduler (``DiskTier``); decides whether a disk hit is worth reading.
 
     Feed it ``step_started(tokens)`` / ``step_ended()`` once per engine step, in order, and
-    ``read_done(nbytes, seconds)`` per completed read batch; ask ``decide(nbytes, tokens)``.
+    ``read_done(nbytes, seconds)`` / ``write_done(nbytes, seconds)`` per completed read / write
+    batch; ask ``decide(nbytes, tokens)``. ``seed(rates)`` starts it from a previous run's
+    ``rates()``. The clock is read only while measuring and deciding, never at construction.
     """
 
     def __init__(
@@ -107,10 +145,12 @@ class RecomputeGuard:
         self.probe_after_s = probe_after_s
         self.clock = clock
         self.read = RateEstimate(alpha)  # bytes/s
+        self.write = RateEstimate(alpha)  # bytes/s: the read rate's prior
         self.recompute = RateEstimate(alpha)  # tokens/s
         self._pending: deque[tuple[float, int]] = deque()  # (built at, tokens) per step
         self._last_end: float | None = None
-        self._last_read_at: float | None = None  # a read sample, or a probe, started then
+        # A read sample, or a probe, or (nothing read yet in this run) the first skip was then.
+        self._last_read_at: float | None = None
         self._noted_unmeasured = False
         self._logged_at: float | None = None
 
@@ -141,10 +181,32 @@ class RecomputeGuard:
         self.read.add(nbytes, seconds)
         self._last_read_at = self.clock()
 
+    def write_done(self, nbytes: int, seconds: float) -> None:
+        """A batch of disk writes ended: ``nbytes`` written in ``seconds`` of wall time."""
+        self.write.add(nbytes, seconds)
+
+    # -- persistence --------------------------------------------------------------------------
+    def rates(self) -> Rates:
+        r, w, c = self.read, self.write, self.recompute
+        return Rates(r.rate, r.samples, w.rate, w.samples, c.rate, c.samples)
+
+    def seed(self, rates: Rates) -> None:
+        """Start each estimate this run has not measured yet from ``rates``."""
+        for est, rate, samples in (
+            (self.read, rates.read_bytes_per_s, rates.read_samples),
+            (self.write, rates.write_bytes_per_s, rates.write_samples),
+            (self.recompute, rates.recompute_tokens_per_s, rates.recompute_samples),
+        ):
+            if est.rate is None and rate is not None:
+                est.seed(rate, max(1, samples))
+
     # -- decision -----------------------------------------------------------------------------
     def decide(self, nbytes: int, num_tokens: int) -> Verdict:
         """Whether to read ``nbytes`` from disk rather than recompute ``num_tokens`` tokens."""
         read_s = self.read.seconds_for(nbytes)
+        from_writes = read_s is None and self.write.rate is not None
+        if from_writes:  # no read measured yet: the disk reads at least as fast as it writes
+            read_s = self.write.seconds_for(nbytes)
         recompute_s = self.recompute.seconds_for(num_tokens)
         if read_s is None or recompute_s is None:
             if not self._noted_unmeasured:
@@ -152,27 +214,30 @@ class RecomputeGuard:
                 logger.info(
                     "disk tier: recompute guard has no %s measured yet; disk hits are read "
                     "until it has (prefill steps of >= %d tokens time recompute)",
-                    "disk read rate" if read_s is None else "recompute rate",
+                    "disk read or write rate" if read_s is None else "recompute rate",
                     self.min_step_tokens,
                 )
-            return Verdict(True, "unmeasured", read_s, recompute_s)
+            return Verdict(True, "unmeasured", read_s, recompute_s, from_writes)
         if read_s <= recompute_s * self.margin:
-            return Verdict(True, "faster", read_s, recompute_s)
+            return Verdict(True, "faster", read_s, recompute_s, from_writes)
         now = self.clock()
-        if self._last_read_at is not None and now - self._last_read_at >= self.probe_after_s:
+        if self._last_read_at is None:
+            self._last_read_at = now  # nothing read in this run: probe an interval from now
+        elif now - self._last_read_at >= self.probe_after_s:
             self._last_read_at = now  # one probe per interval, not one per lookup
-            return Verdict(True, "probe", read_s, recompute_s)
+            return Verdict(True, "probe", read_s, recompute_s, from_writes)
         if self._logged_at is None or now - self._logged_at >= _LOG_EVERY_S:
             self._logged_at = now
             logger.info(
                 "disk tier: skipping a disk hit of %d tokens: reading %.1f MiB would take "
-                "~%.1f ms (%.2f GB/s), recomputing ~%.1f ms (%.0f tokens/s, margin %.2f)",
+                "~%.1f ms (%.2f GB/s%s), recomputing ~%.1f ms (%.0f tokens/s, margin %.2f)",
                 num_tokens,
                 nbytes / 2**20,
                 read_s * 1e3,
-                (self.read.rate or 0.0) / 1e9,
+                nbytes / read_s / 1e9,
+                ", the write rate: no read measured yet" if from_writes else "",
                 recompute_s * 1e3,
                 self.recompute.rate or 0.0,
                 self.margin,
             )
-        return Verdict(False, "slower", read_s, recompute_s)
+        return Verdict(False, "slower", read_s, recompute_s, from_writes)

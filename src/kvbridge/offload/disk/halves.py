@@ -34,7 +34,8 @@ class TieredOffloadScheduler(CPUOffloadScheduler):
       again" (``None``); the next answer is the CPU tier's, the read blocks now on it.
     - A block stored on the CPU tier is then written to disk (its CPU block pinned meanwhile).
     - Each step is timed from ``build_connector_meta`` to ``update_connector_output``: the
-      recompute rate the disk's recompute guard weighs reads against.
+      recompute rate the disk's recompute guard weighs reads against. ``shutdown`` saves the
+      guard's rates for the next run.
     """
 
     def __init__(self, config: TransferConfig, cache_spec: KVCacheSpec) -> None:
@@ -89,6 +90,10 @@ class TieredOffloadScheduler(CPUOffloadScheduler):
     def check_integrity(self) -> None:
         super().check_integrity()
         self.disk.check_integrity()
+
+    def shutdown(self) -> None:
+        self.disk.close()  # the guard's rates, for the next run
+        super().shutdown()
 
 
 class TieredOffloadWorker(CPUOffloadWorker):

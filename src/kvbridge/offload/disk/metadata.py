@@ -21,6 +21,15 @@ class ReadBatch(msgspec.Struct, frozen=True, array_like=True):
     seconds: float
 
 
+class WriteBatch(msgspec.Struct, frozen=True, array_like=True):
+    """One step's disk writes, every one ended: the bytes written (records that were stored)
+    and the wall time from their submission to the last one's end (the guard's write rate,
+    the prior of its read rate until a read is measured)."""
+
+    nbytes: int
+    seconds: float
+
+
 class DiskJobs(msgspec.Struct):
     """Scheduler -> worker: disk work planned this step, run on the worker's I/O threads.
 
@@ -46,6 +55,7 @@ class DiskDone(msgspec.Struct):
     read_corrupt: list[DiskBlock] = msgspec.field(default_factory=list)  # never loaded
     deleted: list[DiskBlock] = msgspec.field(default_factory=list)
     read_batches: list[ReadBatch] = msgspec.field(default_factory=list)  # read rate samples
+    write_batches: list[WriteBatch] = msgspec.field(default_factory=list)  # write rate samples
 
     def is_empty(self) -> bool:
         return not any(msgspec.structs.astuple(self))

@@ -20,6 +20,7 @@ from kvbridge.offload.disk.config import DiskConfig
 from kvbridge.offload.disk.guard import RecomputeGuard
 from kvbridge.offload.disk.index import DiskIndex, scan
 from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs
+from kvbridge.offload.disk.rates import RATES_FILE, GuardRatesStore
 from kvbridge.offload.disk.record import (
     group_payload_bytes,
     namespace_dir,
@@ -55,6 +56,9 @@ class DiskTier:
       again (``None``); once they are on the CPU tier the ordinary CPU->GPU load serves it.
       With the recompute guard on (``disk_recompute_guard``), a read expected to take longer
       than recomputing its tokens is not started: the CPU hit is served, the skip counted.
+      The guard starts from the rates a previous run saved in the directory
+      (``guard_rates.json``, ``rates.py``) and saves its own there every few seconds and at
+      ``close``.
     - A read that finds no record or a corrupt one (size, header, checksum) frees its CPU
       block unindexed, drops the record, counts it and leaves a miss: never wrong tokens.
     """
@@ -87,6 +91,9 @@ class DiskTier:
         if guard is None and disk.recompute_guard:
             guard = RecomputeGuard()
         self.guard = guard  # None: every disk hit is read back
+        self.rates = GuardRatesStore(self.ns_dir / RATES_FILE)
+        if guard is not None:
+            self.rates.seed(guard)
         self._load_existing()
 
     def _load_existing(self) -> None:
@@ -272,6 +279,7 @@ class DiskTier:
         """The oldest step built ran."""
         if self.guard is not None:
             self.guard.step_ended()
+            self.rates.maybe_save(self.guard)
 
     def take_jobs(self) -> DiskJobs | None:
         self._start_writes()
@@ -305,6 +313,8 @@ class DiskTier:
         if self.guard is not None:
             for batch in done.read_batches:
                 self.guard.read_done(batch.nbytes, batch.seconds)
+            for wbatch in done.write_batches:
+                self.guard.write_done(wbatch.nbytes, wbatch.seconds)
         for blocks, what in ((done.read_missing, "missing"), (done.read_corrupt, "corrupt")):
             for b in blocks:
                 key = (b.group, b.block_hash)
@@ -318,6 +328,11 @@ class DiskTier:
                 self.stats.incr(f"disk_{what}_records", len(blocks))
         for b in done.deleted:
             self._deleting.discard((b.group, b.block_hash))
+
+    def close(self) -> None:
+        """Save what the guard learnt since its last save (the scheduler shuts down)."""
+        if self.guard is not None:
+            self.rates.maybe_save(self.guard, force=True)
 
     # -- gauges and checks ------------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.offload.disk.config import DiskConfig
 from kvbridge.offload.disk.io import RecordIO, filesystem_type, probe_direct
-from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs, ReadBatch
+from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs, ReadBatch, WriteBatch
 from kvbridge.offload.disk.record import (
     CorruptRecord,
     group_payload_bytes,
@@ -37,8 +37,8 @@ _KINDS = {"write": "cpu_to_disk", "read": "disk_to_cpu"}
 
 @dataclass
 class _Batch:
-    """One step's blocks of one kind; its wall time feeds the GB/s counters (and, for reads,
-    the scheduler's recompute guard)."""
+    """One step's blocks of one kind; its wall time feeds the GB/s counters (and, for reads
+    and writes, the scheduler's recompute guard)."""
 
     kind: str
     started: float
@@ -55,7 +55,8 @@ class DiskWorker:
     ended, never waiting. A CPU block is read or written through ``cpu_layers[g][l][id]``,
     the copy backend's host tensor of layer ``l`` of group ``g`` (one block per row), each
     row a dense run of bytes: written in place with O_DIRECT when its address and length are
-    aligned, else through an aligned staging buffer.
+    aligned, else through an aligned staging buffer. ``clock`` times the batches (a test may
+    replace it; it is read on the I/O threads).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class DiskWorker:
         self._writers = ThreadPoolExecutor(disk.n_write_threads, "kvbridge-disk-write")
         self._inflight: list[tuple[_Batch, str, DiskBlock, Future[tuple[int, float]]]] = []
         self.stats = KVConnectorStats() if stats is None else stats
+        self.clock: Callable[[], float] = time.perf_counter
         self._problems = 0  # I/O errors and corrupt records seen (for rate-limited logs)
         logger.info(
             "disk tier: %s on %s, %s, %d read + %d write threads, %.2f GiB per worker",
@@ -125,7 +127,7 @@ class DiskWorker:
     # -- per step ---------------------------------------------------------------------------
     def submit(self, jobs: DiskJobs) -> None:
         """Queue a step's disk jobs on the I/O threads; returns at once."""
-        now = time.perf_counter()
+        now = self.clock()
         for kind, blocks, pool, fn in (
             ("read", jobs.reads, self._readers, self._read),
             ("write", jobs.writes, self._writers, self._write),
@@ -133,7 +135,9 @@ class DiskWorker:
         ):
             if blocks:
                 batch = _Batch(kind, now, len(blocks))
-                self._inflight += [(batch, kind, b, pool.submit(_timed, fn, b)) for b in blocks]
+                for b in blocks:
+                    future = pool.submit(_timed, fn, b, self.clock)
+                    self._inflight.append((batch, kind, b, future))
 
     def poll(self) -> DiskDone | None:
         """What ended since the last poll, by outcome (never waits)."""
@@ -181,6 +185,8 @@ class DiskWorker:
             self.stats.observe(f"{_KINDS[kind]}_time_s", seconds)
             if kind == "read":
                 done.read_batches.append(ReadBatch(batch.nbytes, seconds))
+            else:
+                done.write_batches.append(WriteBatch(batch.nbytes, seconds))
 
     def _warn(self, message: str, *args: object) -> None:
         """Log the first problems, then one in a thousand (a full disk fails every write)."""
@@ -208,8 +214,10 @@ class DiskWorker:
         self._writers.shutdown(wait=True)
 
 
-def _timed(fn: Callable[[DiskBlock], int], block: DiskBlock) -> tuple[int, float]:
-    return fn(block), time.perf_counter()
+def _timed(
+    fn: Callable[[DiskBlock], int], block: DiskBlock, clock: Callable[[], float]
+) -> tuple[int, float]:
+    return fn(block), clock()
 
 
 def _byte_rows(layer: torch.Tensor) -> np.ndarray:

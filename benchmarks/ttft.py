@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=0, help="batch-1 decode after (0: none)")
     p.add_argument("--disk-tier", metavar="DIR", help="also TTFT from a disk tier in DIR")
     p.add_argument(
+        "--no-disk-guard",
+        action="store_true",
+        help="read disk hits even when recompute is predicted faster (disk_recompute_guard off)",
+    )
+    p.add_argument(
         "--logprob-tol",
         type=float,
         help=f"oracle tolerance, nats (default {TOLERANCE:g} in float32, {BF16_TOLERANCE:g} else)",
@@ -138,7 +143,10 @@ def build_engine(args: argparse.Namespace, max_len: int, load_mode: str) -> LLME
     extra: dict[str, object] = {"num_cpu_blocks": blocks, "load_mode": load_mode}
     if args.disk_tier:
         extra.update(
-            kv_offload_backend="disk", disk_path=args.disk_tier, disk_capacity_bytes=1 << 40
+            kv_offload_backend="disk",
+            disk_path=args.disk_tier,
+            disk_capacity_bytes=1 << 40,
+            disk_recompute_guard=not args.no_disk_guard,
         )
     transfer = TransferConfig(
         kv_connector="SimpleCPUOffloadConnector", kv_connector_extra_config=extra

@@ -174,10 +174,11 @@ def test_producer_killed_while_the_consumer_idles_is_released_and_its_restart_se
     params = p_proc.run("p-20", p1, "prefill", DECODE).kv_transfer_params
     assert params is not None
     assert decode(d, "d-20", p1, params).token_ids == expected(p1)
-    assert transport.num_remote_agents == 1 and transport.num_live_dlist_handles == 2
+    # dlists: the cache's and the board READ windows', the producer's blocks' and lease board's
+    assert transport.num_remote_agents == 1 and transport.num_live_dlist_handles == 4
     p_proc.kill()
     wait_until(
-        lambda: transport.live_counts()[1:] == (1, transport.num_registered_regions, 0),
+        lambda: transport.live_counts()[1:] == (2, transport.num_registered_regions, 0),
         timeout_s=10.0,
         what="the dead producer's agent and dlist released by an idle consumer",
     )

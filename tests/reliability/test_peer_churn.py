@@ -193,7 +193,7 @@ def test_every_exited_producers_agent_dlist_and_watch_is_released(churn: Churn) 
     assert churn.reads == PRODUCERS
     transport = churn.consumer.registered.transport
     assert transport.num_remote_agents == 0
-    assert transport.num_live_dlist_handles == 1  # the consumer's own cache
+    assert transport.num_live_dlist_handles == 2  # the consumer's cache and board windows
     assert transport.num_live_xfer_handles == 0
     reader = churn.consumer.registered.reader
     assert reader is not None and len(reader.engines) == 0

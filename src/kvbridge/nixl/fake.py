@@ -100,6 +100,8 @@ class FakeNixlWrapper(NixlTransport):
     - Local dlists must lie in registered memory; remote dlists need a loaded remote agent;
       transfers need equal, non-empty index lists of equal-length descriptors (as NIXL checks).
     - Every transport call is appended to ``calls``; ``fail_next_call`` makes one raise.
+    - READs move no bytes (``FakeFabric``'s agents do): a lease-board READ finds 0 there, so
+      a load waits for the lease answer, as with a producer without a board.
     """
 
     AGENT_METADATA = b"kvbridge-fake-nixl-agent"

@@ -27,6 +27,7 @@ import zmq
 
 from kvbridge.connector.base import KVConnectorHandshakeMetadata
 from kvbridge.connector.types import KVCacheSpec
+from kvbridge.nixl.lease_board import LeaseBoardInfo
 from kvbridge.nixl.zmq_links import MONITOR_EVENTS, LinkState, tcp_endpoint
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class NixlAgentMetadata(KVConnectorHandshakeMetadata, kw_only=True):
     # How long the producer holds blocks without a heartbeat (0: not announced, an older one);
     # a consumer derives its heartbeat interval from it, or checks its configured one against it.
     kv_lease_duration_s: float = 0.0
+    # Where the producer's lease board is (None: it has none, an older one or turned off).
+    lease_board: LeaseBoardInfo | None = None
 
 
 class HandshakeRequest(msgspec.Struct, kw_only=True):

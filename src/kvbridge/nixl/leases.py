@@ -21,6 +21,10 @@ lease is never freed before its ``expires_at`` unless the consumer ends it: so "
 least R more seconds" answered to a question sent at consumer time ``t`` proves the blocks
 held until ``t + R``, and a READ seen done before then saw the request's bytes. ``status`` is
 called from the side-channel thread: every method takes the table's lock.
+
+With a ``LeaseBoard`` attached, a lease's word is on the board from its start until it ends:
+written in ``start``, zeroed in the same locked section that ends it (``complete``,
+``expire``, ``clear``), before its id can be handed to the engine to free.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from kvbridge.connector.types import IntegrityError
+from kvbridge.nixl.lease_board import LeaseBoard
 from kvbridge.nixl.metadata import SendSpec
 
 logger = logging.getLogger(__name__)
@@ -90,6 +95,14 @@ class LeaseTable:
         self._history: OrderedDict[str, _Ended] = OrderedDict()  # request id -> how it ended
         self._history_size = history_size
         self.num_expired_total = 0
+        self.board: LeaseBoard | None = None  # set once the worker registered one
+
+    def attach_board(self, board: LeaseBoard) -> None:
+        """Publish every lease started from now on on ``board``."""
+        with self._lock:
+            if self._leases:
+                raise RuntimeError("LeaseTable: attach the board before any lease starts")
+            self.board = board
 
     def start(self, spec: SendSpec, now: float) -> None:
         with self._lock:
@@ -111,6 +124,8 @@ class LeaseTable:
                 spec.num_blocks,
                 spec.prompt_hash,
             )
+            if self.board is not None:
+                self.board.post(rid, spec.prompt_hash, spec.block_ids)
 
     def renew(self, request_id: str, now: float, lease_duration_s: float) -> bool:
         """Extend a live lease (never past its hard cap); False if there is none."""
@@ -133,6 +148,7 @@ class LeaseTable:
         with self._lock:
             lease = self._leases.pop(request_id, None)
             if lease is not None:
+                self._unpost(request_id)
                 self._completed.add(request_id)
                 self._remember(request_id, _Ended(_ENDED[kind], lease.prompt_hash, reader))
                 return True
@@ -146,6 +162,7 @@ class LeaseTable:
             lapsed = [rid for rid, lease in self._leases.items() if now >= lease.expires_at]
             for rid in lapsed:
                 lease = self._leases.pop(rid)
+                self._unpost(rid)
                 logger.warning(
                     "lease on %d blocks of %s lapsed after %.1fs (%d renewals); freeing them",
                     lease.num_blocks,
@@ -200,6 +217,11 @@ class LeaseTable:
                 return LeaseStatus("unknown")
             return LeaseStatus(_ENDED[early[1]], done_by=early[2])
 
+    def _unpost(self, request_id: str) -> None:
+        """Zero an ending lease's board word (the lock is held)."""
+        if self.board is not None:
+            self.board.release(request_id)
+
     def _remember(self, request_id: str, ended: _Ended) -> None:
         self._history[request_id] = ended
         self._history.move_to_end(request_id)
@@ -239,6 +261,8 @@ class LeaseTable:
             for rid, lease in self._leases.items():
                 if not lease.started <= lease.expires_at <= lease.hard_deadline:
                     raise IntegrityError(f"LeaseTable: lease of {rid} has inconsistent times")
+            if self.board is not None:
+                self.board.check_integrity(live)
 
     def promised_until(self) -> float:
         """Until when answers promised live leases held (-inf if none): whoever drops them
@@ -252,6 +276,8 @@ class LeaseTable:
         """Drop everything (shutdown); returns the ids that were still held."""
         with self._lock:
             held = set(self._leases)
+            if self.board is not None:
+                self.board.clear()
             self._leases.clear()
             self._early.clear()
             self._completed.clear()

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from kvbridge.copy.backend import CopyHandle
 from kvbridge.nixl import stats as keys
+from kvbridge.nixl.board_reads import BoardCheck
 from kvbridge.nixl.handshake import NixlAgentMetadata
 from kvbridge.nixl.lease_proof import LeaseProof
 from kvbridge.nixl.metadata import RecvSpec
@@ -35,9 +36,11 @@ class Load:
     reader: str  # this load's name in its lease questions and its "done"
     phase: Phase = "connect"
     future: Future[NixlAgentMetadata] | None = None
-    remote: RemoteEngine | None = None  # bound (counted in its inflight) in gate and read
+    remote: RemoteEngine | None = None  # bound (counted in its inflight) in gate and read,
+    # and in confirm while its board READ runs
     instance_id: str = ""  # the producer instance read from
     handle: XferHandle | None = None
+    board: BoardCheck | None = None  # its board READ, after the READ (remote still bound)
     plan: ReadPlan | None = None
     posted_wall: float = 0.0
     phase_wall: float = 0.0  # perf_counter() when confirm / land began

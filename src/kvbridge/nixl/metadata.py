@@ -28,6 +28,9 @@ class RecvSpec(msgspec.Struct, frozen=True, kw_only=True):
     remote_request_id: str
     fail_reason: str | None = None
     prompt_hash: str = ""  # of the prompt whose KV this load needs ("" when unknown)
+    # ``blocks_digest`` of every block the producer holds for the request ("": the load does
+    # not use the producer's lease board, it waits for the lease answer)
+    remote_blocks_digest: str = ""
 
     @property
     def all_local_block_ids(self) -> set[int]:
@@ -103,6 +106,15 @@ def prompt_hash(token_ids: Sequence[int] | None) -> str:
     if not token_ids:
         return ""
     return hashlib.blake2b(array("q", token_ids).tobytes(), digest_size=16).hexdigest()
+
+
+def blocks_digest(block_ids: Sequence[Sequence[int]]) -> str:
+    """What names the blocks a producer holds for a request (every group's, in order)."""
+    h = hashlib.blake2b(digest_size=8)
+    for group in block_ids:
+        h.update(array("q", group).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def reader_token(agent_name: str, request_id: str) -> str:

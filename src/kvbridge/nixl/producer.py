@@ -43,8 +43,7 @@ class LeaseKeeper:
     def start(self, sends: list[SendSpec], now: float) -> None:
         """Hold the blocks of ``sends``: leases now, or after staging them to host memory."""
         if self.staging is None or not sends:
-            for send in sends:
-                self.leases.start(send, now)
+            self._start_leases(sends, now)
             return
         ok = [s for s in sends if sum(len(g) for g in s.block_ids) == s.num_blocks]
         for send in sends:
@@ -82,8 +81,15 @@ class LeaseKeeper:
             if not done:
                 self._staging_out.append((handle, sends))
                 continue
-            for send in sends:
-                self.leases.start(send, now)
+            self._start_leases(sends, now)
+
+    def _start_leases(self, sends: list[SendSpec], now: float) -> None:
+        board = self.leases.board
+        full = 0 if board is None else board.num_full
+        for send in sends:
+            self.leases.start(send, now)
+        if board is not None and board.num_full > full:  # those consumers will ask only
+            self._stats.incr(keys.BOARD_FULL, board.num_full - full)
 
     def drain_notifs(self, transport: NixlTransport, now: float) -> None:
         try:

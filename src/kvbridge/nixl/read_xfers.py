@@ -10,6 +10,7 @@ from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine
 from kvbridge.nixl.transfers import ReadPlan
 from kvbridge.nixl.transport import (
     DlistHandle,
+    Indices,
     NixlTransport,
     NixlTransportError,
     XferHandle,
@@ -44,15 +45,23 @@ class ReadXfers:
         """Make and post one READ over the dlists prepared once (no per-READ dlist: preparing
         and releasing VRAM dlists costs milliseconds); raises ``TRANSPORT_ERRORS`` having
         released what it made."""
+        return self.post_indices(
+            self._local_dlist, plan.local_indices, remote.dlist, plan.remote_indices, notif
+        )
+
+    def post_indices(
+        self,
+        local_dlist: DlistHandle,
+        local_indices: Indices,
+        remote_dlist: DlistHandle,
+        remote_indices: Indices,
+        notif: bytes = b"",
+    ) -> PostedRead:
+        """``post`` over any prepared dlists (a lease board's bucket, say)."""
         handle = None
         try:
             handle = self._t.make_prepped_xfer(
-                "READ",
-                self._local_dlist,
-                plan.local_indices,
-                remote.dlist,
-                plan.remote_indices,
-                notif,
+                "READ", local_dlist, local_indices, remote_dlist, remote_indices, notif
             )
             posted_wall = time.perf_counter()
             state = self._t.transfer(handle)

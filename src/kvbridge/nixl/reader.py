@@ -5,16 +5,20 @@ Per request, the phases of ``Load.phase`` (``load_state``)::
     connect  handshake in the background, attach the remote engine (once per engine)
     gate     (the producer stages through host memory) wait for its lease to be "held"
     read     one READ, polled, while asking the producer how long its lease stays held:
-             DONE -> "done" notification, then land if the lease was proven held until
-             the READ was seen done, else confirm; ERR -> fail
-    confirm  ask the producer (again) whether its lease was held when the READ ended:
-             "held" or "done" -> land; anything else, or no answer in time -> fail
+             DONE -> land if the answer in hand proves the lease held until the READ was
+             seen done, else confirm; ERR -> fail
+    confirm  READ the producer's lease board (``lease_board``): its word there -> land; else
+             (or no board) wait for the answer to the question asked with the READ, or ask
+             again: "held" or "done" -> land; anything else, or no answer in time -> fail.
+             "done" goes to the producer once nothing reads it for the load any more
     land     (this engine stages through host memory) copy host -> cache blocks
     => finished_recving; a failed load also reports its blocks as load errors
 
 The question asked with the READ (or the gate's) usually settles it: its answer "held for at
 least R more seconds" covers the READ, so the confirmation costs no round trip of its own.
-Which answers prove what is ``LeaseProof``'s to decide.
+When it has not come yet (a READ shorter than the round trip), the board READ settles it
+without waiting. Which answers prove what is ``LeaseProof``'s to decide; what a board word
+proves, ``lease_board``'s.
 
 Each of connect, gate, read and confirm is bounded by ``transfer_timeout_s`` (connect to
 read from the load's start, confirm from the READ's end); a producer found gone fails its
@@ -26,53 +30,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
-from kvbridge.connector.stats import KVConnectorStats
-from kvbridge.connector.types import IntegrityError
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.lease_confirm import NOT_OURS, LeaseConfirmer, Settled
-from kvbridge.nixl.load_results import LoadResults
-from kvbridge.nixl.load_state import TIMEOUT_KEYS, Load, ReaderConfig
+from kvbridge.nixl.board_reads import BoardCheck
+from kvbridge.nixl.lease_board import BoardVerdict, board_verdict, bucket_of, lease_word
+from kvbridge.nixl.lease_confirm import NOT_OURS, Settled
+from kvbridge.nixl.load_book import LoadBook
+from kvbridge.nixl.load_state import TIMEOUT_KEYS, Load
 from kvbridge.nixl.metadata import RecvSpec, reader_token
 from kvbridge.nixl.read_stats import record_read
-from kvbridge.nixl.read_xfers import ReadXfers
-from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine, RemoteEngines
-from kvbridge.nixl.staging import HostStaging
-from kvbridge.nixl.transfers import KVRegions, plan_read
-from kvbridge.nixl.transport import DlistHandle, NixlTransport, XferState
+from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine
+from kvbridge.nixl.transfers import plan_read
+from kvbridge.nixl.transport import XferState
 
 logger = logging.getLogger(__name__)
 
 
-class KVReader:
+class KVReader(LoadBook):
     """Runs in a consumer worker; owns the in-flight loads: their READs and copies."""
-
-    def __init__(
-        self,
-        transport: NixlTransport,
-        local: KVRegions,
-        local_dlist: DlistHandle,
-        group_layers: list[list[int]],
-        engines: RemoteEngines,
-        config: ReaderConfig,
-        stats: KVConnectorStats,
-        confirmer: LeaseConfirmer,
-        staging: HostStaging | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._t = transport
-        self._clock = clock  # the clock of the ``now`` passed to ``add`` and ``poll``
-        self._local = local  # the host buffer's blocks when ``staging``
-        self._xfers = ReadXfers(transport, local_dlist)
-        self._group_layers = group_layers
-        self.engines = engines
-        self._cfg = config
-        self._stats = stats
-        self.confirmer = confirmer
-        self._staging = staging
-        self._recvs: dict[str, Load] = {}  # request id -> load in progress
-        self.results = LoadResults()
 
     # -- inputs ---------------------------------------------------------------------------------
     def add(self, spec: RecvSpec, now: float) -> None:
@@ -125,8 +100,11 @@ class KVReader:
                     self._on_state(recv, self._xfers.state(recv.handle, recv.spec.request_id), now)
             elif recv.phase == "land":
                 self._land(recv, now)
-            elif answer is not None:
-                self._settle(recv, answer, now)
+            else:  # gate, confirm: the answer first (it may be to the question asked with
+                if answer is not None:  # the READ, which a question asked now would outdate)
+                    self._settle(recv, answer, now)
+                if recv.board is not None:
+                    self._on_board(recv, self._xfers.state(recv.board.handle, "board"), now)
         if ready:
             for recv, _ in ready:  # ask before posting: the answer comes while the READs run
                 self._ask(recv, now)
@@ -230,6 +208,7 @@ class KVReader:
         if decision == "land":
             if with_read:
                 self._stats.incr(keys.CONFIRMS_WITH_READ)
+            self._end_board(recv)  # the answer settled it first
             self._land(recv, now)
             return
         self._stats.incr(keys.FAILED_CONFIRMS)
@@ -294,19 +273,68 @@ class KVReader:
             request_id=recv.spec.request_id,
         )
         self._release_transfer(recv)
+        recv.phase, recv.phase_wall = "confirm", time.perf_counter()
+        recv.deadline = now + self._cfg.transfer_timeout_s
+        if recv.aborted or recv.proof.covers_read or not self._post_board(recv, now):
+            self._read_over(recv, now)
+
+    def _read_over(self, recv: Load, now: float, verdict: BoardVerdict | None = None) -> None:
+        """Nothing reads the producer for the load any more: unbind it and say "done"; land if
+        the board's ``verdict`` or the answer in hand proves the lease held, else wait for an
+        answer (asking again if the one asked with the READ is not still out)."""
         self._unbind(recv)
         self._notify_done(recv)
         if recv.aborted:
             self._end(recv)
-            return
-        recv.phase, recv.phase_wall = "confirm", time.perf_counter()
-        recv.deadline = now + self._cfg.transfer_timeout_s
-        if recv.proof.covers_read:
-            self._stats.incr(keys.CONFIRMS_WITH_READ)
+        elif verdict == "mine" or recv.proof.covers_read:
+            self._stats.incr(keys.BOARD_CONFIRMS if verdict == "mine" else keys.CONFIRMS_WITH_READ)
             self.confirmer.cancel(recv.spec.request_id)
             self._land(recv, now)
-        elif not self.confirmer.is_open(recv.spec.request_id):  # else the one asked with it is
-            self._ask(recv, now, after_read=True)  # still out
+        elif not self.confirmer.is_open(recv.spec.request_id):
+            self._ask(recv, now, after_read=True)
+
+    def _post_board(self, recv: Load, now: float) -> bool:
+        """READ the load's bucket of the producer's lease board (remote still bound); False
+        when there is no board to read (no board, no window free, or the post failed)."""
+        remote, spec = recv.remote, recv.spec
+        board = None if remote is None else remote.board
+        if board is None or self.boards is None or not spec.remote_blocks_digest:
+            return False
+        window = self.boards.take()
+        if window is None:
+            return False
+        word = lease_word(
+            board.info.salt,
+            recv.instance_id,
+            spec.remote_request_id,
+            spec.prompt_hash,
+            spec.remote_blocks_digest,
+        )
+        bucket = bucket_of(word, board.info.num_slots)
+        try:
+            posted = self._xfers.post_indices(self.boards.dlist, [window], board.dlist, [bucket])
+        except TRANSPORT_ERRORS as e:
+            logger.warning("board READ for %s not posted: %s", spec.request_id, e)
+            self.boards.give_back(window)
+            self._stats.incr(keys.BOARD_MISSES)
+            return False
+        recv.board = BoardCheck(posted.handle, window, word, posted.posted_wall)
+        self._on_board(recv, posted.state, now)
+        return True
+
+    def _on_board(self, recv: Load, state: XferState, now: float) -> None:
+        """The board READ's state: once it ended, its verdict decides or the answer will."""
+        check = recv.board
+        if check is None or self.boards is None or state == "PROC":
+            return
+        bucket = self.boards.bucket(check.window) if state == "DONE" else None
+        verdict = board_verdict(bucket, check.word)
+        self._stats.observe(keys.BOARD_READ_TIME, time.perf_counter() - check.posted_wall)
+        self._drop_board(recv)
+        if verdict != "mine":
+            self._stats.incr(keys.BOARD_MISSES)
+            logger.debug("lease board: %s for %s; waiting for the answer", verdict, recv.reader)
+        self._read_over(recv, now, verdict)
 
     def _land(self, recv: Load, now: float) -> None:
         """Copy host -> cache blocks (host-staged; started once): the load ends when done."""
@@ -326,75 +354,3 @@ class KVReader:
             recv.landing = None
             self._stats.observe(keys.STAGE_IN_TIME, time.perf_counter() - recv.phase_wall)
             self._end(recv)
-
-    # -- endings --------------------------------------------------------------------------------
-    def _fail(self, recv: Load, reason: str) -> None:
-        if not recv.aborted:
-            self.results.failed(recv.spec, reason)
-        if recv.phase in ("connect", "gate", "read"):  # after a READ, its "done" went out
-            self._notify_release(recv)
-        self._end(recv)
-
-    def _notify_release(self, recv: Load) -> None:
-        if not recv.foreign:
-            spec = recv.spec
-            self.engines.notify(spec.remote_engine_id, "release", [spec.remote_request_id])
-
-    def _notify_done(self, recv: Load) -> None:
-        spec = recv.spec
-        self.engines.notify(
-            spec.remote_engine_id, "done", [spec.remote_request_id], reader=recv.reader
-        )
-
-    def _end(self, recv: Load) -> None:
-        """Release what the load holds and report it (as aborted or as received)."""
-        self._release_transfer(recv)
-        self._unbind(recv)
-        self.confirmer.cancel(recv.spec.request_id)
-        self._recvs.pop(recv.spec.request_id, None)
-        if not recv.aborted or recv.report:
-            self.results.ended(recv.spec.request_id)
-
-    def _unbind(self, recv: Load) -> None:
-        if recv.remote is not None:
-            self.engines.unbind(recv.remote)
-            recv.remote = None
-
-    def _release_transfer(self, recv: Load) -> None:
-        handle, recv.handle = recv.handle, None
-        if handle is not None and not self._xfers.release(handle, recv.remote):
-            recv.remote = None  # the unreleased handle keeps the remote bound
-
-    # -- introspection and shutdown --------------------------------------------------------------
-    @property
-    def num_inflight(self) -> int:
-        return len(self._recvs)
-
-    def check_integrity(self) -> None:
-        for remote in self.engines:
-            users = sum(1 for r in self._recvs.values() if r.remote is remote)
-            users += self._xfers.bound(remote)
-            if users != remote.inflight:
-                raise IntegrityError(
-                    f"KVReader: engine {remote.engine_id} counts {remote.inflight} users, "
-                    f"{users} hold it"
-                )
-        asking = {rid for rid, r in self._recvs.items() if r.phase in ("gate", "read", "confirm")}
-        if self.confirmer.num_open > len(asking):
-            raise IntegrityError("KVReader: lease questions open for loads that ended")
-
-    def close(self) -> None:
-        """Release every handle, dlist and remote agent; idempotent."""
-        for recv in list(self._recvs.values()):
-            if recv.landing is not None:
-                try:
-                    recv.landing.wait()
-                except Exception as e:  # shutting down: nothing left to recover
-                    logger.error("a landing copy of %s failed: %s", recv.spec.request_id, e)
-            recv.aborted = True
-            self._end(recv)
-        for remote in self._xfers.retry_zombies():
-            self.engines.unbind(remote)
-        self.confirmer.close()
-        self.engines.close()
-        self.results.clear()

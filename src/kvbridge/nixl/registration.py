@@ -8,6 +8,7 @@ from kvbridge.config import ConfigError
 from kvbridge.connector.layout import block_rows
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.nixl.handshake import NixlAgentMetadata
+from kvbridge.nixl.lease_board import LeaseBoardInfo
 from kvbridge.nixl.transfers import KVRegions
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def agent_metadata(
     regions: KVRegions,
     kv_buffer_device: str,
     lease_duration_s: float = 0.0,
+    lease_board: LeaseBoardInfo | None = None,
 ) -> NixlAgentMetadata:
     """What a producer serves on its side channel: its agent and the regions it registered."""
     return NixlAgentMetadata(
@@ -87,4 +89,5 @@ def agent_metadata(
         kv_buffer_device=kv_buffer_device,
         instance_id=instance_id,
         kv_lease_duration_s=lease_duration_s,
+        lease_board=lease_board,
     )

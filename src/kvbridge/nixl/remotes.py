@@ -13,6 +13,7 @@ from typing import NamedTuple
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.handshake import HandshakeError, Handshaker, NixlAgentMetadata
+from kvbridge.nixl.lease_board import LeaseBoardInfo
 from kvbridge.nixl.metadata import NotifKind, RecvSpec, encode_notif
 from kvbridge.nixl.peer_watch import PeerWatch
 from kvbridge.nixl.settings import DEFAULT_HEARTBEAT_S
@@ -27,6 +28,13 @@ from kvbridge.nixl.transport import (
 logger = logging.getLogger(__name__)
 
 TRANSPORT_ERRORS = (NixlTransportError, ValueError, TypeError)
+
+
+class RemoteBoard(NamedTuple):
+    """An attached producer's lease board: where it is, and its per-bucket dlist."""
+
+    info: LeaseBoardInfo
+    dlist: DlistHandle
 
 
 @dataclass
@@ -44,6 +52,7 @@ class RemoteEngine:
     staged: bool = False  # it serves a host buffer: ask for its lease before reading
     gone: str | None = None  # why its side channel is gone (it exited): never notify it again
     heartbeat_s: float = DEFAULT_HEARTBEAT_S  # renew its leases this often
+    board: RemoteBoard | None = None  # its lease board, when it has one and we read boards
 
     @property
     def key(self) -> tuple[str, str]:
@@ -81,6 +90,7 @@ class RemoteEngines:
         *,
         watch_peers: bool = False,
         heartbeat_for: Callable[[float], float] = lambda lease_s: DEFAULT_HEARTBEAT_S,
+        read_boards: bool = False,
     ) -> None:
         self._t = transport
         self._local = local
@@ -89,6 +99,7 @@ class RemoteEngines:
         self._tp_rank = tp_rank
         self._watch = PeerWatch(self.on_lost) if watch_peers else None
         self._heartbeat_for = heartbeat_for  # producer's lease -> heartbeat (ValueError: refuse)
+        self._read_boards = read_boards  # prepare producers' lease boards for board READs
         self._lock = threading.RLock()
         self._engines: dict[str, RemoteEngine] = {}  # engine id -> attached producer
         self._gone: dict[tuple[str, str], str] = {}  # (engine id, instance id) -> why, unread
@@ -186,6 +197,7 @@ class RemoteEngines:
             except TRANSPORT_ERRORS:
                 self._t.remove_remote_agent(agent)
                 raise
+            board = self._attach_board(md, agent) if self._read_boards else None
             engine = RemoteEngine(
                 md.engine_id,
                 agent,
@@ -194,6 +206,7 @@ class RemoteEngines:
                 instance_id=md.instance_id,
                 staged=md.kv_buffer_device == "cpu",
                 heartbeat_s=heartbeat_s,
+                board=board,
             )
             self._engines[md.engine_id] = engine
             if self._watch is not None and endpoint is not None:
@@ -206,6 +219,23 @@ class RemoteEngines:
             heartbeat_s,
         )
         return engine
+
+    def _attach_board(self, md: NixlAgentMetadata, agent: str) -> RemoteBoard | None:
+        """Prepare the producer's lease board for board READs; None (its loads just ask) when
+        it has none or it cannot be used."""
+        info = md.lease_board
+        if info is None:
+            return None
+        problem = info.problem()
+        if problem is None:
+            try:
+                dlist = self._t.prep_xfer_dlist(agent, self._t.get_xfer_descs(info.items(), "DRAM"))
+            except TRANSPORT_ERRORS as e:
+                problem = f"preparing it failed: {e}"
+            else:
+                return RemoteBoard(info, dlist)
+        logger.warning("engine %s: lease board not used (%s)", md.engine_id, problem)
+        return None
 
     def notify(
         self, engine_id: str, kind: NotifKind, request_ids: list[str], reader: str = ""
@@ -292,10 +322,11 @@ class RemoteEngines:
         del self._engines[engine.engine_id]
         if self._watch is not None:
             self._watch.unwatch(engine.key)
-        try:
-            self._t.release_dlist_handle(engine.dlist)
-        except NixlTransportError as e:
-            logger.error("releasing the dlist of engine %s failed: %s", engine.engine_id, e)
+        for dlist in (engine.dlist, *(() if engine.board is None else (engine.board.dlist,))):
+            try:
+                self._t.release_dlist_handle(dlist)
+            except NixlTransportError as e:
+                logger.error("releasing a dlist of engine %s failed: %s", engine.engine_id, e)
         try:
             self._t.remove_remote_agent(engine.agent_name)
         except NixlTransportError as e:

@@ -33,6 +33,7 @@ from kvbridge.nixl.metadata import (
     RecvSpec,
     RemoteRelease,
     SendSpec,
+    blocks_digest,
     prompt_hash,
 )
 from kvbridge.nixl.params import (
@@ -135,6 +136,7 @@ class NixlScheduler(KVConnectorScheduler, SupportsHMA):
             remote_request_id=remote.remote_request_id,
             fail_reason=fail,
             prompt_hash=prompt_hash(request.prompt_token_ids),
+            remote_blocks_digest=blocks_digest(remote.remote_block_ids),
         )
 
     def get_handover_token(self, request: RequestView) -> HandoverToken | None:

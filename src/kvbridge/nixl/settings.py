@@ -12,6 +12,7 @@ from kvbridge.config import (
     apply_renamed_keys,
     check_extra_keys,
 )
+from kvbridge.nixl.lease_board import DEFAULT_BOARD_SLOTS, board_size_error
 
 # key -> accepted types
 _ALLOWED: dict[str, type | tuple[type, ...]] = {
@@ -30,6 +31,7 @@ _ALLOWED: dict[str, type | tuple[type, ...]] = {
     "enforce_handshake_compat": bool,
     "slow_transfer_s": (int, float),
     "progress_delay_us": int,
+    "lease_board_slots": int,
 }
 # old (vLLM-style) name -> new name; old names keep working with a DeprecationWarning.
 _ALIASES: dict[str, str] = {
@@ -76,6 +78,9 @@ class NixlSettings:
     enforce_handshake_compat: bool = True
     slow_transfer_s: float = 1.0
     progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US  # NIXL progress thread's idle wake-up
+    # words on a producer's lease board (``lease_board``); 0: a producer publishes no board
+    # and a consumer reads none (every READ then waits for the lease answer)
+    lease_board_slots: int = DEFAULT_BOARD_SLOTS
 
     @classmethod
     def from_config(cls, config: TransferConfig) -> NixlSettings:
@@ -154,6 +159,9 @@ class NixlSettings:
                 "kv_connector_extra_config.progress_delay_us: must be >= 0 (0: NIXL's default, "
                 "a progress thread that spins a core)"
             )
+        board_error = board_size_error(self.lease_board_slots)
+        if board_error is not None:
+            raise ConfigError(f"kv_connector_extra_config.lease_board_slots: {board_error}")
         if self.max_handshake_bytes < 1024:
             raise ConfigError("kv_connector_extra_config.max_handshake_bytes: must be >= 1024")
         if isinstance(self.nixl_wrapper, str) and self.nixl_wrapper not in WRAPPER_NAMES:

@@ -3,6 +3,7 @@
 Samples (one value per transfer): ``xfer_time_seconds``, ``post_time_seconds``,
 ``bytes_transferred``, ``num_descriptors``, ``lease_confirm_time_seconds`` (READ seen done to
 the answer that settled it, when no answer had covered the READ by then),
+``lease_board_read_time_seconds`` (a board READ's post to its verdict),
 ``stage_in_time_seconds`` (host-staged mode: READ confirmed to blocks
 in the cache). Everything else is a counter.
 """
@@ -24,3 +25,7 @@ FAILED_CONFIRMS = "num_failed_lease_confirms"
 CONFIRM_TIME = "lease_confirm_time_seconds"
 CONFIRMS_WITH_READ = "num_lease_confirms_with_read"  # settled by the question asked with the READ
 STAGE_IN_TIME = "stage_in_time_seconds"
+BOARD_CONFIRMS = "num_lease_confirms_by_board"  # settled by the producer's lease board word
+BOARD_MISSES = "num_lease_board_misses"  # board READ made, proved nothing: the answer settles
+BOARD_READ_TIME = "lease_board_read_time_seconds"
+BOARD_FULL = "num_lease_board_full"  # producer: leases whose board bucket was full (no word)

@@ -2,8 +2,9 @@
 
 Producer: registers the KV cache with NIXL, serves its agent metadata and its leases' outcomes
 on the side channel and holds finished requests' blocks under leases (``LeaseKeeper``) until
-the consumer's ``done`` notification or a lapse. Consumer: loads remote blocks with one READ
-per request, confirmed against the producer's lease (``KVReader``).
+the consumer's ``done`` notification or a lapse, each live lease's word on its lease board
+(``lease_board``). Consumer: loads remote blocks with one READ per request, confirmed against
+the producer's lease by a board READ or the lease answer (``KVReader``).
 
 ``kv_buffer_device: "cpu"`` registers a host mirror of the cache instead (``HostStaging``):
 held blocks are copied into it before their lease starts, loaded blocks land in it and are
@@ -26,6 +27,7 @@ from kvbridge.connector.base import KVConnectorWorker, KVConnectorWorkerMetadata
 from kvbridge.connector.gauges import GaugeValues
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import FinishedTransfers, KVCacheSpec
+from kvbridge.nixl.board_reads import BoardReads
 from kvbridge.nixl.handshake import (
     HandshakeListener,
     Handshaker,
@@ -33,6 +35,7 @@ from kvbridge.nixl.handshake import (
     compat_hash,
     encode_envelope,
 )
+from kvbridge.nixl.lease_board import LeaseBoard, register_board
 from kvbridge.nixl.lease_confirm import LEASE_FRAME, LeaseConfirmer, lease_query_handler
 from kvbridge.nixl.leases import MAX_PROMISE_S, LeaseTable
 from kvbridge.nixl.load_state import ReaderConfig
@@ -53,29 +56,12 @@ from kvbridge.nixl.transport import (
     NixlTransportError,
     RegDescs,
 )
+from kvbridge.nixl.transport_factory import TransportFactory, make_transport_factory
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-TransportFactory = Callable[[str], NixlTransport]
-
-
-def make_transport_factory(settings: NixlSettings) -> TransportFactory:
-    """``nixl_wrapper``: "nixl" (real NIXL), "fake" (``FakeNixlWrapper``) or a callable."""
-    wrapper = settings.nixl_wrapper
-    if callable(wrapper):
-        return wrapper
-    if wrapper == "fake":
-        from kvbridge.nixl.fake import FakeNixlWrapper
-
-        return lambda name: FakeNixlWrapper(name, **settings.fake_nixl)
-    from kvbridge.nixl.wrapper import NixlWrapper
-
-    return lambda name: NixlWrapper(
-        name, backends=settings.backends, progress_delay_us=settings.progress_delay_us
-    )
 
 
 @dataclass
@@ -91,6 +77,7 @@ class _Registered:
     handshaker: Handshaker | None
     reader: KVReader | None
     staging: HostStaging | None
+    board_regs: RegDescs | None = None  # the producer's lease board, registered
 
 
 class NixlWorker(KVConnectorWorker):
@@ -152,13 +139,17 @@ class NixlWorker(KVConnectorWorker):
             regions = staging.regions(layers.names, regions.block_len)
         mem: MemoryType = "VRAM" if regions.memory_type == "VRAM" else "DRAM"
         transport = self._factory(self.agent_name)
-        listener = handshaker = confirmer = None
+        listener = handshaker = confirmer = boards = None
+        board, board_regs = self._lease_board(), None
         try:
             reg_descs = transport.get_reg_descs(regions.region_items(), mem)
             transport.register_memory(reg_descs)
             local = transport.prep_xfer_dlist(
                 LOCAL_AGENT, transport.get_xfer_descs(regions.block_items(), mem)
             )
+            if board is not None:
+                board_regs = register_board(transport, board)
+                self.leases.attach_board(board)
             md = agent_metadata(
                 engine_id=self.config.engine_id,
                 rank=self.rank,
@@ -168,6 +159,7 @@ class NixlWorker(KVConnectorWorker):
                 regions=regions,
                 kv_buffer_device=self.config.kv_buffer_device,
                 lease_duration_s=self.settings.kv_lease_duration_s,
+                lease_board=None if board is None else board.info(),
             )
             s = self.settings
             if self.config.is_producer:
@@ -193,6 +185,7 @@ class NixlWorker(KVConnectorWorker):
                     enforce_compat=s.enforce_handshake_compat,
                 )
                 confirmer = LeaseConfirmer()
+                boards = BoardReads(transport) if s.lease_board_slots else None
                 cfg = ReaderConfig(
                     s.transfer_timeout_s, s.merge_contiguous_blocks, s.slow_transfer_s
                 )
@@ -204,6 +197,7 @@ class NixlWorker(KVConnectorWorker):
                     self.rank,
                     watch_peers=True,
                     heartbeat_for=s.heartbeat_for,
+                    read_boards=boards is not None,
                 )
                 reader = KVReader(
                     transport,
@@ -216,9 +210,10 @@ class NixlWorker(KVConnectorWorker):
                     confirmer,
                     staging,
                     clock=self._clock,
+                    boards=boards,
                 )
         except BaseException:
-            for part in (listener, handshaker, confirmer):
+            for part in (listener, handshaker, confirmer, boards):
                 if part is not None:
                     part.close()
             if staging is not None:
@@ -226,7 +221,16 @@ class NixlWorker(KVConnectorWorker):
             transport.close()
             raise
         self._reg = _Registered(
-            transport, regions, reg_descs, local, md, listener, handshaker, reader, staging
+            transport,
+            regions,
+            reg_descs,
+            local,
+            md,
+            listener,
+            handshaker,
+            reader,
+            staging,
+            board_regs,
         )
         logger.info(
             "NIXL worker %s registered %d layers x %d blocks (%s%s)",
@@ -236,6 +240,11 @@ class NixlWorker(KVConnectorWorker):
             regions.memory_type,
             ", host-staged" if staging is not None else "",
         )
+
+    def _lease_board(self) -> LeaseBoard | None:
+        """A producer's lease board (``lease_board_slots`` words), None for none."""
+        slots = self.settings.lease_board_slots
+        return LeaseBoard(slots, self.agent_name) if self.config.is_producer and slots else None
 
     def get_handshake_metadata(self) -> NixlAgentMetadata | None:
         """This worker's agent and regions, with its side channel's address once it listens."""
@@ -322,7 +331,10 @@ class NixlWorker(KVConnectorWorker):
         if reg is None:
             return {}
         t, reader = reg.transport, reg.reader
-        standing = 1 + (0 if reader is None else sum(1 for e in reader.engines if not e.stale))
+        standing = 1  # the cache's; a consumer's board READ buffer's and, per attached
+        if reader is not None:  # producer not marked stale, its blocks' and its board's
+            standing += reader.boards is not None
+            standing += sum(1 + (e.board is not None) for e in reader.engines if not e.stale)
         return {
             "num_live_leases": self.leases.num_live,
             "nixl_num_inflight_xfer_handles": t.num_live_xfer_handles,
@@ -363,9 +375,11 @@ class NixlWorker(KVConnectorWorker):
         if reg.staging is not None:
             reg.staging.shutdown()
         t = reg.transport
+        board_regs = reg.board_regs  # zeroed by ``producer.close`` above
         for release in (
             lambda: t.release_dlist_handle(reg.local_dlist),
             lambda: t.deregister_memory(reg.reg_descs),
+            lambda: None if board_regs is None else t.deregister_memory(board_regs),
         ):
             try:
                 release()

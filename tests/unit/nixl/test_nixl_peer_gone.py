@@ -42,7 +42,8 @@ def attach(consumer: Node, producer: Node) -> None:
     consumer.fake.cycles_before_xfer_done = 0
     meta = recv(producer.worker.side_channel_port, rid="d-0", remote_rid="p-0")
     assert run_until(consumer, got_recving("d-0"), meta=meta)[-1][2] == set()
-    assert consumer.fake.num_remote_agents == 1 and consumer.fake.num_live_dlist_handles == 2
+    # the cache's, the board READ windows', and the producer's blocks' and lease board's
+    assert consumer.fake.num_remote_agents == 1 and consumer.fake.num_live_dlist_handles == 4
 
 
 def test_an_idle_consumer_releases_a_gone_producers_agent_and_dlist(
@@ -55,7 +56,7 @@ def test_an_idle_consumer_releases_a_gone_producers_agent_and_dlist(
     producer.worker.shutdown()
     # No consumer step from here on: the watch's thread does the work.
     wait_for(lambda: consumer.fake.num_remote_agents == 0)
-    assert consumer.fake.num_live_dlist_handles == 1  # the cache's own
+    assert consumer.fake.num_live_dlist_handles == 2  # the cache's and the board windows'
     assert reader(consumer).engines.get("prefill") is None
     removed = consumer.fake.calls_to("remove_remote_agent")
     assert [args for args, _ in removed] == [("fake-remote",)]

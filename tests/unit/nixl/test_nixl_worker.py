@@ -69,7 +69,8 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
     n = consumer.worker.cache_spec.num_blocks  # per-block dlists: index = layer * n + block
     assert op == "READ" and list(local_idx) == [2, 3, 4, n + 2, n + 3, n + 4]
     assert list(remote_idx) == [5, 6, 7, n + 5, n + 6, n + 7]  # each run consecutive: NIXL joins it
-    assert len(fake.calls_to("prep_xfer_dlist")) == 2  # the cache's and the remote's, once
+    # the cache's and the board READ windows', the remote's blocks' and lease board's, once
+    assert len(fake.calls_to("prep_xfer_dlist")) == 4
     assert notif == b""  # the READ carries no notification: NIXL would hold DONE back for it
     sent = [as_tuple(m) for agent, m in fake.sent_notifs if agent == "fake-remote"]
     assert sent[-1] == ("done", ["p-1"])  # sent once the READ was seen done
@@ -79,7 +80,7 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
     assert stats.data[keys.BYTES] == [6 * LAYER_BLOCK_BYTES]
     assert stats.data[keys.NUM_DESCRIPTORS] == [2]
     assert fake.num_live_xfer_handles == 0
-    assert fake.num_live_dlist_handles == 2  # the prepared local and remote per-block lists
+    assert fake.num_live_dlist_handles == 4  # the prepared lists stay
     consumer.worker.check_integrity()
 
 

@@ -1,0 +1,303 @@
+"""A consumer lands a READ on the producer's lease board word without waiting for the lease
+answer, and only then: a zeroed word (the lease ended mid-READ), a failed board READ, a full
+bucket or no board at all leave the verdict to the answer.
+
+Workers on one ``FakeFabric`` (READs, board READs included, copy real bytes in-process) with a
+clock that stands still; real zmq side channels. ``answers_held`` keeps the producer's side
+channel from answering lease questions, so a load that lands did so on the board alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from nixl_helpers import FakeClock, config, kv_caches, spec, wait_for
+
+from kvbridge.nixl import stats as keys
+from kvbridge.nixl.fake_fabric import FakeFabric
+from kvbridge.nixl.leases import LeaseStatus, LeaseTable
+from kvbridge.nixl.metadata import (
+    NixlConnectorMetadata,
+    NixlWorkerMetadata,
+    RecvSpec,
+    SendSpec,
+    blocks_digest,
+    decode_notif,
+    prompt_hash,
+)
+from kvbridge.nixl.transport import LiveCounts
+from kvbridge.nixl.worker import NixlWorker
+
+HELD = [5, 6, 7]
+LOCAL = [2, 3, 4]
+PROMPT = prompt_hash(list(range(12)))
+Step = tuple[frozenset[str], frozenset[str], set[int]]
+
+
+class Peers:
+    """A producer (cache filled with layer index + 1) and a consumer on one fabric."""
+
+    def __init__(
+        self, clock: FakeClock, p_extra: dict[str, Any] | None = None, **d_extra: Any
+    ) -> None:
+        self.fabric = FakeFabric(cycles_before_xfer_done=1)
+        self.p = self._worker("kv_producer", "prefill", clock, **(p_extra or {}))
+        self.d = self._worker("kv_consumer", "decode", clock, **d_extra)
+        self.p_cache, self.d_cache = kv_caches(spec(), fill=1.0), kv_caches(spec())
+        self.p.register_kv_caches(self.p_cache)
+        self.d.register_kv_caches(self.d_cache)
+        self.d_fake = self.fabric.agents[self.d.agent_name]
+
+    def _worker(self, role: str, engine_id: str, clock: FakeClock, **extra: Any) -> NixlWorker:
+        cfg = config(role, engine_id, nixl_wrapper=self.fabric.wrapper, **extra)
+        return NixlWorker(cfg, spec(), clock=clock)
+
+    def hold(self, rid: str = "p-1") -> None:
+        send = SendSpec(
+            request_id=rid,
+            num_blocks=len(HELD),
+            lease_duration_s=30.0,
+            abort_timeout_s=60.0,
+            block_ids=(HELD,),
+            prompt_hash=PROMPT,
+        )
+        step(self.p, NixlConnectorMetadata(reqs_to_send={rid: send}), frozenset({rid}))
+
+    def load(self, rid: str = "d-1", remote_rid: str = "p-1") -> NixlConnectorMetadata:
+        recv = RecvSpec(
+            request_id=rid,
+            local_block_ids=(LOCAL,),
+            remote_engine_id="prefill",
+            remote_host="127.0.0.1",
+            remote_port=self.p.side_channel_port or 1,
+            remote_block_ids=(HELD,),
+            remote_request_id=remote_rid,
+            prompt_hash=PROMPT,
+            remote_blocks_digest=blocks_digest((HELD,)),
+        )
+        return NixlConnectorMetadata(reqs_to_recv={rid: recv})
+
+    def stats(self) -> dict[str, Any]:
+        taken = self.d.get_kv_connector_stats()
+        return {} if taken is None else dict(taken.data)
+
+    def landed_the_producers_bytes(self) -> bool:
+        return all(
+            torch.equal(self.d_cache[name][LOCAL], self.p_cache[name][HELD])
+            for name in self.d_cache
+        )
+
+    def close(self) -> None:
+        for worker in (self.d, self.p):
+            worker.shutdown()
+            assert worker.leaked == LiveCounts(0, 0, 0, 0)
+
+
+def step(
+    worker: NixlWorker,
+    meta: NixlConnectorMetadata | None = None,
+    finished: frozenset[str] = frozenset(),
+) -> Step:
+    worker.bind_connector_metadata(meta or NixlConnectorMetadata())
+    worker.start_load_kv()
+    sending, recving = worker.get_finished(finished)
+    errors = worker.get_block_ids_with_load_errors()
+    worker.clear_connector_metadata()
+    return sending, recving, errors
+
+
+@contextmanager
+def answers_held(leases: LeaseTable) -> Iterator[threading.Event]:
+    """The producer's side-channel thread blocks in every lease question until the block
+    ends (or the event is set): no answer reaches the consumer meanwhile."""
+    release = threading.Event()
+    real = leases.status
+
+    def blocked(request_id: str, now: float | None) -> LeaseStatus:
+        release.wait(10)
+        return real(request_id, now)
+
+    leases.status = blocked  # type: ignore[method-assign]
+    try:
+        yield release
+    finally:
+        release.set()
+        del leases.status  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def peers(clock: FakeClock) -> Iterator[Peers]:
+    pair = Peers(clock)
+    yield pair
+    pair.close()
+
+
+def attached(peers: Peers) -> None:
+    """A first load (answers flowing) attaches the producer: handshake done."""
+    peers.hold("p-0")
+    meta = peers.load("d-0", "p-0")
+    got: list[Step] = [step(peers.d, meta)]
+    wait_for(lambda: "d-0" in got[-1][1], poll=lambda: got.append(step(peers.d)))
+    assert got[-1][2] == set()
+    peers.stats()  # forget the first load's counts
+
+
+def test_a_read_lands_on_the_board_word_without_waiting_for_the_answer(peers: Peers) -> None:
+    attached(peers)
+    peers.hold()
+    board = peers.p.leases.board
+    assert board is not None and board.num_used == 1
+    with answers_held(peers.p.leases):
+        got = [step(peers.d, peers.load())]  # question sent, READ posted
+        wait_for(lambda: "d-1" in got[-1][1], poll=lambda: got.append(step(peers.d)))
+        assert got[-1][2] == set() and peers.landed_the_producers_bytes()
+        reader = peers.d.registered.reader
+        assert reader is not None and reader.confirmer.num_open == 0  # question dropped
+        stats = peers.stats()
+        assert stats[keys.BOARD_CONFIRMS] == 1 and keys.BOARD_MISSES not in stats
+        assert len(stats[keys.BOARD_READ_TIME]) == 1 and keys.CONFIRM_TIME not in stats
+    sent = [decode_notif(m) for agent, m in peers.d_fake.sent_notifs if agent == peers.p.agent_name]
+    assert (sent[-1].kind, sent[-1].request_ids) == ("done", ["p-1"])  # after the board READ
+    wait_for(lambda: "p-1" in step(peers.p, finished=frozenset({"p-1"}))[0])
+    assert board.num_used == 0 and not board.words.any()  # zeroed, then freed
+    peers.d.check_integrity()
+    peers.p.check_integrity()
+
+
+def test_control_a_word_zeroed_mid_read_does_not_land_without_the_answer(
+    peers: Peers, clock: FakeClock
+) -> None:
+    """The lease lapses while the READ is in flight (P zeroes the word, then frees the
+    blocks): the board READ after it finds 0, the load waits for the answer, which says
+    "expired": a load error. Checked against broken builds (any bucket read as "mine"; a
+    lapse that does not zero the word): the load lands on the freed blocks and this fails."""
+    attached(peers)
+    peers.hold()
+    peers.d_fake.cycles_before_xfer_done = 10**9
+    with answers_held(peers.p.leases) as release:
+        step(peers.d, peers.load())
+        assert peers.d_fake.num_live_xfer_handles == 1  # the READ is in flight
+        clock.advance(31)  # no heartbeat reaches P: its lease lapses, its word goes to 0
+        assert step(peers.p, finished=frozenset())[0] == {"p-1"}
+        peers.d_fake.cycles_before_xfer_done = 1
+        for _ in range(5):  # READ done, board READ done: nothing lands on the board alone
+            _, recving, _ = step(peers.d)
+            assert "d-1" not in recving
+        stats = peers.stats()
+        assert stats[keys.BOARD_MISSES] == 1 and keys.BOARD_CONFIRMS not in stats
+        release.set()  # the answer comes: "expired"
+        got = [step(peers.d)]
+        wait_for(lambda: "d-1" in got[-1][1], poll=lambda: got.append(step(peers.d)))
+    assert got[-1][2] == set(LOCAL)
+    meta = peers.d.build_connector_worker_meta()
+    assert isinstance(meta, NixlWorkerMetadata) and "expired" in meta.load_failures["d-1"]
+
+
+def lands_on_the_answer(peers: Peers) -> dict[str, Any]:
+    """Load p-1 with the answers held back: it must not land before they flow; then it lands
+    (the answer "held" covers the READ: the clock stands still). Its stats."""
+    with answers_held(peers.p.leases) as release:
+        got = [step(peers.d, peers.load())]
+        for _ in range(5):  # the READ (and any board READ) ends; no landing yet
+            got.append(step(peers.d))
+        assert all("d-1" not in g[1] for g in got)
+        release.set()
+        wait_for(lambda: "d-1" in got[-1][1], poll=lambda: got.append(step(peers.d)))
+    assert got[-1][2] == set() and peers.landed_the_producers_bytes()
+    stats = peers.stats()
+    assert keys.BOARD_CONFIRMS not in stats
+    return stats
+
+
+def test_a_failed_board_read_leaves_it_to_the_answer(peers: Peers) -> None:
+    attached(peers)
+    peers.hold()
+    real = peers.d_fake.make_prepped_xfer
+
+    def board_reads_fail(*args: Any, **kwargs: Any) -> Any:
+        handle = real(*args, **kwargs)
+        if len(args[2]) == 1:  # one window: a board READ (the data READ has 3 x 2 indices)
+            peers.d_fake.fail_xfer(handle)
+        return handle
+
+    peers.d_fake.make_prepped_xfer = board_reads_fail  # type: ignore[method-assign]
+    stats = lands_on_the_answer(peers)
+    assert stats[keys.BOARD_MISSES] == 1 and stats[keys.CONFIRMS_WITH_READ] == 1
+    peers.d.check_integrity()  # its window is back, its handle released
+
+
+def test_a_lease_whose_bucket_was_full_lands_on_the_answer(clock: FakeClock) -> None:
+    peers = Peers(clock, {"lease_board_slots": 8})  # one bucket of 8 words
+    try:
+        attached(peers)
+        for i in range(8):  # every slot taken (p-0's lease ended with its load)
+            peers.hold(f"f-{i}")
+        peers.hold()
+        taken = peers.p.get_kv_connector_stats()
+        assert taken is not None and taken.data[keys.BOARD_FULL] == 1
+        stats = lands_on_the_answer(peers)
+        assert stats[keys.BOARD_MISSES] == 1  # other leases' words: proves nothing
+    finally:
+        peers.close()
+
+
+@pytest.mark.parametrize("side", ["producer", "consumer"])
+def test_without_a_board_on_either_side_loads_ask_as_before(clock: FakeClock, side: str) -> None:
+    off = {"lease_board_slots": 0}
+    peers = Peers(clock, off) if side == "producer" else Peers(clock, None, **off)
+    try:
+        attached(peers)
+        peers.hold()
+        stats = lands_on_the_answer(peers)
+        assert keys.BOARD_MISSES not in stats and keys.BOARD_READ_TIME not in stats
+        assert len(peers.d_fake.calls_to("make_prepped_xfer")) == 2  # data READs only
+        reader = peers.d.registered.reader
+        assert reader is not None and (reader.boards is None) == (side == "consumer")
+        assert peers.p.get_handshake_metadata().lease_board is None or side == "consumer"  # type: ignore[union-attr]
+    finally:
+        peers.close()
+
+
+def test_a_load_aborted_while_its_board_read_runs_says_done_and_releases_all(
+    peers: Peers,
+) -> None:
+    attached(peers)
+    peers.hold()
+    real = peers.d_fake.check_xfer_state
+    board_handles: set[int] = set()
+
+    def board_stays_in_flight(handle: Any) -> Any:
+        return "PROC" if handle in board_handles else real(handle)
+
+    real_make = peers.d_fake.make_prepped_xfer
+
+    def note_board(*args: Any, **kwargs: Any) -> Any:
+        handle = real_make(*args, **kwargs)
+        if len(args[2]) == 1:
+            board_handles.add(handle)
+        return handle
+
+    peers.d_fake.make_prepped_xfer = note_board  # type: ignore[method-assign]
+    peers.d_fake.check_xfer_state = board_stays_in_flight  # type: ignore[method-assign]
+    with answers_held(peers.p.leases):
+        step(peers.d, peers.load())
+        wait_for(lambda: bool(board_handles), poll=lambda: step(peers.d))
+        reader = peers.d.registered.reader
+        assert reader is not None and reader.boards is not None
+        assert reader.boards.num_taken == 1 and peers.d_fake.num_live_xfer_handles == 1
+        _, recving, errors = step(peers.d, NixlConnectorMetadata(reqs_aborted={"d-1": True}))
+    assert "d-1" in recving and errors == set()
+    assert reader.boards.num_taken == 0 and peers.d_fake.num_live_xfer_handles == 0
+    sent = [decode_notif(m) for agent, m in peers.d_fake.sent_notifs if agent == peers.p.agent_name]
+    assert (sent[-1].kind, sent[-1].request_ids) == ("done", ["p-1"])
+    peers.d.check_integrity()

@@ -4,7 +4,8 @@ A producer process registers a KV cache with a real ``NixlWorker`` (kv_producer,
 holds each benchmark request under a lease; this process runs a consumer ``NixlWorker``
 built by the connector factory and loads blocks from it through the connector API (metadata
 with a ``RecvSpec``, ``start_load_kv``, ``get_finished``): descriptor planning, READ,
-polling, and what the connector does around the READ (the lease question, the done notification).
+polling, and what the connector does around the READ (the lease question, the board READ of
+the producer's lease word, the done notification).
 
 The baseline is a second NIXL agent in this process (``RawReader``) with its own zeroed copy
 of the cache, attached to the same producer agent: it READs the same producer memory with the
@@ -68,9 +69,10 @@ class CaseResult(NamedTuple):
     phase_ms: dict[str, float]  # stats key -> median milliseconds over the timed READs
     correct: bool  # the bytes read (connector and raw) equal the producer's
     plan_post_ms: tuple[float, float] = (0.0, 0.0)  # the connector's plan_read, make xfer
+    by_board: int = 0  # loads (the warm-up too) accepted on the producer's lease board word
 
 
-PHASES = (keys.POST_TIME, keys.XFER_TIME, keys.CONFIRM_TIME)
+PHASES = (keys.POST_TIME, keys.XFER_TIME, keys.CONFIRM_TIME, keys.BOARD_READ_TIME)
 PLAN_POST_ITERS = 10
 
 
@@ -158,7 +160,7 @@ def run_case(
     ids = block_ids(case.pattern, blocks)
     tag = f"{case.pattern}-{'merge' if case.merge else 'nomerge'}"
     specs = [recv_spec(f"{tag}-{i}", ids, producer.port) for i in range(iters + 1)]
-    producer.hold([s.request_id for s in specs])
+    producer.hold([s.request_id for s in specs], ids)
     for tensor in (*cache.values(), *raw.cache.values()):
         tensor.zero_()
     with raw.prepared(
@@ -179,10 +181,12 @@ def run_case(
     if not isinstance(descs, list) or len(descs) != len(specs):
         raise RuntimeError(f"connector stats counted {descs!r} descriptor samples")
     phase_ms = {}
-    for key in PHASES:
+    for key in PHASES:  # a sample per READ: the warm-up's dropped; else those there are
         samples = data.get(key)
-        if isinstance(samples, list) and len(samples) == len(specs):
-            phase_ms[key] = 1e3 * statistics.median(samples[1:])
+        if isinstance(samples, list) and samples:
+            timed_samples = samples[1:] if len(samples) == len(specs) else samples
+            phase_ms[key] = 1e3 * statistics.median(timed_samples or samples)
+    by_board = data.get(keys.BOARD_CONFIRMS, 0)
     expected = kv_caches(worker.cache_spec, SEED)
     correct = all(
         torch.equal(got[name][ids], want[ids])
@@ -197,6 +201,7 @@ def run_case(
         phase_ms,
         correct,
         (plan_post_ms[0], plan_post_ms[1]),
+        int(by_board) if isinstance(by_board, int) else 0,
     )
 
 
@@ -272,7 +277,8 @@ COLUMNS = (
     "raw GB/s",
     "ratio of medians",
     "paired ratio",
-    "connector ms: READ / post / NIXL xfer / confirm",
+    "connector ms: READ / post / NIXL xfer / confirm / board",
+    "by board",
     "plan + make xfer ms (per GiB)",
 )
 
@@ -293,7 +299,8 @@ def _cells(row: Row) -> list[str]:
         f"{raw[0]:.2f} / {raw[1]:.2f}",
         f"{mine[0] / raw[0]:.2f}",
         f"{paired_ratio(r.seconds, r.raw_seconds):.2f}",
-        " / ".join(f"{ms:.1f}" for ms in phases),
+        " / ".join(f"{ms:.2f}" for ms in phases),
+        f"{r.by_board}/{len(r.seconds) + 1}",
         f"{plan:.2f} + {post:.2f} ({(plan + post) * 2**30 / row.nbytes:.2f})",
     ]
 

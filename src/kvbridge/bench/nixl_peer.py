@@ -18,7 +18,7 @@ from kvbridge.config import TransferConfig
 from kvbridge.connector.base import KVConnectorRole, KVConnectorWorker
 from kvbridge.connector.factory import create_connector
 from kvbridge.connector.types import KVCacheSpec
-from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec, SendSpec
+from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec, SendSpec, blocks_digest
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +83,8 @@ def nixl_config(
 
 
 def recv_spec(rid: str, ids: list[int], port: int, engine_id: str = PRODUCER_ID) -> RecvSpec:
-    """A load of blocks ``ids`` of a bench producer's request ``rid`` into the same ids."""
+    """A load of blocks ``ids`` of a bench producer's request ``rid`` into the same ids (the
+    producer holds exactly ``ids``: ``ProducerProcess.hold``)."""
     return RecvSpec(
         request_id=rid,
         local_block_ids=(ids,),
@@ -92,6 +93,7 @@ def recv_spec(rid: str, ids: list[int], port: int, engine_id: str = PRODUCER_ID)
         remote_port=port,
         remote_block_ids=(ids,),
         remote_request_id=rid,
+        remote_blocks_digest=blocks_digest((ids,)),
     )
 
 
@@ -117,10 +119,14 @@ def cpu_seconds() -> float:
 def producer_main(
     conn: Connection, layers: int, blocks: int, block_kib: int, extra: dict[str, Any]
 ) -> None:
-    """Serve a seeded KV cache; hold requests on ``("hold", ids)``; report on ``("stop",)``.
+    """Serve a seeded KV cache; hold requests on ``("hold", (ids, block ids))``; report on
+    ``("stop",)``.
 
     ``("released",)`` steps the worker once more and answers how many holds are released;
-    ``("cpu",)`` answers ``(cpu seconds, wall seconds)`` so far. ``extra``: connector config.
+    ``("cpu",)`` answers ``(cpu seconds, wall seconds)`` so far; ``("mute", seconds)`` keeps
+    the side channel from answering lease questions for that long (a producer whose Python
+    threads are slow: a lease question asked meanwhile is answered late). ``extra``:
+    connector config.
     """
     spec = make_spec(layers, blocks, block_kib)
     config = nixl_config("kv_producer", PRODUCER_ID, **extra)
@@ -133,22 +139,28 @@ def producer_main(
         while True:
             meta, finished = NixlConnectorMetadata(), frozenset[str]()
             if conn.poll(0.05):  # idle: drain the consumer's notifications every 50 ms
-                cmd, ids = conn.recv()
+                cmd, args = conn.recv()
                 if cmd == "stop":
                     break
                 if cmd == "cpu":
                     conn.send(("cpu", (cpu_seconds(), time.perf_counter())))
                     continue
+                if cmd == "mute":
+                    _mute_lease_answers(worker, time.monotonic() + float(args))
+                    conn.send(("muted", args))
+                    continue
                 if cmd == "released":
                     released += step_worker(worker, meta, finished)
                     conn.send(("released", released))
                     continue
+                ids, held = args
                 meta.reqs_to_send = {
                     rid: SendSpec(
                         request_id=rid,
-                        num_blocks=blocks,
+                        num_blocks=len(held),
                         lease_duration_s=TIMEOUT_S,
                         abort_timeout_s=2 * TIMEOUT_S,
+                        block_ids=(list(held),),
                     )
                     for rid in ids
                 }
@@ -158,6 +170,20 @@ def producer_main(
         conn.send(("stopped", released))
     finally:
         worker.shutdown()
+
+
+def _mute_lease_answers(worker: KVConnectorWorker, until: float) -> None:
+    """Hold back the worker's lease answers (its side-channel thread waits) until ``until``."""
+    leases = getattr(worker, "leases", None)
+    if leases is None:
+        raise TypeError(f"{type(worker).__name__} keeps no leases")
+    status = type(leases).status
+
+    def late(request_id: str, now: float | None) -> Any:
+        time.sleep(max(0.0, until - time.monotonic()))
+        return status(leases, request_id, now)
+
+    leases.status = late
 
 
 class ProducerProcess:
@@ -178,9 +204,15 @@ class ProducerProcess:
             raise
         self.port = port
 
-    def hold(self, ids: list[str]) -> None:
-        self.conn.send(("hold", ids))
+    def hold(self, ids: list[str], block_ids: list[int]) -> None:
+        """Hold ``block_ids`` for each request of ``ids`` (as its scheduler half would)."""
+        self.conn.send(("hold", (ids, block_ids)))
         expect(self.conn, "held", TIMEOUT_S)
+
+    def mute(self, seconds: float) -> None:
+        """The producer answers no lease question for ``seconds`` from now."""
+        self.conn.send(("mute", seconds))
+        expect(self.conn, "muted", TIMEOUT_S)
 
     def cpu(self) -> tuple[float, float]:
         """The producer's (CPU seconds, wall seconds) so far: differences give its load."""

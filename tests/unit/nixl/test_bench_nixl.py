@@ -35,6 +35,7 @@ def test_a_tiny_run_reads_the_producers_bytes_both_ways_in_the_connectors_descri
         assert len(r.seconds) == len(r.raw_seconds) == iters
         assert min(r.seconds) > 0 and min(r.raw_seconds) > 0
         assert paired_ratio(r.seconds, r.raw_seconds) > 0
+        assert 0 <= r.by_board <= iters + 1  # loads landed on the producer's lease board
         assert r.num_descs == (layers if row.case == Case("contiguous", True) else layers * blocks)
         if row.case.merge:
             assert r.raw_descs == r.num_descs

@@ -50,3 +50,15 @@ def test_the_rule_picks_matmul_only_for_few_rows_over_many_keys(
     device: str, heads: int, rows: int, keys: int, expected: bool
 ) -> None:
     assert use_matmul_attention(device, heads, rows, keys) is expected
+
+
+@pytest.mark.parametrize("keys", [64, 305])  # a multiple of the chunk, and padded
+def test_probs_times_values_summed_over_key_chunks(
+    monkeypatch: pytest.MonkeyPatch, keys: int
+) -> None:
+    monkeypatch.setattr("kvbridge.engine.attention.KEY_CHUNK", 16)
+    q, k, v = _qkv(2, 2, 6, keys, seed=2)
+    mask = torch.rand(2, 1, 6, keys, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[..., 0] = True  # every row attends to something
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(matmul_attention(q, k, v, mask), want, atol=1e-5, rtol=1e-5)

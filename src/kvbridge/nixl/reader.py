@@ -17,8 +17,10 @@ Per request, the phases of ``Load.phase`` (``load_state``)::
 The question asked with the READ (or the gate's) usually settles it: its answer "held for at
 least R more seconds" covers the READ, so the confirmation costs no round trip of its own.
 When it has not come yet (a READ shorter than the round trip), the board READ settles it
-without waiting. Which answers prove what is ``LeaseProof``'s to decide; what a board word
-proves, ``lease_board``'s.
+without waiting. A load from a producer with a board asks right after posting its READ, not
+before (the question's socket and send would delay the READ), and not at all when the READ
+ended inside its post and the board READ after it found the load's word. Which answers prove
+what is ``LeaseProof``'s to decide; what a board word proves, ``lease_board``'s.
 
 Each of connect, gate, read and confirm is bounded by ``transfer_timeout_s`` (connect to
 read from the load's start, confirm from the READ's end); a producer found gone fails its
@@ -106,11 +108,7 @@ class KVReader(LoadBook):
                 if recv.board is not None:
                     self._on_board(recv, self._xfers.state(recv.board.handle, "board"), now)
         if ready:
-            for recv, _ in ready:  # ask before posting: the answer comes while the READs run
-                self._ask(recv, now)
-            self.confirmer.send_due(max(now, self._clock()))  # stamped as late as is true
-            for recv, remote in ready:
-                self._post(recv, remote, now)
+            self._post_ready(ready, now)
         for recv in list(self._recvs.values()):
             if recv.phase != "land" and now > recv.deadline:
                 key, what = TIMEOUT_KEYS[recv.phase]
@@ -122,6 +120,30 @@ class KVReader(LoadBook):
         self.engines.heartbeat(now, [(s.remote_engine_id, s.remote_request_id) for s in bound])
         self.confirmer.send_due(now)
         self._detach_stale()  # a producer whose READ failed above is released in this step
+
+    def _post_ready(self, ready: list[tuple[Load, RemoteEngine]], now: float) -> None:
+        """Post the READs, asking about their leases first (the answer comes while they run),
+        except for loads a board READ may settle: asked right after the post, unless the
+        READ ended inside it and the board READ landed the load already (no question)."""
+        first = [recv for recv, remote in ready if not self._board_for(recv, remote)]
+        for recv in first:
+            self._ask(recv, now)
+        if first:
+            self.confirmer.send_due(max(now, self._clock()))  # stamped as late as is true
+        for recv, remote in ready:
+            self._post(recv, remote, now)
+        late = [
+            recv
+            for recv, _ in ready
+            if recv not in first
+            and self._recvs.get(recv.spec.request_id) is recv
+            and recv.phase in ("read", "confirm")
+            and not self.confirmer.is_open(recv.spec.request_id)
+        ]
+        for recv in late:  # a board READ still running: its READ is over, asked after it
+            self._ask(recv, now, after_read=recv.phase == "confirm")
+        if late:
+            self.confirmer.send_due(max(now, self._clock()))
 
     def _detach_stale(self) -> None:
         """Release stale producers nobody reads from (their connecting loads handshake afresh)."""
@@ -293,12 +315,19 @@ class KVReader(LoadBook):
         elif not self.confirmer.is_open(recv.spec.request_id):
             self._ask(recv, now, after_read=True)
 
+    def _board_for(self, recv: Load, remote: RemoteEngine | None) -> bool:
+        """Whether a board READ can settle the load (the producer has a board we read)."""
+        board = None if remote is None else remote.board
+        return (
+            board is not None and self.boards is not None and bool(recv.spec.remote_blocks_digest)
+        )
+
     def _post_board(self, recv: Load, now: float) -> bool:
         """READ the load's bucket of the producer's lease board (remote still bound); False
         when there is no board to read (no board, no window free, or the post failed)."""
         remote, spec = recv.remote, recv.spec
         board = None if remote is None else remote.board
-        if board is None or self.boards is None or not spec.remote_blocks_digest:
+        if board is None or self.boards is None or not self._board_for(recv, remote):
             return False
         window = self.boards.take()
         if window is None:

@@ -19,7 +19,7 @@ import torch
 from nixl_helpers import FakeClock, config, kv_caches, spec, wait_for
 
 from kvbridge.nixl import stats as keys
-from kvbridge.nixl.fake_fabric import FakeFabric
+from kvbridge.nixl.fake_fabric import FabricNixlWrapper, FakeFabric
 from kvbridge.nixl.leases import LeaseStatus, LeaseTable
 from kvbridge.nixl.metadata import (
     NixlConnectorMetadata,
@@ -30,7 +30,7 @@ from kvbridge.nixl.metadata import (
     decode_notif,
     prompt_hash,
 )
-from kvbridge.nixl.transport import LiveCounts
+from kvbridge.nixl.transport import LiveCounts, XferHandle, XferState
 from kvbridge.nixl.worker import NixlWorker
 
 HELD = [5, 6, 7]
@@ -43,10 +43,18 @@ class Peers:
     """A producer (cache filled with layer index + 1) and a consumer on one fabric."""
 
     def __init__(
-        self, clock: FakeClock, p_extra: dict[str, Any] | None = None, **d_extra: Any
+        self,
+        clock: FakeClock,
+        p_extra: dict[str, Any] | None = None,
+        d_transport: type[FabricNixlWrapper] | None = None,
+        **d_extra: Any,
     ) -> None:
+        """``d_transport``: the consumer's fabric agent class (its READs done at 0 polls)."""
         self.fabric = FakeFabric(cycles_before_xfer_done=1)
         self.p = self._worker("kv_producer", "prefill", clock, **(p_extra or {}))
+        if d_transport is not None:
+            cls = d_transport
+            d_extra["nixl_wrapper"] = lambda name: cls(name, self.fabric, cycles_before_xfer_done=0)
         self.d = self._worker("kv_consumer", "decode", clock, **d_extra)
         self.p_cache, self.d_cache = kv_caches(spec(), fill=1.0), kv_caches(spec())
         self.p.register_kv_caches(self.p_cache)
@@ -54,7 +62,8 @@ class Peers:
         self.d_fake = self.fabric.agents[self.d.agent_name]
 
     def _worker(self, role: str, engine_id: str, clock: FakeClock, **extra: Any) -> NixlWorker:
-        cfg = config(role, engine_id, nixl_wrapper=self.fabric.wrapper, **extra)
+        extra.setdefault("nixl_wrapper", self.fabric.wrapper)
+        cfg = config(role, engine_id, **extra)
         return NixlWorker(cfg, spec(), clock=clock)
 
     def hold(self, rid: str = "p-1") -> None:
@@ -301,3 +310,52 @@ def test_a_load_aborted_while_its_board_read_runs_says_done_and_releases_all(
     sent = [decode_notif(m) for agent, m in peers.d_fake.sent_notifs if agent == peers.p.agent_name]
     assert (sent[-1].kind, sent[-1].request_ids) == ("done", ["p-1"])
     peers.d.check_integrity()
+
+
+class DoneInTransfer(FabricNixlWrapper):
+    """A consumer transport whose READs complete inside ``transfer``, as UCX's cma does on
+    loopback (the copy is made in the post)."""
+
+    def transfer(self, handle: XferHandle) -> XferState:
+        state = super().transfer(handle)
+        return self.check_xfer_state(handle) if state == "PROC" else state
+
+
+def test_a_read_done_in_its_post_and_proven_by_the_board_asks_no_question(
+    clock: FakeClock,
+) -> None:
+    peers = Peers(clock, d_transport=DoneInTransfer)
+    try:
+        attached(peers)
+        peers.hold()
+        reader = peers.d.registered.reader
+        assert reader is not None
+        asked = reader.confirmer.num_queries
+        _, recving, errors = step(peers.d, peers.load())  # lands in the step that posts it
+        assert recving == {"d-1"} and errors == set() and peers.landed_the_producers_bytes()
+        assert reader.confirmer.num_queries == asked and reader.confirmer.num_sockets == 0
+        assert peers.stats()[keys.BOARD_CONFIRMS] == 1
+    finally:
+        peers.close()
+
+
+def test_a_read_done_in_its_post_that_the_board_does_not_prove_asks_after_it(
+    clock: FakeClock,
+) -> None:
+    """The lease lapsed before the READ (its word is 0): asked after the READ, the producer
+    answers "expired" and the load fails."""
+    peers = Peers(clock, d_transport=DoneInTransfer)
+    try:
+        attached(peers)
+        peers.hold()
+        clock.advance(31)
+        assert step(peers.p, finished=frozenset())[0] == {"p-1"}
+        got = [step(peers.d, peers.load())]
+        reader = peers.d.registered.reader
+        assert reader is not None and reader.confirmer.is_open("d-1")  # asked after the READ
+        wait_for(lambda: "d-1" in got[-1][1], poll=lambda: got.append(step(peers.d)))
+        assert got[-1][2] == set(LOCAL)
+        stats = peers.stats()
+        assert stats[keys.BOARD_MISSES] == 1 and stats[keys.FAILED_CONFIRMS] == 1
+    finally:
+        peers.close()

@@ -182,3 +182,15 @@ def test_disk_tier_seeds_its_guard_from_its_directory_and_saves_there_at_close(
         s, CPUBlockPool(4, s.block_size), HitRule([None], 4), KVConnectorStats(),
     )  # fmt: skip
     off.close()  # no guard: nothing to save, no error
+
+
+def test_a_batch_queued_behind_another_is_timed_from_when_that_one_ended() -> None:
+    from kvbridge.offload.disk.worker import busy_seconds
+
+    # two 1-second batches submitted together at t=0: the second is busy 1 s, not 2 s
+    first, until = busy_seconds(0.0, 1.0, 0.0)
+    second, until = busy_seconds(0.0, 2.0, until)
+    assert (first, second, until) == (1.0, 1.0, 2.0)
+    # after an idle gap the next batch is timed from its own submission
+    third, until = busy_seconds(5.0, 5.5, until)
+    assert (third, until) == (0.5, 5.5)

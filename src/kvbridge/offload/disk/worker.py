@@ -97,6 +97,7 @@ class DiskWorker:
         self._inflight: list[tuple[_Batch, str, DiskBlock, Future[tuple[int, float]]]] = []
         self.stats = KVConnectorStats() if stats is None else stats
         self.clock: Callable[[], float] = time.perf_counter
+        self._busy_until: dict[str, float] = {}  # kind -> when its last batch ended
         self._problems = 0  # I/O errors and corrupt records seen (for rate-limited logs)
         logger.info(
             "disk tier: %s on %s, %s, %d read + %d write threads, %.2f GiB per worker",
@@ -180,7 +181,9 @@ class DiskWorker:
             {"read": done.read, "write": done.written, "delete": done.deleted}[kind].append(block)
         batch.remaining -= 1
         if batch.remaining == 0 and kind in _KINDS and batch.nbytes:
-            seconds = batch.ended - batch.started
+            seconds, self._busy_until[kind] = busy_seconds(
+                batch.started, batch.ended, self._busy_until.get(kind, 0.0)
+            )
             self.stats.incr(f"{_KINDS[kind]}_bytes", batch.nbytes)
             self.stats.observe(f"{_KINDS[kind]}_time_s", seconds)
             if kind == "read":
@@ -212,6 +215,13 @@ class DiskWorker:
         if queued:
             logger.info("disk tier: finishing %d block write(s) before shutdown", queued)
         self._writers.shutdown(wait=True)
+
+
+def busy_seconds(started: float, ended: float, busy_until: float) -> tuple[float, float]:
+    """The seconds a batch kept the disk busy, and the new end of the busy time: a batch queued
+    behind earlier ones of its kind (the I/O threads take jobs in order) starts when they end,
+    not when it was submitted, so a backlog does not read as a slow disk."""
+    return ended - max(started, min(busy_until, ended)), max(busy_until, ended)
 
 
 def _timed(

@@ -88,3 +88,30 @@ def test_control_a_cpu_tier_that_loads_wrong_blocks_breaks_the_oracle(
     assert logprob_gap(baseline, first) <= LOGPROB_TOL  # computed by vLLM: still right
     assert reloaded.num_cached_tokens == 192  # the broken tier did serve the prompt ...
     assert logprob_gap(baseline, reloaded) > LOGPROB_TOL  # ... and the oracle sees it
+
+
+def layerwise_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The CPU tier with ``load_mode: layerwise``, right and misloading (the control)."""
+    extra = {"cpu_bytes_to_use": CPU_BYTES, "load_mode": "layerwise"}
+    right = kv_config("KVBridgeCPUOffloadConnector", extra)
+    child = {
+        "kv_connector": "MisloadingCPUOffloadConnector",
+        "kv_connector_module_path": "support.faulty_offload",
+        "kv_connector_extra_config": extra,
+    }
+    return right, kv_config("KVBridgeMultiConnector", {"connectors": [child]})
+
+
+def test_layerwise_hits_compute_in_vllms_step_and_a_wrong_load_breaks_the_oracle(
+    tiny_llama: Path, baseline: Completion
+) -> None:
+    # vLLM schedules the hit's last tokens in the step that loads it (load_kv_async=False)
+    right, wrong = layerwise_configs()
+    with engine(tiny_llama, right) as llm:
+        _, reloaded = reload_from_cpu(llm)
+    assert reloaded.num_cached_tokens == 192
+    assert logprob_gap(baseline, reloaded) <= LOGPROB_TOL, (baseline, reloaded)
+    with engine(tiny_llama, wrong) as llm:
+        _, misloaded = reload_from_cpu(llm)
+    assert misloaded.num_cached_tokens == 192
+    assert logprob_gap(baseline, misloaded) > LOGPROB_TOL

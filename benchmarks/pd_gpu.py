@@ -123,8 +123,7 @@ def serve_config(args: argparse.Namespace, role: str, buffer: str, blocks: int) 
             "kv_connector_extra_config": {"num_cpu_blocks": blocks},
         }
     else:
-        transfer = transfer_config(role, reuse=True, cpu_blocks=blocks)
-        transfer["kv_connector_extra_config"]["connectors"][0]["kv_buffer_device"] = buffer
+        transfer = transfer_config(role, reuse=True, cpu_blocks=blocks, kv_buffer_device=buffer)
     config = {
         "model": args.model,
         "device": args.device,

@@ -46,10 +46,13 @@ class StackSizes:
         return cls(prefill, decode, cpu)
 
 
-def _nixl(role: str) -> dict[str, Any]:
+def _nixl(role: str, kv_buffer_device: str | None = None) -> dict[str, Any]:
     # side_channel_port 0: the prefill server picks a free port and puts it in the params.
     extra = {"side_channel_host": "127.0.0.1", "side_channel_port": 0}
-    return {"kv_connector": "NixlConnector", "kv_role": role, "kv_connector_extra_config": extra}
+    config = {"kv_connector": "NixlConnector", "kv_role": role, "kv_connector_extra_config": extra}
+    if kv_buffer_device is not None:
+        config["kv_buffer_device"] = kv_buffer_device
+    return config
 
 
 def _offload(num_cpu_blocks: int, disk: DiskTierPlan | None) -> dict[str, Any]:
@@ -73,12 +76,18 @@ class DiskTierPlan(NamedTuple):
 
 
 def transfer_config(
-    role: str, *, reuse: bool, cpu_blocks: int, disk: DiskTierPlan | None = None
+    role: str,
+    *,
+    reuse: bool,
+    cpu_blocks: int,
+    disk: DiskTierPlan | None = None,
+    kv_buffer_device: str | None = None,
 ) -> dict[str, Any]:
-    """The ``kv_transfer_config`` (vLLM format) of one server of the stack."""
+    """The ``kv_transfer_config`` (vLLM format) of one server of the stack (``kv_buffer_device``
+    of its NIXL connector: None for the default)."""
     if not reuse:
-        return _nixl(role)
-    children = [_nixl(role), _offload(cpu_blocks, disk)]
+        return _nixl(role, kv_buffer_device)
+    children = [_nixl(role, kv_buffer_device), _offload(cpu_blocks, disk)]
     return {
         "kv_connector": "MultiConnector",
         "kv_role": role,
@@ -97,6 +106,7 @@ class StackPlan:
     seed: int
     sizes: StackSizes
     disk: DiskTierPlan | None = None
+    kv_buffer_device: str | None = None  # NIXL's; None: the connector's default
 
     def serve_config(self, role: str) -> dict[str, Any]:
         """A ``kvbridge serve --config`` file's content for ``kv_producer``/``kv_consumer``."""
@@ -113,7 +123,11 @@ class StackPlan:
             "num_gpu_blocks": blocks,
             "enable_prefix_caching": self.reuse,
             "kv_transfer_config": transfer_config(
-                role, reuse=self.reuse, cpu_blocks=self.sizes.cpu_blocks, disk=self.disk
+                role,
+                reuse=self.reuse,
+                cpu_blocks=self.sizes.cpu_blocks,
+                disk=self.disk,
+                kv_buffer_device=self.kv_buffer_device,
             ),
         }
 

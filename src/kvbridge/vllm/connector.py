@@ -65,6 +65,12 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
             )
         self.transfer = transfer_config(vllm_config, self.kvbridge_connector)
         self.spec = cache_spec(vllm_config, kv_cache_config)
+        if self.spec.num_groups > 1 and _uses_layerwise(self.transfer.kv_connector_extra_config):
+            raise ConfigError(
+                f"{type(self).__name__}: load_mode 'layerwise' needs a single KV cache group "
+                f"(this model has {self.spec.num_groups}; vLLM cannot roll back a failed "
+                "in-step load on a hybrid cache); use load_mode 'async'"
+            )
         name = self.kvbridge_connector
         self._sched: SchedulerAdapter | None = None
         self._work: WorkerAdapter | None = None
@@ -97,6 +103,12 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
         return PREFERRED_LAYOUT
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """A layerwise CPU-tier load is ordered per layer by ``wait_for_layer_load``, which the
+        replay of a full CUDA graph skips: ask vLLM for piecewise graphs then."""
+        return _uses_layerwise(extra_config)
 
     @classmethod
     def build_prom_metrics(
@@ -231,3 +243,16 @@ class KVBridgeCPUOffloadConnector(KVBridgeConnector):
     """kvbridge's SimpleCPUOffloadConnector (a pinned CPU tier for prefix-cache blocks)."""
 
     kvbridge_connector = "SimpleCPUOffloadConnector"
+
+
+def _uses_layerwise(extra: Any) -> bool:
+    """Whether a connector's extra config (or a MultiConnector child's) sets layerwise loads."""
+    if not isinstance(extra, dict):
+        return False
+    if extra.get("load_mode") == "layerwise":
+        return True
+    children = extra.get("connectors")
+    return isinstance(children, list) and any(
+        isinstance(c, dict) and _uses_layerwise(c.get("kv_connector_extra_config"))
+        for c in children
+    )

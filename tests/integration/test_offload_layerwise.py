@@ -146,6 +146,30 @@ def test_failed_layerwise_launch_rolls_back_to_recompute(
     assert verdict.ok, verdict.problem
 
 
+class _SkipsAWait(CPUOffloadWorker):
+    """The forward never waits for the first layer's chunk (a replayed full CUDA graph)."""
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if layer_name != self._group_names[0][0]:
+            super().wait_for_layer_load(layer_name)
+
+
+class SkipsAWaitConnector(SimpleCPUOffloadConnector):
+    worker_cls = _SkipsAWait
+
+
+def test_a_chunk_never_waited_for_fails_the_load_and_the_step_recomputes(
+    expected: dict[tuple[int, ...], Trace],
+) -> None:
+    with LLMEngine(engine_config(layerwise("SkipsAWaitConnector"))) as engine:
+        again, _ = _evict_and_reload(engine)
+        stats = engine.kv_connector_stats
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert stats is not None and stats.data.get("cpu_to_gpu_failed_jobs", 0) >= 1
+    verdict = check(expected[tuple(A)], Trace.from_output(again))
+    assert verdict.ok, verdict.problem
+
+
 class _Ordered(CopyHandle):
     """A finished copy that records when the compute stream was ordered after it."""
 

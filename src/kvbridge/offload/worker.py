@@ -43,6 +43,7 @@ class _Batch:
     started: float
     nbytes: int
     in_step: bool = False  # a layerwise load: its request computes in the launching step
+    unwaited: bool = False  # a layer of it was never waited for: the forward may have raced
 
 
 class CPUOffloadWorker(KVConnectorWorker):
@@ -69,6 +70,9 @@ class CPUOffloadWorker(KVConnectorWorker):
         self.backends: list[CopyBackend] = []  # group -> backend over the group's layers
         self._group_names: list[list[str]] = []  # group -> its layer names, in backend order
         self._layer_ready: dict[str, CopyHandle] = {}  # layer -> its chunk of a layerwise load
+        self._layer_batch: dict[str, _Batch] = {}  # layer -> the layerwise batch loading it
+        self._new_layers: list[str] = []  # registered by the launch in progress
+        self._waited: set[str] = set()  # layers this step's forward waited for
         self._group_bytes: list[int] = []  # group -> bytes of one block of its layers
         self._inflight: list[_Batch] = []
         self._req_loads: dict[str, set[int]] = {}  # req id -> launched or pending load ids
@@ -178,17 +182,44 @@ class CPUOffloadWorker(KVConnectorWorker):
         self._launch_pending(loads=True, stores=False)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        handle = self._layer_ready.pop(layer_name, None)
+        handle = self._layer_ready.get(layer_name)  # kept: a second stream may wait too
         if handle is None:
             return
+        self._waited.add(layer_name)
         try:
             handle.order_before_current()
         except Exception:  # the batch's poll reports the failure (the step rolls back)
             logger.exception("CPU offload: layerwise load of %s failed", layer_name)
 
     def wait_for_save(self) -> None:
-        self._layer_ready.clear()  # layers the forward never asked for are past use
+        self._settle_unwaited()
         self._launch_pending(loads=True, stores=True)
+
+    def _settle_unwaited(self) -> None:
+        """A layer whose chunk the forward never waited for (an engine that skips the hook, a
+        replayed full CUDA graph) may have read its blocks before they landed: order what
+        follows after the copies, and fail the batch so the step's result is recomputed."""
+        ordered: set[int] = set()
+        for name, handle in self._layer_ready.items():
+            if name in self._waited:
+                continue
+            batch = self._layer_batch.get(name)
+            if batch is not None and not batch.unwaited:
+                batch.unwaited = True
+                logger.warning(
+                    "CPU offload: layer %s of a layerwise load was never waited for "
+                    "(wait_for_layer_load); recomputing its request",
+                    name,
+                )
+            if id(handle) not in ordered:
+                ordered.add(id(handle))
+                try:
+                    handle.order_before_current()
+                except Exception:
+                    logger.exception("CPU offload: layerwise load of %s failed", name)
+        self._layer_ready.clear()
+        self._layer_batch.clear()
+        self._waited.clear()
 
     def get_finished(self, finished_req_ids: frozenset[str]) -> FinishedTransfers:
         self._launch_pending(loads=True, stores=True)
@@ -270,6 +301,9 @@ class CPUOffloadWorker(KVConnectorWorker):
                 "CPU offload: launching %d %s job(s) failed", len(jobs), _kind(is_load)
             )
         batch = _Batch(is_load, jobs, handle, started, nbytes, in_step)
+        for name in self._new_layers:
+            self._layer_batch[name] = batch
+        self._new_layers = []
         if handle is None:
             self._finish(batch, ok=False)
         else:
@@ -284,6 +318,7 @@ class CPUOffloadWorker(KVConnectorWorker):
         for (lo, hi), handle in zip(chunks, handles, strict=True):
             for name in names[lo:hi]:
                 self._layer_ready[name] = handle
+                self._new_layers.append(name)
         return AllDone(list({id(h): h for h in handles}.values()))
 
     def _poll(self) -> None:
@@ -298,7 +333,7 @@ class CPUOffloadWorker(KVConnectorWorker):
                 self._finish(batch, ok=False)
                 continue
             if done:
-                self._finish(batch, ok=True)
+                self._finish(batch, ok=not batch.unwaited)
             else:
                 pending.append(batch)
         self._inflight = pending

@@ -184,13 +184,11 @@ def test_disk_tier_seeds_its_guard_from_its_directory_and_saves_there_at_close(
     off.close()  # no guard: nothing to save, no error
 
 
-def test_a_batch_queued_behind_another_is_timed_from_when_that_one_ended() -> None:
+def test_a_batch_is_timed_by_the_union_of_its_blocks_io() -> None:
     from kvbridge.offload.disk.worker import busy_seconds
 
-    # two 1-second batches submitted together at t=0: the second is busy 1 s, not 2 s
-    first, until = busy_seconds(0.0, 1.0, 0.0)
-    second, until = busy_seconds(0.0, 2.0, until)
-    assert (first, second, until) == (1.0, 1.0, 2.0)
-    # after an idle gap the next batch is timed from its own submission
-    third, until = busy_seconds(5.0, 5.5, until)
-    assert (third, until) == (0.5, 5.5)
+    # queued behind another batch: the wait before its first block started does not count
+    assert busy_seconds([(5.0, 6.0), (5.5, 7.0)]) == 2.0
+    # threads in parallel count once; gaps count not at all; order does not matter
+    assert busy_seconds([(3.0, 4.0), (0.0, 1.0), (0.5, 1.5), (1.2, 1.4)]) == 2.5
+    assert busy_seconds([]) == 0.0

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvbridge.config import ConfigError
@@ -44,7 +44,9 @@ class _Batch:
     started: float
     remaining: int
     nbytes: int = 0
-    ended: float = 0.0  # when its last block's I/O ended (not when a poll noticed)
+    # (start, end) of each block's I/O on its thread: the batch's busy time is their union, so
+    # neither queueing behind earlier batches nor threads working in parallel distort it
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
 
 class DiskWorker:
@@ -94,10 +96,9 @@ class DiskWorker:
         self._rows = [[_byte_rows(t) for t in layers] for layers in cpu_layers]
         self._readers = ThreadPoolExecutor(disk.n_read_threads, "kvbridge-disk-read")
         self._writers = ThreadPoolExecutor(disk.n_write_threads, "kvbridge-disk-write")
-        self._inflight: list[tuple[_Batch, str, DiskBlock, Future[tuple[int, float]]]] = []
+        self._inflight: list[tuple[_Batch, str, DiskBlock, Future[tuple[int, float, float]]]] = []
         self.stats = KVConnectorStats() if stats is None else stats
         self.clock: Callable[[], float] = time.perf_counter
-        self._busy_until: dict[str, float] = {}  # kind -> when its last batch ended
         self._problems = 0  # I/O errors and corrupt records seen (for rate-limited logs)
         logger.info(
             "disk tier: %s on %s, %s, %d read + %d write threads, %.2f GiB per worker",
@@ -158,13 +159,13 @@ class DiskWorker:
         batch: _Batch,
         kind: str,
         block: DiskBlock,
-        future: Future[tuple[int, float]],
+        future: Future[tuple[int, float, float]],
     ) -> None:
         path = record_path(self.ns_dir, block.group, block.block_hash)
         try:
-            nbytes, ended = future.result()
+            nbytes, began, ended = future.result()
             batch.nbytes += nbytes
-            batch.ended = max(batch.ended, ended)
+            batch.spans.append((began, ended))
         except CorruptRecord as e:
             self._warn("disk tier: corrupt record %s (%s); served as a miss", path, e)
             done.read_corrupt.append(block)
@@ -181,9 +182,7 @@ class DiskWorker:
             {"read": done.read, "write": done.written, "delete": done.deleted}[kind].append(block)
         batch.remaining -= 1
         if batch.remaining == 0 and kind in _KINDS and batch.nbytes:
-            seconds, self._busy_until[kind] = busy_seconds(
-                batch.started, batch.ended, self._busy_until.get(kind, 0.0)
-            )
+            seconds = busy_seconds(batch.spans)
             self.stats.incr(f"{_KINDS[kind]}_bytes", batch.nbytes)
             self.stats.observe(f"{_KINDS[kind]}_time_s", seconds)
             if kind == "read":
@@ -217,17 +216,23 @@ class DiskWorker:
         self._writers.shutdown(wait=True)
 
 
-def busy_seconds(started: float, ended: float, busy_until: float) -> tuple[float, float]:
-    """The seconds a batch kept the disk busy, and the new end of the busy time: a batch queued
-    behind earlier ones of its kind (the I/O threads take jobs in order) starts when they end,
-    not when it was submitted, so a backlog does not read as a slow disk."""
-    return ended - max(started, min(busy_until, ended)), max(busy_until, ended)
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` spans: the time a batch's blocks kept the
+    disk busy, counting overlapping blocks once and the gaps between them not at all."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _timed(
     fn: Callable[[DiskBlock], int], block: DiskBlock, clock: Callable[[], float]
-) -> tuple[int, float]:
-    return fn(block), clock()
+) -> tuple[int, float, float]:
+    """``fn(block)``'s bytes, and when its thread started and ended it."""
+    began = clock()
+    return fn(block), began, clock()
 
 
 def _byte_rows(layer: torch.Tensor) -> np.ndarray:

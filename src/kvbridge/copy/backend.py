@@ -187,10 +187,12 @@ class CopyBackend(ABC):
 def layer_chunks(num_layers: int, layer_bytes: int, min_chunk_bytes: int) -> list[tuple[int, int]]:
     """Layers ``0..num_layers`` in consecutive chunks ``[lo, hi)`` of at least
     ``min_chunk_bytes`` each (``layer_bytes`` per layer; the last chunk may be smaller), so a
-    small load is not split into copies too small to run at PCIe speed."""
+    small load is not split into copies too small to run at PCIe speed. Chunks are a power of
+    two layers wide (or all layers): the direct kernel is compiled per width."""
     if num_layers < 1:
         raise ValueError(f"layer_chunks: num_layers must be >= 1, got {num_layers}")
-    per = max(1, -(-min_chunk_bytes // max(1, layer_bytes)))
+    need = max(1, -(-min_chunk_bytes // max(1, layer_bytes)))
+    per = min(num_layers, 1 << (need - 1).bit_length())  # a power of two: few distinct widths
     return [(lo, min(num_layers, lo + per)) for lo in range(0, num_layers, per)]
 
 

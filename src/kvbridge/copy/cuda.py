@@ -228,8 +228,11 @@ class CUDACopyBackend(CopyBackend):
         rotating buffers (``layerwise_load``)."""
         plan = plan_runs(cpu_ids, gpu_ids)
         nbytes = len(plan.keyed) * len(self.gpu_layers) * self.block_layer_bytes
+        strategy = self.strategy.load  # direct, or staged (serial/pipelined); auto: by shape
         direct = self._direct is not None and (
-            self.cpu_blocks is None or nbytes < len(plan.runs) * len(chunks) * self.min_copy_bytes
+            strategy == "direct"
+            or self.cpu_blocks is None
+            or (strategy == "auto" and nbytes < len(plan.runs) * len(chunks) * self.min_copy_bytes)
         )
         if not plan.keyed or (self.cpu_blocks is None and not direct):
             return super().load_layers(cpu_ids, gpu_ids, chunks)
@@ -257,7 +260,13 @@ class CUDACopyBackend(CopyBackend):
         steps = layerwise_load(
             self.cpu_blocks, self.gpu_rows, plan, ids[0], buffers, chunks, sync, self._copy_out
         )
-        return [_recorded(stream, ids_host, ids, *buffers) for _ in steps]
+        try:
+            return [_recorded(stream, ids_host, ids, *buffers) for _ in steps]
+        except Exception:  # chunks already queued still run: what follows waits for them
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(stream)
+            current.wait_stream(copy_stream)
+            raise
 
     def store_and_load(
         self,

@@ -30,9 +30,9 @@ from torch.nn.attention import SDPBackend
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # matmul_attention when SDPA would run fewer than this many (head, 64-row tile) programs ...
 FEW_PROGRAMS = 64
-# ... over at least this many keys, with float32 scores of at most this many bytes.
+# ... over at least this many keys, with float32 temporaries of at most this many bytes.
 LONG_CONTEXT = 1024
-MAX_SCORE_BYTES = 512 << 20
+MAX_SCORE_BYTES = 1 << 30
 KEY_CHUNK = 1024  # keys per GEMM of matmul_attention's probs @ v
 
 
@@ -238,18 +238,21 @@ def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """SDPA, or ``matmul_attention`` where SDPA would leave most of a GPU idle."""
-    rows = q.shape[-2]
-    heads = q.numel() // (rows * q.shape[-1])  # batch x heads
-    if use_matmul_attention(q.device.type, heads, rows, k.shape[-2]):
+    rows, dim = q.shape[-2], q.shape[-1]
+    heads = q.numel() // (rows * dim)  # batch x heads
+    if use_matmul_attention(q.device.type, heads, rows, k.shape[-2], dim):
         return matmul_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def use_matmul_attention(device_type: str, heads: int, rows: int, keys: int) -> bool:
+def use_matmul_attention(
+    device_type: str, heads: int, rows: int, keys: int, head_dim: int = 128
+) -> bool:
     """Whether ``rows`` query rows per head (``heads``: batch x heads) over ``keys`` keys are a
-    few rows over a long context on CUDA (see the module docstring)."""
+    few rows over a long context on CUDA (see the module docstring), and the float32 copies
+    it makes (K and V, scores and probabilities) fit ``MAX_SCORE_BYTES``."""
     programs = heads * -(-rows // 64)
-    score_bytes = heads * rows * keys * 4
+    score_bytes = 2 * heads * rows * keys * 4 + 2 * heads * keys * head_dim * 4
     return (
         device_type == "cuda"
         and programs < FEW_PROGRAMS
@@ -271,10 +274,10 @@ def matmul_attention(
     length = k.shape[-2]
     chunks = -(-length // KEY_CHUNK)
     padded = chunks * KEY_CHUNK
+    if padded != length:  # zero keys and values after the last one, padded before widening
+        pad = (0, 0, 0, padded - length)
+        k, v = F.pad(k, pad), F.pad(v, pad)
     kf, vf = k.float(), v.float()
-    if padded != length:
-        pad = (0, 0, 0, padded - length)  # zero keys and values after the last one
-        kf, vf = F.pad(kf, pad), F.pad(vf, pad)
     scores = torch.matmul(q.float() * q.shape[-1] ** -0.5, kf.transpose(-1, -2))
     if mask is not None:
         scores[..., :length].masked_fill_(~mask, float("-inf"))

@@ -219,7 +219,10 @@ def test_raw_copier_addresses_strided_rows_and_refuses_runs_outside() -> None:
 
 
 def test_layer_chunks_hold_at_least_the_minimum_bytes() -> None:
-    assert layer_chunks(5, layer_bytes=10, min_chunk_bytes=25) == [(0, 3), (3, 5)]
+    assert layer_chunks(5, layer_bytes=10, min_chunk_bytes=25) == [(0, 4), (4, 5)]
+    eights = [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert layer_chunks(32, layer_bytes=10, min_chunk_bytes=50) == eights
+    assert layer_chunks(3, layer_bytes=10, min_chunk_bytes=1000) == [(0, 3)]
     assert layer_chunks(3, layer_bytes=100, min_chunk_bytes=8) == [(0, 1), (1, 2), (2, 3)]
     assert layer_chunks(2, layer_bytes=0, min_chunk_bytes=8) == [(0, 2)]
     with pytest.raises(ValueError, match="num_layers must be >= 1"):

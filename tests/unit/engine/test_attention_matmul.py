@@ -43,7 +43,8 @@ def test_matches_sdpa_for_a_padded_decode_batch() -> None:
         ("cpu", 8, 64, 32768, False),  # CPU keeps SDPA
         ("cuda", 8, 8192, 32768, False),  # a long chunk fills the GPU through SDPA
         ("cuda", 8, 64, 512, False),  # a short context
-        ("cuda", 32, 4, 2 << 20, False),  # float32 scores over the byte cap
+        ("cuda", 56, 4, 32768, False),  # batch 7 decode: float32 K/V over the byte cap
+        ("cuda", 8, 64, 131072, False),  # a 128k hit: likewise
     ],
 )
 def test_the_rule_picks_matmul_only_for_few_rows_over_many_keys(

@@ -1,15 +1,15 @@
 """The proxy streams P's first token at once and cuts D's copy of it (first-token handover).
 
 P and D are small stand-in apps: P answers like ``kvbridge serve`` (or vLLM) with
-``first_token`` in its params; D waits before it streams, so a first token that arrives before
-D's stream proves the proxy sent it from P's answer.
+``first_token`` in its params; D holds its stream until the client has received an event (or
+``D_HOLD_S`` passed), so a D released by the client proves the proxy sent P's token first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +25,7 @@ from kvbridge.serve.http_server import BackgroundServer
 from kvbridge.serve.protocol import RequestError, decode_completion_request
 from kvbridge.serve.proxy import build_proxy_app
 
-D_DELAY_S = 0.8
+D_HOLD_S = 30.0  # D streams after the client's first event, or after this (a failure)
 PARAMS = {
     "do_remote_prefill": True,
     "remote_engine_id": "p",
@@ -44,6 +44,7 @@ def _event(choice: dict[str, Any], kind: str = "text_completion") -> bytes:
 
 def _apps(d_events: list[bytes], prefill_choice: dict[str, Any]) -> tuple[Starlette, Starlette]:
     seen: dict[str, Any] = {}
+    client_got_an_event = threading.Event()
 
     async def prefill(request: Request) -> JSONResponse:
         seen["prefill"] = await request.json()
@@ -55,7 +56,9 @@ def _apps(d_events: list[bytes], prefill_choice: dict[str, Any]) -> tuple[Starle
         seen["decode"] = await request.json()
 
         async def events() -> AsyncIterator[bytes]:
-            await asyncio.sleep(D_DELAY_S)
+            seen["d_released_by_client"] = await asyncio.to_thread(
+                client_got_an_event.wait, D_HOLD_S
+            )
             for event in d_events:  # split mid-event, as a network would
                 yield event[:7]
                 yield event[7:]
@@ -67,29 +70,31 @@ def _apps(d_events: list[bytes], prefill_choice: dict[str, Any]) -> tuple[Starle
     p = Starlette(routes=[Route(r, prefill, methods=["POST"]) for r in routes])
     d = Starlette(routes=[Route(r, decode, methods=["POST"]) for r in routes])
     p.state.seen = d.state.seen = seen
+    p.state.client_got_an_event = client_got_an_event
     return p, d
 
 
 def _stream(route: str, body: dict[str, Any], p: Starlette, d: Starlette) -> list[Any]:
-    """(seconds to the first event, events) through a proxy in front of ``p`` and ``d``."""
+    """(whether D streamed only after the client had an event, events) through a proxy in
+    front of ``p`` and ``d``."""
     with (
         BackgroundServer(p) as ps,
         BackgroundServer(d) as ds,
         BackgroundServer(build_proxy_app([ps.url], [ds.url])) as proxy,
         httpx.Client(base_url=proxy.url, timeout=30, trust_env=False) as client,
     ):
-        start = time.monotonic()
-        first = None
+        gate = getattr(p.state, "client_got_an_event", None)  # apps of _apps have one
         events = []
         with client.stream("POST", route, json={**body, "stream": True}) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data: "):
-                    first = first if first is not None else time.monotonic() - start
+                    if gate is not None:
+                        gate.set()
                     events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
         handovers = "kvbridge:proxy_first_token_handovers_total 1.0"
         assert handovers in client.get("/metrics").text
-        return [first, events]
+        return [getattr(p.state, "seen", {}).get("d_released_by_client"), events]
 
 
 def test_completions_first_token_comes_from_p_before_d_answers() -> None:
@@ -120,8 +125,8 @@ def test_completions_first_token_comes_from_p_before_d_answers() -> None:
                 "finish_reason": "length"}  # fmt: skip
     p, d = _apps(d_events, p_choice)
     body = {"prompt": [1, 2, 3], "max_tokens": 3, "logprobs": 1}
-    first, events = _stream("/v1/completions", body, p, d)
-    assert first < D_DELAY_S / 2, first  # P's token went out before D streamed anything
+    d_after_client, events = _stream("/v1/completions", body, p, d)
+    assert d_after_client  # P's token reached the client before D streamed anything
     choices = [e["choices"][0] for e in events[:-1]]
     assert "".join(c["text"] for c in choices) == " Hello world"
     assert [t for c in choices for t in c["token_ids"]] == [5, 6]
@@ -162,8 +167,8 @@ def test_a_vllm_shaped_chat_stream_loses_its_first_token_by_text() -> None:
                 "logprobs": None, "finish_reason": "length"}  # fmt: skip
     p, d = _apps(d_events, p_choice)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    first, events = _stream("/v1/chat/completions", body, p, d)
-    assert first < D_DELAY_S / 2, first
+    d_after_client, events = _stream("/v1/chat/completions", body, p, d)
+    assert d_after_client
     deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
     assert deltas[0] == {"role": "assistant", "content": "Once"}
     assert "".join(x.get("content") or "" for x in deltas) == "Once upon"

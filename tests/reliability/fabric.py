@@ -17,6 +17,7 @@ from typing import Any
 from kvbridge.nixl.fake_fabric import FabricNixlWrapper, FakeFabric
 from kvbridge.nixl.metadata import NotifKind, decode_notif
 from kvbridge.nixl.transport import NixlTransportError, XferHandle, XferState
+from kvbridge.nixl.transport_factory import NOTIFY_SUFFIX
 
 
 class FaultyFabric(FakeFabric):
@@ -39,7 +40,11 @@ class FaultyFabric(FakeFabric):
         self.crashed.add(agent_name)
 
     def agent_of(self, engine_id: str) -> FaultyNixl:
-        found = [a for name, a in self.agents.items() if name.startswith(f"{engine_id}-")]
+        found = [  # the engine's worker agent, not its notification agent
+            a
+            for name, a in self.agents.items()
+            if name.startswith(f"{engine_id}-") and not name.endswith(NOTIFY_SUFFIX)
+        ]
         if len(found) != 1 or not isinstance(found[0], FaultyNixl):
             raise LookupError(f"{len(found)} agents of engine {engine_id!r}")
         return found[0]

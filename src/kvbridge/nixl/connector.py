@@ -21,7 +21,9 @@ class NixlConnector(KVConnectorBase):
     NixlTransport), ``fake_nixl`` (with "fake", the fake's knobs: ``cycles_before_xfer_done``,
     ``fail_next_xfers``, ``fail_xfers_on_post``), ``merge_contiguous_blocks`` (true),
     ``num_threads`` (2, handshake threads), ``max_handshake_bytes`` (64 MiB),
-    ``enforce_handshake_compat`` (true), ``slow_transfer_s`` (1). Deprecated aliases:
+    ``enforce_handshake_compat`` (true), ``slow_transfer_s`` (1), ``progress_delay_us`` (5000),
+    ``lease_board_slots`` (4096), ``notify_agent`` (true: a consumer notifies producers through
+    a second NIXL agent, off its READs' endpoints). Deprecated aliases:
     ``abort_request_timeout``, ``nixl_side_channel_host``, ``nixl_side_channel_port``,
     ``kv_lease_duration``.
 

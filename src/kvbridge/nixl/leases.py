@@ -245,6 +245,12 @@ class LeaseTable:
         return len(self._leases)
 
     @property
+    def busy(self) -> bool:
+        """A lease is live, ended and unreported, or a completion came early (else ``expire``
+        and ``take_finished`` have nothing to do)."""
+        return bool(self._leases or self._completed or self._expired or self._early)
+
+    @property
     def num_blocks_held(self) -> int:
         with self._lock:
             return sum(lease.num_blocks for lease in self._leases.values())

@@ -43,6 +43,7 @@ class Load:
     board: BoardCheck | None = None  # its board READ, after the READ (remote still bound)
     plan: ReadPlan | None = None
     posted_wall: float = 0.0
+    in_post_s: float | None = None  # a READ that ended inside its post: the post's seconds
     phase_wall: float = 0.0  # perf_counter() when confirm / land began
     proof: LeaseProof = field(default_factory=LeaseProof)
     landing: CopyHandle | None = None

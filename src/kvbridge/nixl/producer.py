@@ -115,6 +115,8 @@ class LeaseKeeper:
     def finished(self, finished_req_ids: frozenset[str], now: float) -> set[str]:
         """Expire lapsed leases; the ended ones the scheduler said finished (a SendSpec and its
         finish come in one step)."""
+        if not (self._staging_out or self._sched_finished or self.leases.busy):
+            return set()  # nothing held, ended or early: a consumer's every step
         self.poll(now)
         expired = self.leases.expire(now, early_ttl_s=self._abort_s)
         if expired:

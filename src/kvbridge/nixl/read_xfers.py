@@ -26,6 +26,7 @@ class PostedRead(NamedTuple):
     handle: XferHandle
     state: XferState  # what ``transfer`` answered
     posted_wall: float  # perf_counter() just before ``transfer``
+    post_s: float = 0.0  # how long ``transfer`` took (a READ "DONE" in it ran inside it)
 
 
 class ReadXfers:
@@ -69,7 +70,7 @@ class ReadXfers:
             if handle is not None:  # not in flight (its post failed): it binds nothing
                 self.release(handle, None)
             raise
-        return PostedRead(handle, state, posted_wall)
+        return PostedRead(handle, state, posted_wall, time.perf_counter() - posted_wall)
 
     def state(self, handle: XferHandle, what: str) -> XferState:
         """Poll a posted READ; a failing poll counts as "ERR"."""

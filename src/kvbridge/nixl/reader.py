@@ -42,7 +42,6 @@ from kvbridge.nixl.load_state import TIMEOUT_KEYS, Load
 from kvbridge.nixl.metadata import RecvSpec, reader_token
 from kvbridge.nixl.read_stats import record_read
 from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine
-from kvbridge.nixl.transfers import plan_read
 from kvbridge.nixl.transport import XferState
 
 logger = logging.getLogger(__name__)
@@ -85,6 +84,8 @@ class KVReader(LoadBook):
             self.engines.unbind(freed)
         self._fail_gone()
         self._detach_stale()
+        if not self._recvs:  # no load: no question open, nothing to post, time or renew
+            return
         answers = self.confirmer.collect(now)
         ready: list[tuple[Load, RemoteEngine]] = []  # to post, asking first (one query)
         for recv in list(self._recvs.values()):
@@ -243,7 +244,7 @@ class KVReader(LoadBook):
     def _post(self, recv: Load, remote: RemoteEngine, now: float) -> None:
         spec = recv.spec
         try:
-            plan = plan_read(
+            plan = remote.plans.plan(
                 self._local,
                 remote.regions,
                 self._group_layers,
@@ -270,6 +271,8 @@ class KVReader(LoadBook):
             return
         self._stats.observe(keys.POST_TIME, time.perf_counter() - start)
         recv.handle, recv.posted_wall = posted.handle, posted.posted_wall
+        if posted.state == "DONE":
+            recv.in_post_s = posted.post_s
         self._on_state(recv, posted.state, now)
 
     def _on_state(self, recv: Load, state: XferState, now: float) -> None:
@@ -291,6 +294,7 @@ class KVReader(LoadBook):
             recv.handle,
             recv.plan,
             posted_wall=recv.posted_wall,
+            in_post_s=recv.in_post_s,
             slow_s=self._cfg.slow_transfer_s,
             request_id=recv.spec.request_id,
         )
@@ -345,7 +349,7 @@ class KVReader(LoadBook):
         except TRANSPORT_ERRORS as e:
             logger.warning("board READ for %s not posted: %s", spec.request_id, e)
             self.boards.give_back(window)
-            self._stats.incr(keys.BOARD_MISSES)
+            self._board_failed(recv)
             return False
         recv.board = BoardCheck(posted.handle, window, word, posted.posted_wall)
         self._on_board(recv, posted.state, now)
@@ -360,10 +364,20 @@ class KVReader(LoadBook):
         verdict = board_verdict(bucket, check.word)
         self._stats.observe(keys.BOARD_READ_TIME, time.perf_counter() - check.posted_wall)
         self._drop_board(recv)
-        if verdict != "mine":
+        if state == "ERR":
+            self._board_failed(recv)
+        elif verdict != "mine":
             self._stats.incr(keys.BOARD_MISSES)
             logger.debug("lease board: %s for %s; waiting for the answer", verdict, recv.reader)
         self._read_over(recv, now, verdict)
+
+    def _board_failed(self, recv: Load) -> None:
+        """A board READ failed as a data READ can: a failed transfer, a producer handshaken
+        afresh once idle; the load waits for the answer."""
+        if recv.remote is not None:
+            recv.remote.stale = True
+        self._stats.incr(keys.FAILED_TRANSFERS)
+        self._stats.incr(keys.BOARD_MISSES)
 
     def _land(self, recv: Load, now: float) -> None:
         """Copy host -> cache blocks (host-staged; started once): the load ends when done."""

@@ -7,7 +7,7 @@ import math
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvbridge.connector.stats import KVConnectorStats
@@ -16,10 +16,12 @@ from kvbridge.nixl.handshake import HandshakeError, Handshaker, NixlAgentMetadat
 from kvbridge.nixl.lease_board import LeaseBoardInfo
 from kvbridge.nixl.metadata import NotifKind, RecvSpec, encode_notif
 from kvbridge.nixl.peer_watch import PeerWatch
+from kvbridge.nixl.plan_cache import PlanCache
 from kvbridge.nixl.settings import DEFAULT_HEARTBEAT_S
 from kvbridge.nixl.transfers import KVRegions
 from kvbridge.nixl.transport import (
     DlistHandle,
+    LiveCounts,
     MemoryType,
     NixlTransport,
     NixlTransportError,
@@ -53,6 +55,8 @@ class RemoteEngine:
     gone: str | None = None  # why its side channel is gone (it exited): never notify it again
     heartbeat_s: float = DEFAULT_HEARTBEAT_S  # renew its leases this often
     board: RemoteBoard | None = None  # its lease board, when it has one and we read boards
+    plans: PlanCache = field(default_factory=PlanCache, repr=False)  # its small READs' plans
+    notifier: NixlTransport | None = field(default=None, repr=False)  # where it is notified
 
     @property
     def key(self) -> tuple[str, str]:
@@ -78,6 +82,8 @@ class RemoteEngines:
       nothing else (the watch's thread does it), else once idle; ``take_gone`` tells the
       reader to fail its loads.
     - Every method may run while the watch thread detaches: the table is locked.
+    - With a ``notifier`` (``transport_factory.make_notifier``, owned from here on), each
+      producer is loaded on it too and notified through it, never on its READs' endpoint.
     """
 
     def __init__(
@@ -91,8 +97,11 @@ class RemoteEngines:
         watch_peers: bool = False,
         heartbeat_for: Callable[[float], float] = lambda lease_s: DEFAULT_HEARTBEAT_S,
         read_boards: bool = False,
+        notifier: NixlTransport | None = None,
     ) -> None:
         self._t = transport
+        self._notifier = notifier
+        self.notifier_leaked = LiveCounts(0, 0, 0, 0)  # what it still held when closed
         self._local = local
         self._handshaker = handshaker
         self._stats = stats
@@ -104,6 +113,11 @@ class RemoteEngines:
         self._engines: dict[str, RemoteEngine] = {}  # engine id -> attached producer
         self._gone: dict[tuple[str, str], str] = {}  # (engine id, instance id) -> why, unread
         self._closed = False
+
+    @property
+    def notifier(self) -> NixlTransport | None:
+        """The notification agent (None: producers are notified through the READ agent)."""
+        return self._notifier
 
     def get(self, engine_id: str) -> RemoteEngine | None:
         with self._lock:
@@ -208,6 +222,7 @@ class RemoteEngines:
                 heartbeat_s=heartbeat_s,
                 board=board,
             )
+            engine.notifier = self._attach_notifier(md.engine_id, md.agent_metadata, agent)
             self._engines[md.engine_id] = engine
             if self._watch is not None and endpoint is not None:
                 self._watch.watch(engine.key, *endpoint)
@@ -237,6 +252,25 @@ class RemoteEngines:
         logger.warning("engine %s: lease board not used (%s)", md.engine_id, problem)
         return None
 
+    def _attach_notifier(self, engine_id: str, metadata: bytes, agent: str) -> NixlTransport | None:
+        """Load the producer on the notification agent; None (notify it through the READ
+        agent) without one, or when that fails."""
+        notifier = self._notifier
+        if notifier is None:
+            return None
+        try:
+            name = notifier.add_remote_agent(metadata)
+        except TRANSPORT_ERRORS as e:
+            logger.warning("engine %s: notified through the READ agent (%s)", engine_id, e)
+            return None
+        if name != agent:  # cannot be: the same metadata names the same agent
+            logger.warning(
+                "engine %s is %r to the notification agent, not %r", engine_id, name, agent
+            )
+            notifier.remove_remote_agent(name)
+            return None
+        return notifier
+
     def notify(
         self, engine_id: str, kind: NotifKind, request_ids: list[str], reader: str = ""
     ) -> bool:
@@ -246,7 +280,8 @@ class RemoteEngines:
             if engine is None or engine.gone is not None:
                 return False
             try:
-                self._t.send_notif(engine.agent_name, encode_notif(kind, request_ids, reader))
+                via = engine.notifier or self._t
+                via.send_notif(engine.agent_name, encode_notif(kind, request_ids, reader))
             except NixlTransportError as e:
                 error: NixlTransportError | None = e
             else:
@@ -327,10 +362,11 @@ class RemoteEngines:
                 self._t.release_dlist_handle(dlist)
             except NixlTransportError as e:
                 logger.error("releasing a dlist of engine %s failed: %s", engine.engine_id, e)
-        try:
-            self._t.remove_remote_agent(engine.agent_name)
-        except NixlTransportError as e:
-            logger.error("removing agent %s failed: %s", engine.agent_name, e)
+        for transport in (self._t, *(() if engine.notifier is None else (engine.notifier,))):
+            try:
+                transport.remove_remote_agent(engine.agent_name)
+            except NixlTransportError as e:
+                logger.error("removing agent %s failed: %s", engine.agent_name, e)
 
     def __len__(self) -> int:
         with self._lock:
@@ -348,6 +384,9 @@ class RemoteEngines:
             self._closed = True
             for engine in list(self._engines.values()):
                 self._detach(engine)
+            notifier, self._notifier = self._notifier, None
+            if notifier is not None:
+                self.notifier_leaked = notifier.close()
 
 
 def memory_type(regions: KVRegions) -> MemoryType:

@@ -32,6 +32,7 @@ _ALLOWED: dict[str, type | tuple[type, ...]] = {
     "slow_transfer_s": (int, float),
     "progress_delay_us": int,
     "lease_board_slots": int,
+    "notify_agent": bool,
 }
 # old (vLLM-style) name -> new name; old names keep working with a DeprecationWarning.
 _ALIASES: dict[str, str] = {
@@ -81,6 +82,9 @@ class NixlSettings:
     # words on a producer's lease board (``lease_board``); 0: a producer publishes no board
     # and a consumer reads none (every READ then waits for the lease answer)
     lease_board_slots: int = DEFAULT_BOARD_SLOTS
+    # a consumer sends its notifications through a second NIXL agent of its own, never on the
+    # endpoint its READs use (``transport_factory.make_notifier``); False: through the one
+    notify_agent: bool = True
 
     @classmethod
     def from_config(cls, config: TransferConfig) -> NixlSettings:

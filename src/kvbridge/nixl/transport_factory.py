@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from kvbridge.nixl.settings import NixlSettings
-from kvbridge.nixl.transport import NixlTransport
+from kvbridge.nixl.transport import LiveCounts, NixlTransport
+
+logger = logging.getLogger(__name__)
 
 TransportFactory = Callable[[str], NixlTransport]
+NOTIFY_SUFFIX = "-notify"  # the notification agent's name: the worker's agent name + this
+
+
+def make_notifier(factory: TransportFactory, agent_name: str) -> NixlTransport | None:
+    """A consumer worker's second agent, for its notifications ("done", heartbeats,
+    "release") alone; None when it cannot be made (they go through the worker's own agent).
+
+    On UCX a READ completes only after its endpoint is flushed, and the first flush after an
+    active message (a notification) on that endpoint waits for the peer: a "done" sent on the
+    READ agent's endpoint made the next READ from that producer 25-60 us slower on loopback
+    (``cma``/``tcp``, docs/benchmarks.md, "Small READs"). A second agent has endpoints of
+    its own. It registers no memory; ``RemoteEngines`` loads each producer on it too.
+    """
+    try:
+        return factory(agent_name + NOTIFY_SUFFIX)
+    except Exception as e:  # any failure only costs the separation, never a notification
+        logger.warning("no notification agent for %s (%s): notifying via its own", agent_name, e)
+        return None
+
+
+def add_counts(a: LiveCounts, b: LiveCounts) -> LiveCounts:
+    return LiveCounts(*(x + y for x, y in zip(a, b, strict=True)))
 
 
 def make_transport_factory(settings: NixlSettings) -> TransportFactory:

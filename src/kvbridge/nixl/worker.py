@@ -56,7 +56,12 @@ from kvbridge.nixl.transport import (
     NixlTransportError,
     RegDescs,
 )
-from kvbridge.nixl.transport_factory import TransportFactory, make_transport_factory
+from kvbridge.nixl.transport_factory import (
+    TransportFactory,
+    add_counts,
+    make_notifier,
+    make_transport_factory,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -139,7 +144,7 @@ class NixlWorker(KVConnectorWorker):
             regions = staging.regions(layers.names, regions.block_len)
         mem: MemoryType = "VRAM" if regions.memory_type == "VRAM" else "DRAM"
         transport = self._factory(self.agent_name)
-        listener = handshaker = confirmer = boards = None
+        listener = handshaker = confirmer = boards = notifier = None
         board, board_regs = self._lease_board(), None
         try:
             reg_descs = transport.get_reg_descs(regions.region_items(), mem)
@@ -186,6 +191,8 @@ class NixlWorker(KVConnectorWorker):
                 )
                 confirmer = LeaseConfirmer()
                 boards = BoardReads(transport) if s.lease_board_slots else None
+                if s.notify_agent:
+                    notifier = make_notifier(self._factory, self.agent_name)
                 cfg = ReaderConfig(
                     s.transfer_timeout_s, s.merge_contiguous_blocks, s.slow_transfer_s
                 )
@@ -198,6 +205,7 @@ class NixlWorker(KVConnectorWorker):
                     watch_peers=True,
                     heartbeat_for=s.heartbeat_for,
                     read_boards=boards is not None,
+                    notifier=notifier,
                 )
                 reader = KVReader(
                     transport,
@@ -213,25 +221,15 @@ class NixlWorker(KVConnectorWorker):
                     boards=boards,
                 )
         except BaseException:
-            for part in (listener, handshaker, confirmer, boards):
+            for part in (listener, handshaker, confirmer, boards, notifier):
                 if part is not None:
                     part.close()
             if staging is not None:
                 staging.shutdown()
             transport.close()
             raise
-        self._reg = _Registered(
-            transport,
-            regions,
-            reg_descs,
-            local,
-            md,
-            listener,
-            handshaker,
-            reader,
-            staging,
-            board_regs,
-        )
+        parts = (listener, handshaker, reader, staging, board_regs)
+        self._reg = _Registered(transport, regions, reg_descs, local, md, *parts)
         logger.info(
             "NIXL worker %s registered %d layers x %d blocks (%s%s)",
             self.agent_name,
@@ -273,7 +271,8 @@ class NixlWorker(KVConnectorWorker):
             )
         reg = self.registered
         now = self._clock()
-        self.producer.start(list(meta.reqs_to_send.values()), now)
+        if meta.reqs_to_send:
+            self.producer.start(list(meta.reqs_to_send.values()), now)
         reader = reg.reader
         if reader is None:
             if meta.reqs_to_recv or meta.reqs_aborted or meta.reqs_to_release:
@@ -386,5 +385,7 @@ class NixlWorker(KVConnectorWorker):
             except NixlTransportError as e:
                 logger.error("NIXL worker %s shutdown: %s", self.agent_name, e)
         self.leaked = t.close()
+        if reg.reader is not None:  # and its notification agent's
+            self.leaked = add_counts(self.leaked, reg.reader.engines.notifier_leaked)
         if self.leaked != LiveCounts(0, 0, 0, 0):
             logger.error("NIXL worker %s leaked %s", self.agent_name, self.leaked)

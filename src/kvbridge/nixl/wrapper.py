@@ -267,8 +267,7 @@ class NixlWrapper(NixlTransport):
         return {str(agent): [bytes(m) for m in msgs] for agent, msgs in raw.items()}
 
     def send_notif(self, remote_agent: str, msg: bytes) -> None:
-        with self._nixl_errors(f"send_notif({remote_agent!r})"):
-            self._live().send_notif(remote_agent, msg)
+        self._call(f"send_notif({remote_agent!r})", self._live().send_notif, remote_agent, msg)
 
     # -- transfers ---------------------------------------------------------------------------
     def make_prepped_xfer(
@@ -282,36 +281,37 @@ class NixlWrapper(NixlTransport):
     ) -> XferHandle:
         check_xfer_op(op)
         local, remote = self._native_dlist(local_dlist), self._native_dlist(remote_dlist)
-        with self._nixl_errors("make_prepped_xfer"):
-            native = self._live().make_prepped_xfer(
-                op, local, _int32(local_indices), remote, _int32(remote_indices), notif_msg
-            )
+        native = self._call(
+            "make_prepped_xfer",
+            self._live().make_prepped_xfer,
+            *(op, local, _int32(local_indices), remote, _int32(remote_indices), notif_msg),
+        )
         handle = XferHandle(next(self._ids))
         self._xfers[handle] = native
         return handle
 
     def transfer(self, handle: XferHandle) -> XferState:
-        native = self._native_xfer(handle)
-        with self._nixl_errors("transfer"):
-            return cast(XferState, self._live().transfer(native))
+        return cast(
+            XferState, self._call("transfer", self._live().transfer, self._native_xfer(handle))
+        )
 
     def check_xfer_state(self, handle: XferHandle) -> XferState:
         native = self._native_xfer(handle)
-        with self._nixl_errors("check_xfer_state"):
-            return cast(XferState, self._live().check_xfer_state(native))
+        return cast(
+            XferState, self._call("check_xfer_state", self._live().check_xfer_state, native)
+        )
 
     def release_xfer_handle(self, handle: XferHandle) -> None:
-        native = self._native_xfer(handle)
-        with self._nixl_errors("release_xfer_handle"):
-            self._live().release_xfer_handle(native)
+        self._call(
+            "release_xfer_handle", self._live().release_xfer_handle, self._native_xfer(handle)
+        )
         del self._xfers[handle]
 
     def get_xfer_telemetry(self, handle: XferHandle) -> XferTelemetry | None:
         native = self._native_xfer(handle)
         if not self.capture_telemetry:
             return None
-        with self._nixl_errors("get_xfer_telemetry"):
-            raw = self._live().get_xfer_telemetry(native)
+        raw = self._call("get_xfer_telemetry", self._live().get_xfer_telemetry, native)
         return XferTelemetry(
             start_time_us=int(raw.startTime),
             post_duration_us=int(raw.postDuration),
@@ -381,6 +381,14 @@ class NixlWrapper(NixlTransport):
         if native is None:
             raise NixlHandleError(f"unknown or released transfer {handle}")
         return native
+
+    def _call(self, op: str, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, NIXL's errors raised as ``NixlTransportError``: for the calls made
+        per READ (the context manager of ``_nixl_errors`` costs 1-3 us a call)."""
+        try:
+            return call(*args)
+        except self._errors as exc:
+            raise NixlTransportError(f"{op}: {exc}", _error_code(exc)) from exc
 
     @contextmanager
     def _nixl_errors(self, op: str) -> Iterator[None]:

@@ -97,6 +97,15 @@ class Node:
     fake: FakeNixlWrapper
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def sent_notifs(self) -> list[tuple[str, bytes]]:
+        """What this worker notified: a consumer through its notification agent."""
+        return (
+            self.fake.sent_notifs
+            if self.worker.registered.reader is None
+            else (notifier_of(self.worker).sent_notifs)
+        )
+
     def step(
         self, meta: NixlConnectorMetadata | None = None, finished: frozenset[str] = frozenset()
     ) -> tuple[frozenset[str], frozenset[str], set[int]]:
@@ -128,6 +137,13 @@ def make_node(
     cache = kv_caches(s)
     worker.register_kv_caches(cache)
     return Node(worker, holder[0], cache)
+
+
+def notifier_of(worker: NixlWorker) -> FakeNixlWrapper:
+    """The fake a consumer worker notifies producers through (its notification agent)."""
+    reader = worker.registered.reader
+    assert reader is not None and isinstance(reader.engines.notifier, FakeNixlWrapper)
+    return reader.engines.notifier
 
 
 def serving(node: Node) -> Iterator[Node]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from nixl_helpers import FakeClock, config, kv_caches, spec, wait_for
+from nixl_helpers import FakeClock, config, kv_caches, notifier_of, spec, wait_for
 
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.fake_fabric import FabricNixlWrapper, FakeFabric
@@ -90,6 +90,11 @@ class Peers:
             remote_blocks_digest=blocks_digest((HELD,)),
         )
         return NixlConnectorMetadata(reqs_to_recv={rid: recv})
+
+    def sent_notifs(self) -> list[tuple[str, bytes]]:
+        """What the consumer notified (through its notification agent, none through d_fake)."""
+        assert not self.d_fake.sent_notifs
+        return notifier_of(self.d).sent_notifs
 
     def stats(self) -> dict[str, Any]:
         taken = self.d.get_kv_connector_stats()
@@ -175,7 +180,7 @@ def test_a_read_lands_on_the_board_word_without_waiting_for_the_answer(peers: Pe
         stats = peers.stats()
         assert stats[keys.BOARD_CONFIRMS] == 1 and keys.BOARD_MISSES not in stats
         assert len(stats[keys.BOARD_READ_TIME]) == 1 and keys.CONFIRM_TIME not in stats
-    sent = [decode_notif(m) for agent, m in peers.d_fake.sent_notifs if agent == peers.p.agent_name]
+    sent = [decode_notif(m) for agent, m in peers.sent_notifs() if agent == peers.p.agent_name]
     assert (sent[-1].kind, sent[-1].request_ids) == ("done", ["p-1"])  # after the board READ
     wait_for(lambda: "p-1" in step(peers.p, finished=frozenset({"p-1"}))[0])
     assert board.num_used == 0 and not board.words.any()  # zeroed, then freed
@@ -242,6 +247,11 @@ def test_a_failed_board_read_leaves_it_to_the_answer(peers: Peers) -> None:
     peers.d_fake.make_prepped_xfer = board_reads_fail  # type: ignore[method-assign]
     stats = lands_on_the_answer(peers)
     assert stats[keys.BOARD_MISSES] == 1 and stats[keys.CONFIRMS_WITH_READ] == 1
+    # a failed transfer like a failed data READ: the producer is handshaken afresh once idle
+    assert stats[keys.FAILED_TRANSFERS] == 1
+    reader = peers.d.registered.reader
+    assert reader is not None
+    wait_for(lambda: reader.engines.get("prefill") is None, poll=lambda: step(peers.d))
     peers.d.check_integrity()  # its window is back, its handle released
 
 
@@ -307,7 +317,7 @@ def test_a_load_aborted_while_its_board_read_runs_says_done_and_releases_all(
         _, recving, errors = step(peers.d, NixlConnectorMetadata(reqs_aborted={"d-1": True}))
     assert "d-1" in recving and errors == set()
     assert reader.boards.num_taken == 0 and peers.d_fake.num_live_xfer_handles == 0
-    sent = [decode_notif(m) for agent, m in peers.d_fake.sent_notifs if agent == peers.p.agent_name]
+    sent = [decode_notif(m) for agent, m in peers.sent_notifs() if agent == peers.p.agent_name]
     assert (sent[-1].kind, sent[-1].request_ids) == ("done", ["p-1"])
     peers.d.check_integrity()
 
@@ -331,10 +341,14 @@ def test_a_read_done_in_its_post_and_proven_by_the_board_asks_no_question(
         reader = peers.d.registered.reader
         assert reader is not None
         asked = reader.confirmer.num_queries
+        telemetry = len(peers.d_fake.calls_to("get_xfer_telemetry"))
         _, recving, errors = step(peers.d, peers.load())  # lands in the step that posts it
         assert recving == {"d-1"} and errors == set() and peers.landed_the_producers_bytes()
         assert reader.confirmer.num_queries == asked and reader.confirmer.num_sockets == 0
-        assert peers.stats()[keys.BOARD_CONFIRMS] == 1
+        stats = peers.stats()
+        assert stats[keys.BOARD_CONFIRMS] == 1 and len(stats[keys.XFER_TIME]) == 1
+        # the READ ran inside its post: the post's time is its time, no telemetry asked
+        assert len(peers.d_fake.calls_to("get_xfer_telemetry")) == telemetry
     finally:
         peers.close()
 

@@ -112,7 +112,7 @@ def bridge_notifs(producer: Engine, consumer: Engine, wrapper: str) -> None:
     """With the fake, carry the consumer's notifications to the producer by hand."""
     if wrapper != "fake":
         return
-    src, dst = consumer.transports[0], producer.transports[0]
+    src, dst = consumer.transports[-1], producer.transports[0]  # its notification agent
     assert isinstance(src, FakeNixlWrapper) and isinstance(dst, FakeNixlWrapper)
     for _, msg in src.sent_notifs:
         dst.deliver_notif(consumer.worker.agent_name, msg)

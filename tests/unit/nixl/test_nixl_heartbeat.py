@@ -34,7 +34,7 @@ def remote(node: Node) -> RemoteEngine | None:
 
 
 def beats(node: Node) -> int:
-    return sum(1 for _, m in node.fake.sent_notifs if decode_notif(m).kind == "heartbeat")
+    return sum(1 for _, m in node.sent_notifs if decode_notif(m).kind == "heartbeat")
 
 
 def test_the_producer_announces_its_lease_and_the_consumer_beats_three_times_per_lease(

@@ -187,7 +187,7 @@ def test_lease_lapsed_before_the_read_ended_is_a_load_error(
     assert "was expired when the READ ended" in failure(consumer, "d-1")
     stats = consumer.worker.get_kv_connector_stats()
     assert stats is not None and stats.data[keys.FAILED_CONFIRMS] == 1
-    kinds = [decode_notif(m).kind for _, m in consumer.fake.sent_notifs]
+    kinds = [decode_notif(m).kind for _, m in consumer.sent_notifs]
     assert "release" not in kinds  # the READ's own "done" already went out
 
 

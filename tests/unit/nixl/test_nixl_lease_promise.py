@@ -116,4 +116,4 @@ def test_notifications_sent_counts_what_was_sent(producer: Node, consumer: Node)
     assert errors == set()
     stats = consumer.worker.get_kv_connector_stats()
     assert stats is not None
-    assert stats.data[keys.NOTIFICATIONS_SENT] == len(consumer.fake.sent_notifs)
+    assert stats.data[keys.NOTIFICATIONS_SENT] == len(consumer.sent_notifs)

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 from nixl_helpers import spec, wait_for
 
+from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.nixl.handshake import HandshakeListener, compat_hash
 from kvbridge.nixl.lease_confirm import (
     LEASE_FRAME,
@@ -22,6 +23,7 @@ from kvbridge.nixl.lease_confirm import (
 )
 from kvbridge.nixl.leases import MAX_PROMISE_S, LeaseStatus, LeaseTable
 from kvbridge.nixl.metadata import SendSpec, decode_notif, encode_notif
+from kvbridge.nixl.producer import LeaseKeeper
 
 HASH = compat_hash(spec())
 
@@ -60,6 +62,23 @@ def test_an_early_completion_answers_before_and_after_its_lease_starts() -> None
     table.abandon(send("y"))
     assert table.outcome("y") == "expired" and table.take_finished({"y"}) == {"y"}
     table.check_integrity()
+
+
+def test_an_idle_keeper_skips_its_step_but_never_a_lease_an_end_or_an_early_done() -> None:
+    """``LeaseKeeper.finished`` returns at once while nothing is held, ended or early (every
+    step of a consumer); otherwise it expires, reports and forgets early completions."""
+    table = LeaseTable()
+    keeper = LeaseKeeper(table, KVConnectorStats(), lease_duration_s=5.0, abort_timeout_s=10.0)
+    assert not table.busy and keeper.finished(frozenset({"x"}), now=0.0) == set()
+    table.complete("early", now=0.0)  # a done before its lease: kept, then forgotten
+    assert table.busy and keeper.finished(frozenset(), now=11.0) == set() and not table.busy
+    table.start(send("a", lease_s=5.0), now=20.0)
+    assert table.busy and keeper.finished(frozenset({"a"}), now=21.0) == set()
+    assert keeper.finished(frozenset(), now=26.0) == {"a"}  # lapsed, asked for before
+    assert not table.busy
+    table.start(send("b"), now=30.0)
+    table.complete("b", now=31.0)
+    assert keeper.finished(frozenset({"b"}), now=31.0) == {"b"} and not table.busy
 
 
 def test_history_is_bounded_and_forgets_the_oldest_first() -> None:

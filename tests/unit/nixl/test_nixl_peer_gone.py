@@ -90,7 +90,7 @@ def test_a_read_from_a_gone_producer_fails_at_once_and_its_agent_outlives_the_tr
     assert released < names.index("remove_remote_agent")
     assert names.count("release_xfer_handle") == 1 + release_fails
     assert consumer.fake.num_live_xfer_handles == 0
-    sent = [m for agent, m in consumer.fake.sent_notifs if agent == "fake-remote"]
+    sent = [m for agent, m in consumer.sent_notifs if agent == "fake-remote"]
     assert len(sent) == 2  # the first load's heartbeat and "done": nothing to a gone producer
     reader(consumer).check_integrity()
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvbridge.nixl import transfers
 from kvbridge.nixl.transfers import BlockRun, KVRegions, merge_runs, plan_read
 
 BLOCK = 128
@@ -151,3 +152,65 @@ def test_the_array_plan_matches_the_per_block_plan(
     assert plan.local_indices.tolist() == li and plan.remote_indices.tolist() == ri
     assert plan.num_descs == descs and plan.num_block_layers == len(li)
     assert plan.local_indices.dtype == np.int32
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(pairs, max_size=3).map(lambda chunks: [p for c in chunks for p in c][:40]),
+    st.lists(st.integers(0, 2), min_size=1, max_size=3, unique=True),
+    st.booleans(),
+    st.sampled_from([BLOCK, 2 * BLOCK]),
+)
+def test_the_python_plan_of_a_small_read_is_the_array_plan(
+    pair_list: list[tuple[int, int]], layers: list[int], merge: bool, stride: int
+) -> None:
+    """Up to ``SMALL_PLAN_PAIRS`` ids the plan is built in Python: the same indices, counts
+    and runs as the array plan (forced by a threshold of 0), merged or not, padded or not."""
+    local = regions(layers=3, stride=stride)
+    remote = regions(num_blocks=48, layers=3, base=1 << 30, stride=stride)
+    loc, rem = [p[0] for p in pair_list], [p[1] for p in pair_list]
+    half = len(loc) // 2  # two groups, both non-empty-or-empty as it falls
+    args = (local, remote, [layers, layers[:1]], [loc[:half], loc[half:]], [rem[:half], rem[half:]])
+    small = plan_read(*args, merge=merge)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transfers, "SMALL_PLAN_PAIRS", 0)
+        array = plan_read(*args, merge=merge)
+    assert small.local_indices.tolist() == array.local_indices.tolist()
+    assert small.remote_indices.tolist() == array.remote_indices.tolist()
+    assert small.local_indices.dtype == array.local_indices.dtype == np.int32
+    assert (small.num_bytes, small.num_block_layers, small.num_descs) == (
+        array.num_bytes,
+        array.num_block_layers,
+        array.num_descs,
+    )
+    assert small.group_runs == array.group_runs and small.local_items == array.local_items
+
+
+def test_both_plans_refuse_the_same_bad_ids_with_the_same_words() -> None:
+    local, remote = regions(), regions(num_blocks=8)
+    cases = [
+        ([[3, 70, -1]], [[1, 2, 3]], "local block id 70 outside 0..63"),
+        ([[1, 2]], [[9, 8]], "remote block id 9 outside 0..7"),
+        ([[1, 2]], [[1]], "2 local vs 1 remote block ids in one group"),
+    ]
+    for threshold in (transfers.SMALL_PLAN_PAIRS, 0):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transfers, "SMALL_PLAN_PAIRS", threshold)
+            for loc, rem, words in cases:
+                with pytest.raises(ValueError, match=words):
+                    plan_read(local, remote, [[0, 1]], loc, rem)
+
+
+def test_many_ids_or_arrays_of_ids_take_the_array_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python plan is for a few ids given as lists; beyond, or for arrays, numpy plans."""
+    calls: list[int] = []
+    real = transfers._plan_small
+    monkeypatch.setattr(transfers, "_plan_small", lambda *a: calls.append(1) or real(*a))
+    local, remote = regions(num_blocks=256), regions(num_blocks=256, base=1 << 30)
+    few = list(range(transfers.SMALL_PLAN_PAIRS))
+    plan_read(local, remote, [[0, 1]], [few], [few])
+    assert calls == [1]
+    many = list(range(transfers.SMALL_PLAN_PAIRS + 1))
+    plan = plan_read(local, remote, [[0, 1]], [many], [many])
+    plan_read(local, remote, [[0, 1]], [np.arange(4)], [np.arange(4)])
+    assert calls == [1] and plan.num_descs == 2

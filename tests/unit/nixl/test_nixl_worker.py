@@ -72,7 +72,8 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
     # the cache's and the board READ windows', the remote's blocks' and lease board's, once
     assert len(fake.calls_to("prep_xfer_dlist")) == 4
     assert notif == b""  # the READ carries no notification: NIXL would hold DONE back for it
-    sent = [as_tuple(m) for agent, m in fake.sent_notifs if agent == "fake-remote"]
+    assert not fake.sent_notifs  # the READ agent notifies nothing: the notification agent does
+    sent = [as_tuple(m) for agent, m in consumer.sent_notifs if agent == "fake-remote"]
     assert sent[-1] == ("done", ["p-1"])  # sent once the READ was seen done
     stats = consumer.worker.get_kv_connector_stats()
     assert stats is not None
@@ -111,7 +112,7 @@ def test_err_marks_load_errors_and_finishes_receiving(
     stats = consumer.worker.get_kv_connector_stats()
     assert stats is not None and stats.data[keys.FAILED_TRANSFERS] == 1
     assert consumer.fake.num_live_xfer_handles == 0
-    released = [as_tuple(m) for _, m in consumer.fake.sent_notifs]
+    released = [as_tuple(m) for _, m in consumer.sent_notifs]
     assert ("release", ["p-1"]) in released  # the producer may free at once
     # The failed engine is detached once idle and handshaken afresh for the next request.
     hold(producer, "p-2")
@@ -164,7 +165,7 @@ def test_stuck_read_times_out_sends_heartbeats_meanwhile_and_releases_its_handle
     producer, consumer = nodes
     consumer.step(recv(producer.worker.side_channel_port))
     wait_for(lambda: consumer.fake.num_live_xfer_handles == 1, poll=consumer.step)
-    beats = lambda: [m for _, m in consumer.fake.sent_notifs if decode_notif(m).kind == "heartbeat"]  # noqa: E731
+    beats = lambda: [m for _, m in consumer.sent_notifs if decode_notif(m).kind == "heartbeat"]  # noqa: E731
     assert len(beats()) == 1  # right after attaching
     clock.advance(5.0)
     consumer.step()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from nixl_helpers import BLOCK_SIZE, Node, make_node, spec
+from nixl_helpers import BLOCK_SIZE, Node, make_node, notifier_of, spec
 from seed_helpers import (
     CPU_CHILD,
     NOOP_CHILD,
@@ -87,7 +87,7 @@ def test_a_remote_prefill_is_won_by_nixl_and_the_cpu_child_loads_nothing(produce
         assert all(not o.invalid_block_ids for o in outs)
         sent = [
             (a, (decode_notif(m).kind, decode_notif(m).request_ids))
-            for a, m in c.nixl_fake.sent_notifs
+            for a, m in notifier_of(c.nixl_worker).sent_notifs
         ]
         assert (producer.fake.REMOTE_AGENT_NAME, ("done", ["p-1"])) in sent
         assert all(not c.cpu_meta(k).loads for k in range(len(c.metas)))

@@ -109,6 +109,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=10.0,
         help="seconds to measure an idle agent's CPU, at this delay and at 0 (0: skip)",
     )
+    p.add_argument(
+        "--profile-loads",
+        type=int,
+        default=0,
+        help="instead of the cases: this many loads back to back, each part of a load timed "
+        "(kvbridge.bench.nixl_profile)",
+    )
+    p.add_argument("--profile-pattern", choices=("contiguous", "fragmented"), default="contiguous")
+    p.add_argument(
+        "--cprofile", type=int, default=0, help="with --profile-loads: print cProfile's top N"
+    )
     args = p.parse_args(argv)
     harness.positive(p, args, "layers", "blocks", "iters")
     if args.progress_delay_us < 0 or args.idle_s < 0:
@@ -334,6 +345,11 @@ def report(args: argparse.Namespace, result: RunResult) -> harness.Report:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.profile_loads > 0:
+        from kvbridge.bench.nixl_profile import profile
+
+        harness.emit([profile(args)], args)
+        return 0
     result = run(args)
     harness.emit([report(args, result)], args)
     return 0 if result.ok else 1

@@ -44,3 +44,23 @@ def test_a_tiny_run_reads_the_producers_bytes_both_ways_in_the_connectors_descri
     assert sum(line.startswith(("| contiguous", "| fragmented")) for line in table) == 4
     assert report.notes[0].startswith("bytes read (connector and raw) equal the producer's: PASS")
     assert [(r["pattern"], r["merge"]) for r in report.data] == cases
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@needs_nixl
+def test_the_profile_times_each_part_of_a_load_and_releases_everything() -> None:
+    """``--profile-loads``: the parts of a load (its READs on the READ agent, its "done" on
+    the notification agent), every hold released by a "done", nothing leaked."""
+    from kvbridge.bench.nixl_profile import profile
+
+    args = nixl._parse(
+        ["--layers", "2", "--blocks", "4", "--block-kib", "1", "--profile-loads", "5"]
+    )
+    report = profile(args)
+    parts = {row["part"]: row for row in report.data if "part" in row}
+    assert parts["data READ: post"]["calls"] == 5 and parts["plan (PlanCache.plan)"]["calls"] == 5
+    assert parts["notification (send_notif)"]["calls"] >= 5  # the "done"s (and heartbeats)
+    zero = "LiveCounts(xfer_handles=0, dlist_handles=0, registered_regions=0, remote_agents=0)"
+    assert "released by done notifications: 6/6" in report.notes[-1]
+    assert report.notes[-1].count(zero) == 2, report.notes[-1]

@@ -50,6 +50,7 @@ class Load:
     aborted: bool = False
     report: bool = True  # an aborted load is still reported in finished_recving when it ends
     foreign: bool = False  # the producer's blocks are not this load's KV: never end its lease
+    failure_counted: bool = False  # a failure of this load is in the stats (one per load)
 
     def question(self) -> dict[str, Any]:
         """``LeaseConfirmer.ask``'s arguments for this load's lease (but the key and time)."""

@@ -115,7 +115,7 @@ class KVReader(LoadBook):
                 key, what = TIMEOUT_KEYS[recv.phase]
                 if recv.phase == "read" and recv.remote is not None:
                     recv.remote.stale = True
-                self._stats.incr(key)
+                self._count_failure(recv, key)
                 self._fail(recv, f"timed out after {self._cfg.transfer_timeout_s:g}s ({what})")
         bound = [r.spec for r in self._recvs.values() if r.remote is not None and not r.aborted]
         self.engines.heartbeat(now, [(s.remote_engine_id, s.remote_request_id) for s in bound])
@@ -163,7 +163,7 @@ class KVReader(LoadBook):
                 if recv.phase == "connect":
                     recv.future = None
                 elif recv.phase != "land" and recv.instance_id == instance_id:
-                    self._stats.incr(TIMEOUT_KEYS[recv.phase][0])
+                    self._count_failure(recv, TIMEOUT_KEYS[recv.phase][0])
                     self._fail(recv, f"engine {engine_id} is gone ({why})")
 
     def _advance(self, recv: Load, now: float) -> RemoteEngine | None:
@@ -201,7 +201,7 @@ class KVReader(LoadBook):
             return False
         rid, engine = recv.spec.remote_request_id, recv.spec.remote_engine_id
         recv.foreign = True
-        self._stats.incr(keys.FAILED_CONFIRMS)
+        self._count_failure(recv, keys.FAILED_CONFIRMS)
         self._fail(recv, f"engine {engine}'s blocks for {rid} {NOT_OURS[answer.verdict]}")
         return True
 
@@ -219,7 +219,7 @@ class KVReader(LoadBook):
                 else:
                     self._post(recv, recv.remote, now)
                 return
-            self._stats.incr(keys.FAILED_CONFIRMS)
+            self._count_failure(recv, keys.FAILED_CONFIRMS)
             self._fail(recv, f"engine {engine} holds no staged blocks for {rid} ({verdict})")
             return
         with_read = verdict == "held" and not recv.proof.asked_after_read
@@ -234,7 +234,7 @@ class KVReader(LoadBook):
             self._end_board(recv)  # the answer settled it first
             self._land(recv, now)
             return
-        self._stats.incr(keys.FAILED_CONFIRMS)
+        self._count_failure(recv, keys.FAILED_CONFIRMS)
         self._fail(
             recv,
             f"engine {engine}'s lease on {rid} was {verdict} when the READ ended: the blocks "
@@ -266,7 +266,7 @@ class KVReader(LoadBook):
         except TRANSPORT_ERRORS as e:
             # The producer may have crashed or restarted: handshake afresh next time.
             remote.stale = True
-            self._stats.incr(keys.FAILED_TRANSFERS)
+            self._count_failure(recv, keys.FAILED_TRANSFERS)
             self._fail(recv, f"posting the READ failed: {e}")
             return
         self._stats.observe(keys.POST_TIME, time.perf_counter() - start)
@@ -282,7 +282,7 @@ class KVReader(LoadBook):
         elif state == "ERR":
             if recv.remote is not None:
                 recv.remote.stale = True
-            self._stats.incr(keys.FAILED_TRANSFERS)
+            self._count_failure(recv, keys.FAILED_TRANSFERS)
             self._fail(recv, f"READ from engine {recv.spec.remote_engine_id} ended in ERR")
 
     def _read_done(self, recv: Load, now: float) -> None:
@@ -371,12 +371,19 @@ class KVReader(LoadBook):
             logger.debug("lease board: %s for %s; waiting for the answer", verdict, recv.reader)
         self._read_over(recv, now, verdict)
 
+    def _count_failure(self, recv: Load, key: str) -> None:
+        """Count a load's failure under ``key``, once per load: a board READ that failed
+        and the load failing after it (its producer gone) are one failed load."""
+        if not recv.failure_counted:
+            recv.failure_counted = True
+            self._stats.incr(key)
+
     def _board_failed(self, recv: Load) -> None:
         """A board READ failed as a data READ can: a failed transfer, a producer handshaken
         afresh once idle; the load waits for the answer."""
         if recv.remote is not None:
             recv.remote.stale = True
-        self._stats.incr(keys.FAILED_TRANSFERS)
+        self._count_failure(recv, keys.FAILED_TRANSFERS)
         self._stats.incr(keys.BOARD_MISSES)
 
     def _land(self, recv: Load, now: float) -> None:

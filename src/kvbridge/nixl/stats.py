@@ -5,7 +5,8 @@ Samples (one value per transfer): ``xfer_time_seconds``, ``post_time_seconds``,
 the answer that settled it, when no answer had covered the READ by then),
 ``lease_board_read_time_seconds`` (a board READ's post to its verdict),
 ``stage_in_time_seconds`` (host-staged mode: READ confirmed to blocks
-in the cache). Everything else is a counter.
+in the cache). Everything else is a counter. A failed load counts once across
+``num_failed_transfers``/``_handshakes``/``_lease_confirms``: under its first failure's key.
 """
 
 from __future__ import annotations

@@ -255,6 +255,35 @@ def test_a_failed_board_read_leaves_it_to_the_answer(peers: Peers) -> None:
     peers.d.check_integrity()  # its window is back, its handle released
 
 
+def test_a_load_whose_board_read_failed_and_then_timed_out_is_one_failure(
+    peers: Peers, clock: FakeClock
+) -> None:
+    """Every failed load counts once across the failure keys: its failed board READ and
+    the timeout that ends it after are one load lost, not two."""
+    attached(peers)
+    peers.hold()
+    real = peers.d_fake.make_prepped_xfer
+
+    def board_reads_fail(*args: Any, **kwargs: Any) -> Any:
+        handle = real(*args, **kwargs)
+        if len(args[2]) == 1:  # one window: a board READ
+            peers.d_fake.fail_xfer(handle)
+        return handle
+
+    peers.d_fake.make_prepped_xfer = board_reads_fail  # type: ignore[method-assign]
+    with answers_held(peers.p.leases):
+        got = [step(peers.d, peers.load())]
+        for _ in range(5):
+            got.append(step(peers.d))
+        clock.advance(3600.0)  # past any transfer timeout: the load fails in "confirm"
+        wait_for(lambda: "d-1" in got[-1][1], poll=lambda: got.append(step(peers.d)))
+    assert got[-1][2] == set(LOCAL)  # its blocks are load errors: the step recomputes
+    stats = peers.stats()
+    failures = (keys.FAILED_TRANSFERS, keys.FAILED_CONFIRMS, keys.FAILED_HANDSHAKES)
+    assert sum(stats.get(k, 0) for k in failures) == 1
+    assert stats[keys.FAILED_TRANSFERS] == 1  # the first failure names it
+
+
 def test_a_lease_whose_bucket_was_full_lands_on_the_answer(clock: FakeClock) -> None:
     peers = Peers(clock, {"lease_board_slots": 8})  # one bucket of 8 words
     try:

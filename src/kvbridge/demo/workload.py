@@ -9,10 +9,12 @@ encoded with the server's own tokenizer, so a model's answer (any id) is appende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,24 +147,60 @@ class WorkloadRunner:
         self.builder = builder
         self.timeout_s = timeout_s
         self.on_done = on_done
+        self._interrupted = False  # SIGINT came during ``run``
 
     async def run(self) -> list[RequestRecord]:
-        """Every request's record, ordered by (turn, user)."""
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout_s, connect=10.0),
-            trust_env=False,
-            limits=httpx.Limits(max_connections=max(8, 2 * self.spec.users)),
-        ) as client:
-            per_user = await asyncio.gather(
-                *(self._conversation(client, u) for u in range(self.spec.users))
-            )
+        """Every request's record, ordered by (turn, user). Ctrl-C (SIGINT, main thread)
+        raises ``KeyboardInterrupt`` out of the run: the requests in flight are cancelled and
+        no further turn starts, even when a library swallows the cancellation (httpx's
+        shielded clean-up can, and the run then went on to its end)."""
+        self._interrupted = False
+        with self._sigint_stops(asyncio.get_running_loop(), asyncio.current_task()):
+            try:
+                async with httpx.AsyncClient(
+                    timeout=httpx.Timeout(self.timeout_s, connect=10.0),
+                    trust_env=False,
+                    limits=httpx.Limits(max_connections=max(8, 2 * self.spec.users)),
+                ) as client:
+                    per_user = await asyncio.gather(
+                        *(self._conversation(client, u) for u in range(self.spec.users))
+                    )
+            except asyncio.CancelledError:
+                if self._interrupted:
+                    raise KeyboardInterrupt from None
+                raise
+        if self._interrupted:
+            raise KeyboardInterrupt
         records = [r for conversation in per_user for r in conversation]
         return sorted(records, key=lambda r: (r.turn, r.user))
+
+    @contextlib.contextmanager
+    def _sigint_stops(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None
+    ) -> Iterator[None]:
+        """While the run lasts, SIGINT marks it interrupted and cancels it."""
+
+        def on_sigint() -> None:
+            self._interrupted = True
+            if task is not None:
+                task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
 
     async def _conversation(self, client: httpx.AsyncClient, user: int) -> list[RequestRecord]:
         records: list[RequestRecord] = []
         prompt = self.builder.first(user)
         for turn in range(self.spec.turns_of(user)):
+            if self._interrupted:
+                break
             if turn:
                 prompt = self.builder.extend(prompt, list(records[-1].token_ids), user, turn)
             record = await self._complete(client, user, turn, prompt)

@@ -363,12 +363,12 @@ class KVReader(LoadBook):
         bucket = self.boards.bucket(check.window) if state == "DONE" else None
         verdict = board_verdict(bucket, check.word)
         self._stats.observe(keys.BOARD_READ_TIME, time.perf_counter() - check.posted_wall)
-        self._drop_board(recv)
-        if state == "ERR":
+        if state == "ERR":  # before the drop: a handle not released there unbinds recv.remote
             self._board_failed(recv)
         elif verdict != "mine":
             self._stats.incr(keys.BOARD_MISSES)
             logger.debug("lease board: %s for %s; waiting for the answer", verdict, recv.reader)
+        self._drop_board(recv)
         self._read_over(recv, now, verdict)
 
     def _count_failure(self, recv: Load, key: str) -> None:

@@ -255,6 +255,32 @@ def test_a_failed_board_read_leaves_it_to_the_answer(peers: Peers) -> None:
     peers.d.check_integrity()  # its window is back, its handle released
 
 
+def test_a_failed_board_read_whose_handle_is_not_released_still_marks_the_producer(
+    peers: Peers,
+) -> None:
+    """The board READ ends in ERR and releasing its handle fails once (the load lets go of
+    the producer, the retried handle keeps it bound): the producer is still handshaken
+    afresh once that handle is released."""
+    attached(peers)
+    peers.hold()
+    real = peers.d_fake.make_prepped_xfer
+
+    def board_reads_fail(*args: Any, **kwargs: Any) -> Any:
+        handle = real(*args, **kwargs)
+        if len(args[2]) == 1:  # a board READ: it fails, and so does its handle's release
+            peers.d_fake.fail_xfer(handle)
+            peers.d_fake.fail_next_call("release_xfer_handle")
+        return handle
+
+    peers.d_fake.make_prepped_xfer = board_reads_fail  # type: ignore[method-assign]
+    stats = lands_on_the_answer(peers)
+    assert stats[keys.FAILED_TRANSFERS] == 1
+    reader = peers.d.registered.reader
+    assert reader is not None
+    wait_for(lambda: reader.engines.get("prefill") is None, poll=lambda: step(peers.d))
+    peers.d.check_integrity()
+
+
 def test_a_load_whose_board_read_failed_and_then_timed_out_is_one_failure(
     peers: Peers, clock: FakeClock
 ) -> None:

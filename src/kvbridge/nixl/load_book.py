@@ -64,6 +64,7 @@ class LoadBook:
         if not recv.aborted:
             self.results.failed(recv.spec, reason)
         if recv.phase in ("connect", "gate", "read"):  # after a READ, "done" goes out
+            self._release_transfer(recv)  # cancel a READ in flight before P may free its blocks
             self._notify_release(recv)
         self._end(recv)
 

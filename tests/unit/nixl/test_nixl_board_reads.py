@@ -428,3 +428,54 @@ def test_a_read_done_in_its_post_that_the_board_does_not_prove_asks_after_it(
         assert stats[keys.BOARD_MISSES] == 1 and stats[keys.FAILED_CONFIRMS] == 1
     finally:
         peers.close()
+
+
+def test_a_read_timed_out_in_flight_is_cancelled_before_the_producer_hears_release(
+    peers: Peers, clock: FakeClock
+) -> None:
+    """ "release" lets P free (and reuse) the blocks: a READ still running into D's blocks must
+    be cancelled (its handle released) first, or it may copy P's reused blocks."""
+    attached(peers)
+    peers.hold()
+    events: list[str] = []
+    data_handles: set[int] = set()
+    d_fake, notify = peers.d_fake, peers.fabric.agents[peers.d.agent_name + "-notify"]
+    real_make, real_state = d_fake.make_prepped_xfer, d_fake.check_xfer_state
+    real_release = d_fake.release_xfer_handle
+
+    def note_data(*args: Any, **kwargs: Any) -> Any:
+        handle = real_make(*args, **kwargs)
+        if len(args[2]) != 1:  # not a board READ (one window)
+            data_handles.add(handle)
+        return handle
+
+    def data_stays_in_flight(handle: Any) -> Any:
+        return "PROC" if handle in data_handles else real_state(handle)
+
+    def note_release(handle: Any) -> None:
+        if handle in data_handles:
+            events.append("READ released")
+        real_release(handle)
+
+    for agent in (d_fake, notify):
+        real_send = agent.send_notif
+
+        def note_send(remote: str, msg: bytes, send: Any = real_send) -> None:
+            events.append(decode_notif(msg).kind)
+            send(remote, msg)
+
+        agent.send_notif = note_send  # type: ignore[method-assign]
+    d_fake.make_prepped_xfer = note_data  # type: ignore[method-assign]
+    d_fake.check_xfer_state = data_stays_in_flight  # type: ignore[method-assign]
+    d_fake.release_xfer_handle = note_release  # type: ignore[method-assign]
+    got = [step(peers.d, peers.load())]
+    for _ in range(3):
+        got.append(step(peers.d))
+    assert data_handles and "d-1" not in got[-1][1]  # the READ is in flight
+    clock.advance(3600.0)  # past the transfer timeout: the load fails in "read"
+    wait_for(lambda: "d-1" in got[-1][1], poll=lambda: got.append(step(peers.d)))
+    assert got[-1][2] == set(LOCAL)
+    assert [e for e in events if e in ("READ released", "release")] == [
+        "READ released",
+        "release",
+    ], events

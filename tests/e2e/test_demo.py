@@ -75,6 +75,10 @@ def test_demo_outputs_identical_and_no_process_left():
     assert "outputs identical: 8/8" in out  # 4 requests with reuse + 4 on the baseline stack
     assert re.search(r"TTFT p50 / p95 \(ms\)\s*│\s*\d+ / \d+", out), out
     assert re.search(r"tokens moved over NIXL\s*│\s*[1-9]", out), out
+    assert out.count("one warm-up request (") == 2, out  # one per stack, before timing
+    reads = re.search(r"NIXL reads\s*│[^│]* in (\d+),[^│]*│[^│]* in (\d+),", out)
+    assert reads is not None, out
+    assert all(1 <= int(n) <= 4 for n in reads.groups()), out  # the warm-up's READ not counted
     assert _tagged_pids(tag) == []
     assert elapsed < 60, f"demo took {elapsed:.0f}s"
     found = re.search(r"configs and logs: (\S+)", out)
@@ -271,6 +275,33 @@ def test_summary_reads_the_series_the_servers_export():
     assert summary.nixl.count == 2 and summary.nixl.gb_per_s == pytest.approx(1.0)
     assert summary.to_cpu.gb_per_s == pytest.approx(2.0)
     assert summary.ttft_ms(50) == pytest.approx(200.0)
+
+
+def test_summary_counts_only_what_came_after_the_warm_up():
+    """``before``: the servers' /metrics texts taken after the warm-up request; the summary
+    counts each series' growth since then."""
+    server = ServerMetrics("small")
+    done = {"finish_reason": "length", "num_prompt_tokens": 64, "e2e_seconds": 0.1}
+    server.observe_finished(**done, num_generated=2, num_cached=0, num_external=0, remote=False)
+    nixl = KVConnectorStats()
+    nixl.observe("bytes_transferred", 5e6)
+    nixl.observe("xfer_time_seconds", 0.01)
+    server.record_connector_stats(nixl, name="NixlConnector")
+    warm = server.render().decode()
+    server.observe_finished(**done, num_generated=2, num_cached=16, num_external=0, remote=False)
+    nixl = KVConnectorStats()
+    nixl.observe("bytes_transferred", 1e6)
+    nixl.observe("xfer_time_seconds", 0.001)
+    server.record_connector_stats(nixl, name="NixlConnector")
+    after = server.render().decode()
+    before = {"prefill": warm, "decode": warm, "proxy": ""}
+    summary = RunSummary.collect("reuse", [], 1.0, prefill=after, decode=after, proxy="",
+                                 before=before)  # fmt: skip
+    whole = RunSummary.collect("reuse", [], 1.0, prefill=after, decode=after, proxy="")
+    assert (summary.prefill_computed, summary.prefill_cache_hits) == (48, 16)
+    assert whole.prefill_computed == 64 + 48
+    assert summary.nixl.count == 1 and summary.nixl.gb_per_s == pytest.approx(1.0)
+    assert whole.nixl.count == 2
 
 
 def test_summary_and_table_show_the_disk_tier_only_when_it_is_on():

@@ -28,7 +28,7 @@ from kvbridge.demo.processes import ProcessSet, ServiceError
 from kvbridge.demo.reference import compare, reference_outputs
 from kvbridge.demo.report import RunSummary, fetch_metrics, render_report
 from kvbridge.demo.stack import BLOCK_SIZE, DiskTierPlan, StackPlan, StackSizes, start_stack
-from kvbridge.demo.workload import PromptBuilder, WorkloadRunner, WorkloadSpec
+from kvbridge.demo.workload import PromptBuilder, WorkloadRunner, WorkloadSpec, warm_up
 from kvbridge.oracle import TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,11 @@ def _run_stack(
             f"{plan.name}: prefill {urls.prefill}, decode {urls.decode}, proxy {urls.proxy} "
             f"(up in {time.monotonic() - t0:.1f} s)"
         )
+        progress.update(task, description=f"{plan.name}: warm-up")
+        warm_s = warm_up(urls.proxy, builder, REQUEST_TIMEOUT_S)
+        progress.console.print(f"{plan.name}: one warm-up request ({warm_s:.2f} s), not counted")
+        servers = {"prefill": urls.prefill, "decode": urls.decode, "proxy": urls.proxy}
+        before = {name: fetch_metrics(url) for name, url in servers.items()}
         progress.update(task, description=f"{plan.name}: requests")
         runner = WorkloadRunner(
             urls.proxy,
@@ -226,6 +231,7 @@ def _run_stack(
             prefill=fetch_metrics(urls.prefill),
             decode=fetch_metrics(urls.decode),
             proxy=fetch_metrics(urls.proxy),
+            before=before,
         )
     progress.update(task, description=f"{plan.name}: done")
     return summary

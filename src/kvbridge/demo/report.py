@@ -27,14 +27,17 @@ def fetch_metrics(url: str, timeout_s: float = 10.0) -> str:
 
 
 class Scrape:
-    """One server's ``/metrics`` answer, parsed once."""
+    """One server's ``/metrics`` answer, parsed once; with ``since`` (an earlier answer of the
+    same server), each series' growth since then: counters count only what came after."""
 
-    def __init__(self, text: str) -> None:
-        self._samples = [
-            (sample.name, sample.labels, float(sample.value))
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        ]
+    def __init__(self, text: str, since: str = "") -> None:
+        self._samples = _samples(text)
+        if since:
+            earlier = {_key(name, labels): v for name, labels, v in _samples(since)}
+            self._samples = [
+                (name, labels, value - earlier.get(_key(name, labels), 0.0))
+                for name, labels, value in self._samples
+            ]
 
     def has(self, sample_name: str) -> bool:
         return any(name == sample_name for name, _, _ in self._samples)
@@ -46,6 +49,18 @@ class Scrape:
             for name, have, value in self._samples
             if name == sample_name and all(have.get(k) == v for k, v in labels.items())
         )
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (sample.name, sample.labels, float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def _key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -114,9 +129,12 @@ class RunSummary:
         prefill: str,
         decode: str,
         proxy: str,
+        before: dict[str, str] | None = None,
     ) -> RunSummary:
-        """From the records and the /metrics texts of the prefill, decode and proxy."""
-        p, d = Scrape(prefill), Scrape(decode)
+        """From the records and the /metrics texts of the prefill, decode and proxy; with
+        ``before`` (their texts by those names before the workload), counted from then."""
+        before = before or {}
+        p, d = Scrape(prefill, before.get("prefill", "")), Scrape(decode, before.get("decode", ""))
         by_source = "kvbridge:prompt_tokens_by_source_total"
 
         def both(name: str, **labels: str) -> float:
@@ -145,7 +163,9 @@ class RunSummary:
             to_cpu=offload("gpu_to_cpu"),
             from_cpu=offload("cpu_to_gpu"),
             cpu_evictions=both("kvbridge:kv_offload_evictions_total"),
-            fallbacks=Scrape(proxy).sum("kvbridge:proxy_requests_total", route="local_prefill"),
+            fallbacks=Scrape(proxy, before.get("proxy", "")).sum(
+                "kvbridge:proxy_requests_total", route="local_prefill"
+            ),
             disk=DiskSummary(
                 hits=both("kvbridge:kv_offload_disk_hits_total"),
                 misses=both("kvbridge:kv_offload_disk_misses_total"),

@@ -144,7 +144,7 @@ class NixlWorker(KVConnectorWorker):
             regions = staging.regions(layers.names, regions.block_len)
         mem: MemoryType = "VRAM" if regions.memory_type == "VRAM" else "DRAM"
         transport = self._factory(self.agent_name)
-        listener = handshaker = confirmer = boards = notifier = None
+        listener = handshaker = confirmer = boards = notifier = engines = None
         board, board_regs = self._lease_board(), None
         try:
             reg_descs = transport.get_reg_descs(regions.region_items(), mem)
@@ -221,6 +221,9 @@ class NixlWorker(KVConnectorWorker):
                     boards=boards,
                 )
         except BaseException:
+            if engines is not None:  # its peer watch runs; it closes the notifier too
+                engines.close()
+                notifier = None
             for part in (listener, handshaker, confirmer, boards, notifier):
                 if part is not None:
                     part.close()

@@ -250,9 +250,13 @@ def use_matmul_attention(
 ) -> bool:
     """Whether ``rows`` query rows per head (``heads``: batch x heads) over ``keys`` keys are a
     few rows over a long context on CUDA (see the module docstring), and the float32 copies
-    it makes (K and V, scores and probabilities) fit ``MAX_SCORE_BYTES``."""
+    it makes (K and V, scores and probabilities over the keys padded to ``KEY_CHUNK``, and
+    one partial output per chunk) fit ``MAX_SCORE_BYTES``."""
     programs = heads * -(-rows // 64)
-    score_bytes = 2 * heads * rows * keys * 4 + 2 * heads * keys * head_dim * 4
+    chunks = -(-keys // KEY_CHUNK)
+    padded = chunks * KEY_CHUNK
+    score_bytes = 2 * heads * rows * padded * 4 + 2 * heads * padded * head_dim * 4
+    score_bytes += heads * chunks * rows * head_dim * 4
     return (
         device_type == "cuda"
         and programs < FEW_PROGRAMS

@@ -63,3 +63,20 @@ def test_probs_times_values_summed_over_key_chunks(
     mask[..., 0] = True  # every row attends to something
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.allclose(matmul_attention(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        87041,  # 87,041 keys fit the cap; padded to 88,064 they do not
+        86016,  # a multiple of the chunk: the 84 partial outputs (22 MiB) tip it over
+    ],
+)
+def test_the_byte_cap_counts_padded_keys_and_partial_outputs(keys: int) -> None:
+    # 8 KV heads x 64 folded rows, head_dim 128: just over 1 GiB of float32 temporaries
+    heads, rows, dim = 8, 64, 128
+    padded = -(-keys // 1024) * 1024
+    nbytes = 2 * heads * padded * dim * 4 + 2 * heads * rows * padded * 4
+    nbytes += heads * (padded // 1024) * rows * dim * 4
+    assert nbytes > 1 << 30
+    assert use_matmul_attention("cuda", heads, rows, keys, dim) is False

@@ -238,15 +238,19 @@ class CUDACopyBackend(CopyBackend):
             return super().load_layers(cpu_ids, gpu_ids, chunks)
         stream = self.load_stream
         self._fence(stream)
-        with torch.cuda.stream(stream):
-            ids_host = torch.tensor([plan.other, plan.keyed], dtype=torch.int64).pin_memory()
-            ids = ids_host.to(self.device, non_blocking=True)
-            if direct and self._direct is not None:
-                handles: list[CopyHandle] = []
-                for chunk in chunks:
-                    self._direct.load(ids[1], ids[0], layers=chunk)
-                    handles.append(_recorded(stream, ids_host, ids))
-                return handles
+        try:
+            with torch.cuda.stream(stream):
+                ids_host = torch.tensor([plan.other, plan.keyed], dtype=torch.int64).pin_memory()
+                ids = ids_host.to(self.device, non_blocking=True)
+                if direct and self._direct is not None:
+                    handles: list[CopyHandle] = []
+                    for chunk in chunks:
+                        self._direct.load(ids[1], ids[0], layers=chunk)
+                        handles.append(_recorded(stream, ids_host, ids))
+                    return handles
+        except Exception:  # chunks already queued still run: what follows waits for them
+            torch.cuda.current_stream(self.device).wait_stream(stream)  # outside ``stream``
+            raise
         assert self.cpu_blocks is not None
         copy_stream = self.load_copy_stream
         copy_stream.wait_stream(stream)

@@ -214,10 +214,30 @@ class CUDACopyBackend(CopyBackend):
         )
 
     def store(self, gpu_ids: Sequence[int], cpu_ids: Sequence[int]) -> CopyHandle:
-        return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=False))
+        with self._ordered_on_failure():
+            return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=False))
 
     def load(self, cpu_ids: Sequence[int], gpu_ids: Sequence[int]) -> CopyHandle:
-        return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=True))
+        with self._ordered_on_failure():
+            return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=True))
+
+    @contextmanager
+    def _ordered_on_failure(self) -> Iterator[None]:
+        """A batch that fails part-way (a chunk's launch or allocation raised) has chunks
+        queued that still run: the caller's stream, where the recompute and the blocks' next
+        users go, waits for every copy stream before the error goes on."""
+        try:
+            yield
+        except Exception:
+            current = torch.cuda.current_stream(self.device)
+            for stream in (
+                self.load_stream,
+                self.load_copy_stream,
+                self.store_stream,
+                self.store_copy_stream,
+            ):
+                current.wait_stream(stream)
+            raise
 
     def load_layers(
         self, cpu_ids: Sequence[int], gpu_ids: Sequence[int], chunks: Sequence[tuple[int, int]]
@@ -283,7 +303,8 @@ class CUDACopyBackend(CopyBackend):
         at once instead of the load waiting for the whole store to be queued."""
         store = self._steps(plan_runs(store_cpu, store_gpu), is_load=False)
         load = self._steps(plan_runs(load_cpu, load_gpu), is_load=True)
-        return _interleave(store, load)
+        with self._ordered_on_failure():
+            return _interleave(store, load)
 
     def shutdown(self) -> None:
         for stream in (self.store_stream, self.store_copy_stream):

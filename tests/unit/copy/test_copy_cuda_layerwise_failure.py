@@ -1,4 +1,5 @@
-"""``CUDACopyBackend.load_layers`` failing part-way, on CPU: the CUDA calls it makes are
+"""``CUDACopyBackend`` batches failing part-way (``load_layers``, and ``load``, ``store`` and
+``store_and_load``), on CPU: the CUDA calls it makes are
 replaced by fakes that note which stream waited on which, so the ordering logic runs here."""
 
 from __future__ import annotations
@@ -78,3 +79,33 @@ def test_a_direct_load_failing_part_way_orders_the_compute_stream_after_its_chun
     # ... and still runs: the compute stream (what follows the failed step) waits for it
     assert compute.waited_for == ["load"]
     assert current == [compute]
+
+
+@pytest.mark.parametrize("call", ["load", "store", "store_and_load"])
+def test_a_batch_failing_part_way_orders_the_compute_stream_after_every_copy_stream(
+    monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """The async (not layerwise) path: a staged batch whose second chunk fails has its first
+    chunk queued; what follows the failed step must wait for it, on every copy stream."""
+    compute = FakeStream("compute")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    backend = object.__new__(CUDACopyBackend)
+    backend.device = torch.device("cpu")
+    names = ("load_stream", "load_copy_stream", "store_stream", "store_copy_stream")
+    for name in names:
+        setattr(backend, name, FakeStream(name))
+    queued: list[str] = []
+
+    def steps(plan: object, *, is_load: bool) -> Iterator[None]:
+        queued.append("load" if is_load else "store")  # the first chunk is queued
+        yield
+        raise RuntimeError("injected: the next chunk's staging buffer could not be allocated")
+
+    monkeypatch.setattr(backend, "_steps", steps)
+    with pytest.raises(RuntimeError, match="injected"):
+        if call == "store_and_load":
+            backend.store_and_load([1, 2], [3, 4], [5, 6], [7, 8])
+        else:
+            getattr(backend, call)([1, 2], [3, 4])
+    assert queued
+    assert compute.waited_for == list(names)

@@ -188,7 +188,9 @@ def layer_chunks(num_layers: int, layer_bytes: int, min_chunk_bytes: int) -> lis
     """Layers ``0..num_layers`` in consecutive chunks ``[lo, hi)`` of at least
     ``min_chunk_bytes`` each (``layer_bytes`` per layer; the last chunk may be smaller), so a
     small load is not split into copies too small to run at PCIe speed. Chunks are a power of
-    two layers wide (or all layers): the direct kernel is compiled per width."""
+    two layers wide but the last (``num_layers`` modulo that width) or all layers: the direct
+    kernel is compiled per width, so a model sees a few widths (Llama-8B's 32 layers: 1, 2,
+    4, 8, 16, 32), never one per load size."""
     if num_layers < 1:
         raise ValueError(f"layer_chunks: num_layers must be >= 1, got {num_layers}")
     need = max(1, -(-min_chunk_bytes // max(1, layer_bytes)))

@@ -267,7 +267,10 @@ class RemoteEngines:
             logger.warning(
                 "engine %s is %r to the notification agent, not %r", engine_id, name, agent
             )
-            notifier.remove_remote_agent(name)
+            try:
+                notifier.remove_remote_agent(name)
+            except TRANSPORT_ERRORS as e:  # never fail the attach over the notification agent
+                logger.warning("engine %s: could not unload %r (%s)", engine_id, name, e)
             return None
         return notifier
 

@@ -153,6 +153,34 @@ def test_without_a_usable_notification_agent_the_read_agent_notifies(how: str) -
     assert consumer.worker.leaked == ZERO and producer.worker.leaked == ZERO
 
 
+class OtherName(FakeNixlWrapper):
+    """A notification agent that loads the producer under another name (cannot be with
+    NIXL: the same metadata names the same agent) and then fails to unload it."""
+
+    REMOTE_AGENT_NAME = "someone-else"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.fail_next_call("remove_remote_agent")
+
+
+def test_a_notification_agent_that_cannot_unload_a_misnamed_producer_never_fails_the_load() -> None:
+    def factory(name: str) -> FakeNixlWrapper:
+        return OtherName(name) if name.endswith(NOTIFY_SUFFIX) else FakeNixlWrapper(name)
+
+    producer, consumer, made = load_once(factory=factory)  # the load (and its attach) ended
+    try:
+        assert ("done", ["p-1"]) in sent(made[0]) and sent(made[1]) == []
+        reader = consumer.worker.registered.reader
+        assert reader is not None
+        remote = reader.engines.get("prefill")
+        assert remote is not None and remote.notifier is None  # the READ agent notifies it
+    finally:
+        consumer.worker.shutdown()
+        producer.worker.shutdown()
+    assert consumer.worker.leaked.remote_agents == 1  # the one it could not unload, reported
+
+
 def test_what_the_notification_agent_still_holds_at_shutdown_counts_as_leaked() -> None:
     """Its producer could not be removed from it: the worker reports that agent as leaked."""
     producer, consumer, made = load_once()

@@ -178,7 +178,8 @@ def test_a_notification_agent_that_cannot_unload_a_misnamed_producer_never_fails
     finally:
         consumer.worker.shutdown()
         producer.worker.shutdown()
-    assert consumer.worker.leaked.remote_agents == 1  # the one it could not unload, reported
+    leaked = consumer.worker.leaked
+    assert leaked is not None and leaked.remote_agents == 1  # the one it could not unload
 
 
 def test_what_the_notification_agent_still_holds_at_shutdown_counts_as_leaked() -> None:

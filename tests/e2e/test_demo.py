@@ -281,19 +281,26 @@ def test_summary_counts_only_what_came_after_the_warm_up():
     """``before``: the servers' /metrics texts taken after the warm-up request; the summary
     counts each series' growth since then."""
     server = ServerMetrics("small")
-    done = {"finish_reason": "length", "num_prompt_tokens": 64, "e2e_seconds": 0.1}
-    server.observe_finished(**done, num_generated=2, num_cached=0, num_external=0, remote=False)
-    nixl = KVConnectorStats()
-    nixl.observe("bytes_transferred", 5e6)
-    nixl.observe("xfer_time_seconds", 0.01)
-    server.record_connector_stats(nixl, name="NixlConnector")
-    warm = server.render().decode()
-    server.observe_finished(**done, num_generated=2, num_cached=16, num_external=0, remote=False)
-    nixl = KVConnectorStats()
-    nixl.observe("bytes_transferred", 1e6)
-    nixl.observe("xfer_time_seconds", 0.001)
-    server.record_connector_stats(nixl, name="NixlConnector")
-    after = server.render().decode()
+
+    def request(cached: int, nbytes: float, seconds: float) -> str:
+        """One finished 64-token request and its READ; the /metrics text after it."""
+        server.observe_finished(
+            finish_reason="length",
+            num_prompt_tokens=64,
+            e2e_seconds=0.1,
+            num_generated=2,
+            num_cached=cached,
+            num_external=0,
+            remote=False,
+        )
+        nixl = KVConnectorStats()
+        nixl.observe("bytes_transferred", nbytes)
+        nixl.observe("xfer_time_seconds", seconds)
+        server.record_connector_stats(nixl, name="NixlConnector")
+        return server.render().decode()
+
+    warm = request(0, 5e6, 0.01)
+    after = request(16, 1e6, 0.001)
     before = {"prefill": warm, "decode": warm, "proxy": ""}
     summary = RunSummary.collect("reuse", [], 1.0, prefill=after, decode=after, proxy="",
                                  before=before)  # fmt: skip

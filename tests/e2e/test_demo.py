@@ -108,6 +108,10 @@ def test_demo_with_a_disk_tier_reports_it(tmp_path: Path):
     assert _tagged_pids(tag) == []
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_nixl
 def test_ctrl_c_stops_every_server():
     tag = uuid.uuid4().hex
@@ -117,6 +121,9 @@ def test_ctrl_c_stops_every_server():
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C at a terminal: SIGINT not ignored, even when these tests run as a shell's
+        # background job (which starts with SIGINT ignored; Python then keeps ignoring it)
+        preexec_fn=_sigint_default,
     )
     assert proc.stdout is not None
     lines = []

@@ -153,6 +153,9 @@ class WorkloadRunner:
         self.timeout_s = timeout_s
         self.on_done = on_done
         self._interrupted = False  # SIGINT came during ``run``
+        # Ctrl-C is KeyboardInterrupt here (not ignored, as in a shell's background job, nor
+        # handled by an embedder): decided before ``asyncio.run`` puts its own handler in
+        self._takes_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     async def run(self) -> list[RequestRecord]:
         """Every request's record, ordered by (turn, user). Ctrl-C (SIGINT, main thread)
@@ -183,13 +186,18 @@ class WorkloadRunner:
     def _sigint_stops(
         self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None
     ) -> Iterator[None]:
-        """While the run lasts, SIGINT marks it interrupted and cancels it."""
+        """While the run lasts, SIGINT marks it interrupted and cancels it. A process that
+        does not take Ctrl-C as KeyboardInterrupt (SIGINT ignored, as a shell's background
+        job starts, or handled by its embedder) is left as it is."""
 
         def on_sigint() -> None:
             self._interrupted = True
             if task is not None:
                 task.cancel()
 
+        if not self._takes_sigint:
+            yield
+            return
         try:
             loop.add_signal_handler(signal.SIGINT, on_sigint)
         except (ValueError, RuntimeError, NotImplementedError):  # not the main thread

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,6 +40,18 @@ def _runner(turns: int) -> tuple[WorkloadRunner, list[int]]:
     return runner, started
 
 
+@pytest.fixture
+def ctrl_c_interrupts() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here (as at a terminal), even when the tests run as a
+    shell's background job, which starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_interrupts")
 def test_sigint_stops_a_run_whose_requests_swallow_the_cancellation() -> None:
     runner, started = _runner(turns=200)  # 10 s of turns if nothing stops them
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
@@ -50,6 +63,19 @@ def test_sigint_stops_a_run_whose_requests_swallow_the_cancellation() -> None:
         timer.cancel()
     assert 0 < len(started) < 40  # stopped within a turn of the signal (0.3 s, 0.05 s a turn)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_a_process_that_ignores_sigint_keeps_ignoring_it_through_a_run() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        runner, _ = _runner(turns=2)
+        timer = threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        records = asyncio.run(runner.run())  # not interrupted
+        timer.join()
+        assert len(records) == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_without_a_signal_returns_every_record() -> None:

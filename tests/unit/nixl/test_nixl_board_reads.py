@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from nixl_helpers import FakeClock, config, kv_caches, notifier_of, spec, wait_for
+from worker_steps import Step, step
 
 from kvbridge.nixl import stats as keys
 from kvbridge.nixl.fake_fabric import FabricNixlWrapper, FakeFabric
@@ -36,7 +37,6 @@ from kvbridge.nixl.worker import NixlWorker
 HELD = [5, 6, 7]
 LOCAL = [2, 3, 4]
 PROMPT = prompt_hash(list(range(12)))
-Step = tuple[frozenset[str], frozenset[str], set[int]]
 
 
 class Peers:
@@ -110,19 +110,6 @@ class Peers:
         for worker in (self.d, self.p):
             worker.shutdown()
             assert worker.leaked == LiveCounts(0, 0, 0, 0)
-
-
-def step(
-    worker: NixlWorker,
-    meta: NixlConnectorMetadata | None = None,
-    finished: frozenset[str] = frozenset(),
-) -> Step:
-    worker.bind_connector_metadata(meta or NixlConnectorMetadata())
-    worker.start_load_kv()
-    sending, recving = worker.get_finished(finished)
-    errors = worker.get_block_ids_with_load_errors()
-    worker.clear_connector_metadata()
-    return sending, recving, errors
 
 
 @contextmanager
@@ -464,7 +451,7 @@ def test_a_read_timed_out_in_flight_is_cancelled_before_the_producer_hears_relea
             events.append(decode_notif(msg).kind)
             send(remote, msg)
 
-        agent.send_notif = note_send  # type: ignore[method-assign]
+        agent.send_notif = note_send  # type: ignore[method-assign,assignment]
     d_fake.make_prepped_xfer = note_data  # type: ignore[method-assign]
     d_fake.check_xfer_state = data_stays_in_flight  # type: ignore[method-assign]
     d_fake.release_xfer_handle = note_release  # type: ignore[method-assign]

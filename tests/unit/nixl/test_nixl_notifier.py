@@ -22,12 +22,11 @@ from nixl_helpers import (
     spec,
     wait_for,
 )
-from worker_steps import as_tuple, got_recving, hold, recv, run_until, send
+from worker_steps import as_tuple, got_recving, hold, recv, run_until, send, step
 
 from kvbridge.config import ConfigError
 from kvbridge.nixl.fake import FakeNixlWrapper
 from kvbridge.nixl.fake_fabric import FakeFabric
-from kvbridge.nixl.metadata import NixlConnectorMetadata
 from kvbridge.nixl.settings import NixlSettings
 from kvbridge.nixl.transport import LiveCounts, NixlTransport
 from kvbridge.nixl.transport_factory import NOTIFY_SUFFIX
@@ -54,8 +53,8 @@ def test_done_heartbeat_and_release_go_through_the_notification_agent() -> None:
     try:
         main, notifier = fabric.agents[d.agent_name], fabric.agents[d.agent_name + NOTIFY_SUFFIX]
         assert notifier_of(d) is notifier and notifier.num_registered_regions == 0
-        for step in range(2):  # the second load on the attached producer
-            load(p, d, step)
+        for n in range(2):  # the second load on the attached producer
+            load(p, d, n)
         assert not main.sent_notifs and main.calls_to("send_notif") == []
         kinds = [as_tuple(m)[0] for _, m in notifier.sent_notifs]
         assert kinds.count("done") == 2 and notifier.num_remote_agents == 1
@@ -67,25 +66,16 @@ def test_done_heartbeat_and_release_go_through_the_notification_agent() -> None:
     assert p.leaked == ZERO and d.leaked == ZERO
 
 
-def load(p: NixlWorker, d: NixlWorker, step: int) -> None:
-    """P holds p-<step>; D loads it as d-<step>; P frees it on D's "done"."""
-    rid, did = f"p-{step}", f"d-{step}"
+def load(p: NixlWorker, d: NixlWorker, n: int) -> None:
+    """P holds p-<n>; D loads it as d-<n>; P frees it on D's "done"."""
+    rid, did = f"p-{n}", f"d-{n}"
     p.bind_connector_metadata(send(rid))
     p.start_load_kv()
     assert p.get_finished(frozenset({rid})).sending == frozenset()
     p.clear_connector_metadata()
-    got = [drive(d, recv(p.side_channel_port, rid=did, remote_rid=rid))]
-    wait_for(lambda: did in got[-1][1], poll=lambda: got.append(drive(d)))
-    wait_for(lambda: rid in drive(p, finished=frozenset({rid}))[0])  # "done" freed it
-
-
-def drive(worker: NixlWorker, meta: Any = None, finished: frozenset[str] = frozenset()) -> Any:
-    worker.bind_connector_metadata(meta or NixlConnectorMetadata())
-    worker.start_load_kv()
-    sending, recving = worker.get_finished(finished)
-    worker.get_block_ids_with_load_errors()
-    worker.clear_connector_metadata()
-    return sending, recving
+    got = [step(d, recv(p.side_channel_port, rid=did, remote_rid=rid))]
+    wait_for(lambda: did in got[-1][1], poll=lambda: got.append(step(d)))
+    wait_for(lambda: rid in step(p, finished=frozenset({rid}))[0])  # "done" freed it
 
 
 def load_once(**extra: Any) -> tuple[Node, Node, list[FakeNixlWrapper]]:

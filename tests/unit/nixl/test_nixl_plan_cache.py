@@ -10,12 +10,12 @@ reads the wrong bytes and the test fails.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from nixl_helpers import config, spec, wait_for
+from worker_steps import step
 
 from kvbridge.nixl import transfers
 from kvbridge.nixl.fake_fabric import FakeFabric
@@ -181,17 +181,6 @@ class Pair:
         remote = reader.engines.get("prefill")
         assert remote is not None
         return remote.plans
-
-
-def step(
-    worker: NixlWorker, meta: NixlConnectorMetadata | None = None, finished: Any = frozenset()
-) -> Any:
-    worker.bind_connector_metadata(meta or NixlConnectorMetadata())
-    worker.start_load_kv()
-    sending, recving = worker.get_finished(finished)
-    errors = worker.get_block_ids_with_load_errors()
-    worker.clear_connector_metadata()
-    return sending, recving, errors
 
 
 def test_a_producer_that_registers_again_is_planned_afresh_and_nothing_leaks() -> None:

@@ -7,6 +7,23 @@ from typing import Any
 from nixl_helpers import Node, wait_for
 
 from kvbridge.nixl.metadata import NixlConnectorMetadata, RecvSpec, SendSpec, decode_notif
+from kvbridge.nixl.worker import NixlWorker
+
+Step = tuple[frozenset[str], frozenset[str], set[int]]  # sending, recving, load errors
+
+
+def step(
+    worker: NixlWorker,
+    meta: NixlConnectorMetadata | None = None,
+    finished: frozenset[str] = frozenset(),
+) -> Step:
+    """One engine step of ``worker``: bind ``meta``, start loads, collect what finished."""
+    worker.bind_connector_metadata(meta or NixlConnectorMetadata())
+    worker.start_load_kv()
+    sending, recving = worker.get_finished(finished)
+    errors = worker.get_block_ids_with_load_errors()
+    worker.clear_connector_metadata()
+    return frozenset(sending), frozenset(recving), set(errors)
 
 
 def recv(

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from kvbridge.nixl.transfers import SMALL_PLAN_PAIRS, KVRegions, ReadPlan, plan_read
+from kvbridge.nixl.transfers import KVRegions, ReadPlan, few_ids, plan_read
 
 DEFAULT_PLANS = 64  # per attached producer; the least recently used goes first
 
@@ -30,12 +30,7 @@ def plan_key(
 ) -> PlanKey | None:
     """The cache key of a READ of these ids, or None when it is not cached (too many ids, or
     not lists). Ids compare by value, as ``plan_read`` reads them (``int(b)``)."""
-    total = 0
-    for group in (*local_ids, *remote_ids):
-        if not isinstance(group, list | tuple):
-            return None
-        total += len(group)
-    if total > 2 * SMALL_PLAN_PAIRS:
+    if not (few_ids(local_ids) and few_ids(remote_ids)):
         return None
     return merge, tuple(map(tuple, local_ids)), tuple(map(tuple, remote_ids))
 

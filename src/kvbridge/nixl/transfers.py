@@ -209,7 +209,7 @@ def plan_read(
         raise ValueError("local and remote KV regions differ in block length or layers")
     if not len(group_layers) == len(local_ids) == len(remote_ids):
         raise ValueError("one list of block ids per KV cache group on both sides is required")
-    if _small(local_ids) and _small(remote_ids):
+    if few_ids(local_ids) and few_ids(remote_ids):
         return _plan_small(local, remote, group_layers, local_ids, remote_ids, merge)
     groups = []  # (layers, local ids, remote ids, sorted local, sorted remote, run starts)
     for layer_list, loc_list, rem_list in zip(group_layers, local_ids, remote_ids):
@@ -243,8 +243,9 @@ def plan_read(
     )
 
 
-def _small(ids: Sequence[Sequence[int]]) -> bool:
-    """Few enough block ids, as lists or tuples, for ``_plan_small``."""
+def few_ids(ids: Sequence[Sequence[int]]) -> bool:
+    """Few enough block ids (``SMALL_PLAN_PAIRS``), as lists or tuples, for ``_plan_small``
+    (and for ``PlanCache`` to keep the plan)."""
     total = 0
     for group in ids:
         if not isinstance(group, list | tuple):

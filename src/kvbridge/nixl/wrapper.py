@@ -10,8 +10,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -166,16 +165,17 @@ class NixlWrapper(NixlTransport):
         self.package = nixl.package
         self.capture_telemetry = capture_telemetry
         self._errors = nixl.errors
-        with self._nixl_errors("create agent"):
-            agent = make_agent(
-                nixl,
-                agent_name,
-                backends=backends,
-                num_threads=num_threads,
-                capture_telemetry=capture_telemetry,
-                thread_safe=thread_safe,
-                progress_delay_us=progress_delay_us,
-            )
+        agent = self._call(
+            "create agent",
+            make_agent,
+            nixl,
+            agent_name,
+            backends=backends,
+            num_threads=num_threads,
+            capture_telemetry=capture_telemetry,
+            thread_safe=thread_safe,
+            progress_delay_us=progress_delay_us,
+        )
         missing = [b for b in backends if b not in agent.backends]
         if missing:  # NIXL only logs a warning for a missing plugin
             raise NixlTransportError(
@@ -196,8 +196,7 @@ class NixlWrapper(NixlTransport):
         if not items:
             raise ValueError("get_reg_descs: items must not be empty")
         rows = [(int(i[0]), int(i[1]), int(i[2]), str(i[3]) if len(i) > 3 else "") for i in items]
-        with self._nixl_errors("get_reg_descs"):
-            descs = self._live().get_reg_descs(rows, memory_type)
+        descs = self._call("get_reg_descs", self._live().get_reg_descs, rows, memory_type)
         if descs is None:
             raise ValueError("get_reg_descs: NIXL rejected the items (see its log)")
         return descs
@@ -205,15 +204,13 @@ class NixlWrapper(NixlTransport):
     def register_memory(self, descs: RegDescs) -> None:
         if id(descs) in self._registered:
             raise NixlTransportError("register_memory: descriptors already registered", "EXISTS")
-        with self._nixl_errors("register_memory"):
-            self._live().register_memory(descs)
+        self._call("register_memory", self._live().register_memory, descs)
         self._registered[id(descs)] = (descs, int(cast(Any, descs).descCount()))
 
     def deregister_memory(self, descs: RegDescs) -> None:
         if id(descs) not in self._registered:
             raise NixlHandleError("deregister_memory: descriptors not registered (or deregistered)")
-        with self._nixl_errors("deregister_memory"):
-            self._live().deregister_memory(descs)
+        self._call("deregister_memory", self._live().deregister_memory, descs)
         del self._registered[id(descs)]
 
     # -- descriptor lists ------------------------------------------------------------------
@@ -222,16 +219,16 @@ class NixlWrapper(NixlTransport):
         if not items:
             raise ValueError("get_xfer_descs: items must not be empty")
         rows = [(int(i[0]), int(i[1]), int(i[2])) for i in items]
-        with self._nixl_errors("get_xfer_descs"):
-            descs = self._live().get_xfer_descs(rows, memory_type)
+        descs = self._call("get_xfer_descs", self._live().get_xfer_descs, rows, memory_type)
         if descs is None:
             raise ValueError("get_xfer_descs: NIXL rejected the items (see its log)")
         return descs
 
     def prep_xfer_dlist(self, agent_name: str, descs: XferDescs) -> DlistHandle:
         target = "NIXL_INIT_AGENT" if is_local_agent(agent_name) else agent_name
-        with self._nixl_errors(f"prep_xfer_dlist({agent_name!r})"):
-            native = self._live().prep_xfer_dlist(target, descs)
+        native = self._call(
+            f"prep_xfer_dlist({agent_name!r})", self._live().prep_xfer_dlist, target, descs
+        )
         handle = DlistHandle(next(self._ids))
         self._dlists[handle] = native
         return handle
@@ -240,30 +237,27 @@ class NixlWrapper(NixlTransport):
         native = self._dlists.get(handle)
         if native is None:
             raise NixlHandleError(f"release_dlist_handle: unknown or released dlist {handle}")
-        with self._nixl_errors("release_dlist_handle"):
-            self._live().release_dlist_handle(native)
+        self._call("release_dlist_handle", self._live().release_dlist_handle, native)
         del self._dlists[handle]
 
     # -- agents and notifications ------------------------------------------------------------
     def get_agent_metadata(self) -> bytes:
-        with self._nixl_errors("get_agent_metadata"):
-            return bytes(self._live().get_agent_metadata())
+        return bytes(self._call("get_agent_metadata", self._live().get_agent_metadata))
 
     def add_remote_agent(self, metadata: bytes) -> str:
-        with self._nixl_errors("add_remote_agent"):
-            name = self._live().add_remote_agent(metadata)
+        name = self._call("add_remote_agent", self._live().add_remote_agent, metadata)
         name = name.decode() if isinstance(name, bytes) else str(name)
         self._remote_agents.add(name)
         return name
 
     def remove_remote_agent(self, agent_name: str) -> None:
-        with self._nixl_errors(f"remove_remote_agent({agent_name!r})"):
-            self._live().remove_remote_agent(agent_name)
+        self._call(
+            f"remove_remote_agent({agent_name!r})", self._live().remove_remote_agent, agent_name
+        )
         self._remote_agents.discard(agent_name)
 
     def get_new_notifs(self) -> dict[str, list[bytes]]:
-        with self._nixl_errors("get_new_notifs"):
-            raw = self._live().get_new_notifs()
+        raw = self._call("get_new_notifs", self._live().get_new_notifs)
         return {str(agent): [bytes(m) for m in msgs] for agent, msgs in raw.items()}
 
     def send_notif(self, remote_agent: str, msg: bytes) -> None:
@@ -382,17 +376,10 @@ class NixlWrapper(NixlTransport):
             raise NixlHandleError(f"unknown or released transfer {handle}")
         return native
 
-    def _call(self, op: str, call: Callable[..., T], *args: Any) -> T:
-        """``call(*args)``, NIXL's errors raised as ``NixlTransportError``: for the calls made
-        per READ (the context manager of ``_nixl_errors`` costs 1-3 us a call)."""
+    def _call(self, op: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)``, NIXL's errors raised as ``NixlTransportError`` naming
+        ``op`` (a function, not a context manager: those cost 1-3 us a call, made per READ)."""
         try:
-            return call(*args)
-        except self._errors as exc:
-            raise NixlTransportError(f"{op}: {exc}", _error_code(exc)) from exc
-
-    @contextmanager
-    def _nixl_errors(self, op: str) -> Iterator[None]:
-        try:
-            yield
+            return call(*args, **kwargs)
         except self._errors as exc:
             raise NixlTransportError(f"{op}: {exc}", _error_code(exc)) from exc

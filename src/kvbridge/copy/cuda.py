@@ -222,15 +222,17 @@ class CUDACopyBackend(CopyBackend):
             return _drive(self._steps(plan_runs(cpu_ids, gpu_ids), is_load=True))
 
     @contextmanager
-    def _ordered_on_failure(self) -> Iterator[None]:
+    def _ordered_on_failure(self, *streams: torch.cuda.Stream) -> Iterator[None]:
         """A batch that fails part-way (a chunk's launch or allocation raised) has chunks
         queued that still run: the caller's stream, where the recompute and the blocks' next
-        users go, waits for every copy stream before the error goes on."""
+        users go, waits for ``streams`` (default: every copy stream) before the error goes
+        on. Enter it outside any ``torch.cuda.stream`` context: inside, the "caller's" stream
+        would be the copy stream itself."""
         try:
             yield
         except Exception:
             current = torch.cuda.current_stream(self.device)
-            for stream in (
+            for stream in streams or (
                 self.load_stream,
                 self.load_copy_stream,
                 self.store_stream,
@@ -258,19 +260,15 @@ class CUDACopyBackend(CopyBackend):
             return super().load_layers(cpu_ids, gpu_ids, chunks)
         stream = self.load_stream
         self._fence(stream)
-        try:
-            with torch.cuda.stream(stream):
-                ids_host = torch.tensor([plan.other, plan.keyed], dtype=torch.int64).pin_memory()
-                ids = ids_host.to(self.device, non_blocking=True)
-                if direct and self._direct is not None:
-                    handles: list[CopyHandle] = []
-                    for chunk in chunks:
-                        self._direct.load(ids[1], ids[0], layers=chunk)
-                        handles.append(_recorded(stream, ids_host, ids))
-                    return handles
-        except Exception:  # chunks already queued still run: what follows waits for them
-            torch.cuda.current_stream(self.device).wait_stream(stream)  # outside ``stream``
-            raise
+        with self._ordered_on_failure(stream), torch.cuda.stream(stream):
+            ids_host = torch.tensor([plan.other, plan.keyed], dtype=torch.int64).pin_memory()
+            ids = ids_host.to(self.device, non_blocking=True)
+            if direct and self._direct is not None:
+                handles: list[CopyHandle] = []
+                for chunk in chunks:
+                    self._direct.load(ids[1], ids[0], layers=chunk)
+                    handles.append(_recorded(stream, ids_host, ids))
+                return handles
         assert self.cpu_blocks is not None
         copy_stream = self.load_copy_stream
         copy_stream.wait_stream(stream)
@@ -284,13 +282,8 @@ class CUDACopyBackend(CopyBackend):
         steps = layerwise_load(
             self.cpu_blocks, self.gpu_rows, plan, ids[0], buffers, chunks, sync, self._copy_out
         )
-        try:
+        with self._ordered_on_failure(stream, copy_stream):
             return [_recorded(stream, ids_host, ids, *buffers) for _ in steps]
-        except Exception:  # chunks already queued still run: what follows waits for them
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(stream)
-            current.wait_stream(copy_stream)
-            raise
 
     def store_and_load(
         self,

@@ -211,7 +211,11 @@ def _run_stack(
         warm_s = warm_up(urls.proxy, builder, REQUEST_TIMEOUT_S)
         progress.console.print(f"{plan.name}: one warm-up request ({warm_s:.2f} s), not counted")
         servers = {"prefill": urls.prefill, "decode": urls.decode, "proxy": urls.proxy}
-        before = {name: fetch_metrics(url) for name, url in servers.items()}
+
+        def scrape() -> dict[str, str]:
+            return {name: fetch_metrics(url) for name, url in servers.items()}
+
+        before = scrape()
         progress.update(task, description=f"{plan.name}: requests")
         runner = WorkloadRunner(
             urls.proxy,
@@ -228,9 +232,7 @@ def _run_stack(
             "P/D + reuse" if plan.reuse else "P/D, no reuse",
             records,
             wall,
-            prefill=fetch_metrics(urls.prefill),
-            decode=fetch_metrics(urls.decode),
-            proxy=fetch_metrics(urls.proxy),
+            **scrape(),
             before=before,
         )
     progress.update(task, description=f"{plan.name}: done")

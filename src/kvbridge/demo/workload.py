@@ -160,8 +160,7 @@ class WorkloadRunner:
     async def run(self) -> list[RequestRecord]:
         """Every request's record, ordered by (turn, user). Ctrl-C (SIGINT, main thread)
         raises ``KeyboardInterrupt`` out of the run: the requests in flight are cancelled and
-        no further turn starts, even when a library swallows the cancellation (httpx's
-        shielded clean-up can, and the run then went on to its end)."""
+        no further turn starts, even when a request swallows its cancellation."""
         self._interrupted = False
         with self._sigint_stops(asyncio.get_running_loop(), asyncio.current_task()):
             try:

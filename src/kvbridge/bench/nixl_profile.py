@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from kvbridge.bench import harness
+from kvbridge.bench.nixl import _read, block_ids
 from kvbridge.bench.nixl_peer import HOST, ProducerProcess, kv_caches, make_spec, nixl_config
 from kvbridge.bench.nixl_peer import recv_spec as make_recv_spec
 from kvbridge.bench.nixl_raw_reader import RawReader
@@ -124,8 +125,6 @@ def timed_plan(parts: defaultdict[str, list[float]]) -> Iterator[None]:
 def profile(args: Any) -> harness.Report:
     """``args``: the bench's (layers, blocks, block_kib, progress_delay_us) and profile_loads,
     profile_pattern, cprofile."""
-    from kvbridge.bench.nixl import _read, block_ids
-
     spec = make_spec(args.layers, args.blocks, args.block_kib)
     delay = {"progress_delay_us": args.progress_delay_us}
     loads = args.profile_loads
@@ -144,7 +143,7 @@ def profile(args: Any) -> harness.Report:
         try:
             cache = kv_caches(spec, None)  # referenced until shutdown: NIXL writes it
             worker.register_kv_caches(cache)
-            report = _run(worker, transports[0], raw, producer, args, block_ids, _read)
+            report = _run(worker, transports[0], raw, producer, args)
         finally:
             worker.shutdown()
             leaked = raw.close()
@@ -164,8 +163,6 @@ def _run(
     raw: RawReader,
     producer: ProducerProcess,
     args: Any,
-    block_ids: Callable[[str, int], list[int]],
-    read: Callable[..., float],
 ) -> harness.Report:
     if not isinstance(worker, NixlWorker) or worker.registered.reader is None:
         raise TypeError(f"a consumer NixlWorker is profiled, not {type(worker).__name__}")
@@ -180,14 +177,14 @@ def _run(
     loads: list[float] = []
     raws: list[float] = []
     with raw.prepared([ids], [ids], merge=True) as xfer:
-        read(worker, specs[0])  # the handshake
+        _read(worker, specs[0])  # the handshake
         timed.parts.clear()
         profiler = cProfile.Profile() if args.cprofile else None
         with timed_plan(timed.parts):
             if profiler is not None:
                 profiler.enable()
             for spec in specs[1:]:
-                loads.append(read(worker, spec))
+                loads.append(_read(worker, spec))
                 raws.append(raw.read(xfer).seconds)
             if profiler is not None:
                 profiler.disable()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -131,10 +132,30 @@ def substitute(command: str, values: Mapping[str, str | int]) -> str:
 
 
 # -- processes --------------------------------------------------------------------------------
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and below the kernel's ephemeral range.
+
+    A server binds its port minutes after this pick. A port from the ephemeral range (what
+    ``bind(0)`` hands out) can meanwhile be taken by any outgoing connection or ``bind(0)`` of
+    the engines started in between (CI saw the proxy's port taken so); ports below that range
+    are only ever taken by explicit binds.
+    """
+    low = int(_EPHEMERAL.read_text().split()[0]) if _EPHEMERAL.exists() else 32768
+    for port in random.sample(range(max(1024, low - 12000), low), 200):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port below the ephemeral range (starts at {low})")
 
 
 def bin_env(**extra: str) -> dict[str, str]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, MutableMapping
 
 from kvbridge.nixl.settings import NixlSettings
 from kvbridge.nixl.transport import LiveCounts, NixlTransport
@@ -12,6 +13,11 @@ logger = logging.getLogger(__name__)
 
 TransportFactory = Callable[[str], NixlTransport]
 NOTIFY_SUFFIX = "-notify"  # the notification agent's name: the worker's agent name + this
+# UCX settings a worker that registers VRAM defaults (an operator's own value wins): NIXL reads
+# are UCX GETs, and UCX's "auto" turns cuda_ipc GET off where it finds no NVLink (one GPU, or
+# PCIe-only peers), which leaves those READs to a TCP emulation (0.59 GB/s for 1 GiB on one
+# H200, docs/benchmarks.md) where a device copy is possible.
+VRAM_UCX_DEFAULTS = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
 
 
 def make_notifier(factory: TransportFactory, agent_name: str) -> NixlTransport | None:
@@ -29,6 +35,24 @@ def make_notifier(factory: TransportFactory, agent_name: str) -> NixlTransport |
     except Exception as e:  # any failure only costs the separation, never a notification
         logger.warning("no notification agent for %s (%s): notifying via its own", agent_name, e)
         return None
+
+
+def apply_ucx_defaults(
+    memory_type: str,
+    backends: tuple[str, ...],
+    env: MutableMapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Set ``VRAM_UCX_DEFAULTS`` in ``env`` (the process environment) for a UCX agent about to
+    register VRAM, leaving any key already set; returns what it set. UCX reads its settings
+    when the agent's backend starts, so call this before making the agent."""
+    if memory_type != "VRAM" or "UCX" not in backends:
+        return {}
+    env = os.environ if env is None else env
+    applied = {k: v for k, v in VRAM_UCX_DEFAULTS.items() if k not in env}
+    env.update(applied)
+    if applied:
+        logger.info("NIXL on VRAM: %s (set the variables to override)", applied)
+    return applied
 
 
 def add_counts(a: LiveCounts, b: LiveCounts) -> LiveCounts:

@@ -59,6 +59,7 @@ from kvbridge.nixl.transport import (
 from kvbridge.nixl.transport_factory import (
     TransportFactory,
     add_counts,
+    apply_ucx_defaults,
     make_notifier,
     make_transport_factory,
 )
@@ -143,6 +144,7 @@ class NixlWorker(KVConnectorWorker):
             staging = HostStaging(layers.tensors, layers.group_layers)
             regions = staging.regions(layers.names, regions.block_len)
         mem: MemoryType = "VRAM" if regions.memory_type == "VRAM" else "DRAM"
+        apply_ucx_defaults(mem, self.settings.backends)
         transport = self._factory(self.agent_name)
         listener = handshaker = confirmer = boards = notifier = engines = None
         board, board_regs = self._lease_board(), None

@@ -61,12 +61,37 @@ class LoadBook:
 
     # -- endings --------------------------------------------------------------------------------
     def _fail(self, recv: Load, reason: str) -> None:
+        """End a failed load; one whose READ cannot be cancelled yet drains instead (retried
+        by ``retry_drain``): until the READ is cancelled, P is not told "release" (it could
+        reuse the blocks the READ copies) and the engine is not given the blocks back (it
+        would recompute into blocks the READ may still write)."""
+        if recv.phase in ("connect", "gate", "read", "drain"):  # after a READ, "done" goes out
+            if not self._cancel_read(recv):
+                if recv.phase != "drain":
+                    logger.error(
+                        "load of %s failed (%s) but its READ could not be cancelled; holding "
+                        "its blocks until it is",
+                        recv.spec.request_id,
+                        reason,
+                    )
+                    self.confirmer.cancel(recv.spec.request_id)
+                recv.phase, recv.drain_reason = "drain", reason
+                return
+            self._notify_release(recv)
         if not recv.aborted:
             self.results.failed(recv.spec, reason)
-        if recv.phase in ("connect", "gate", "read"):  # after a READ, "done" goes out
-            self._release_transfer(recv)  # cancel a READ in flight before P may free its blocks
-            self._notify_release(recv)
         self._end(recv)
+
+    def retry_drain(self, recv: Load) -> None:
+        """Try again to cancel a draining load's READ; the load ends once that worked."""
+        self._fail(recv, recv.drain_reason)
+
+    def _cancel_read(self, recv: Load) -> bool:
+        """Cancel the load's READ (release its handle); False while that fails."""
+        if recv.handle is not None and not self._xfers.cancel(recv.handle):
+            return False
+        recv.handle = None
+        return True
 
     def _notify_release(self, recv: Load) -> None:
         if not recv.foreign:

@@ -16,7 +16,8 @@ from kvbridge.nixl.remotes import RemoteEngine
 from kvbridge.nixl.transfers import ReadPlan
 from kvbridge.nixl.transport import XferHandle
 
-Phase = Literal["connect", "gate", "read", "confirm", "land"]
+# "drain": failed, its READ not yet cancelled (a release failed); ends once it is
+Phase = Literal["connect", "gate", "read", "confirm", "land", "drain"]
 # phase -> (the stats key a failure in it counts, what it waited for)
 TIMEOUT_KEYS: dict[Phase, tuple[str, str]] = {
     "connect": (keys.FAILED_HANDSHAKES, "handshake"),
@@ -51,6 +52,7 @@ class Load:
     report: bool = True  # an aborted load is still reported in finished_recving when it ends
     foreign: bool = False  # the producer's blocks are not this load's KV: never end its lease
     failure_counted: bool = False  # a failure of this load is in the stats (one per load)
+    drain_reason: str = ""  # why a draining load failed (reported once its READ is cancelled)
 
     def question(self) -> dict[str, Any]:
         """``LeaseConfirmer.ask``'s arguments for this load's lease (but the key and time)."""

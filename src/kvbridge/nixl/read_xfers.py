@@ -41,6 +41,7 @@ class ReadXfers:
         self._local_dlist = local_dlist
         # handles whose release failed, retried; with the remote engine each keeps bound
         self._zombies: list[tuple[XferHandle, RemoteEngine | None]] = []
+        self._refused: set[XferHandle] = set()  # handles whose release failed (logged once)
 
     def post(self, plan: ReadPlan, remote: RemoteEngine, notif: bytes = b"") -> PostedRead:
         """Make and post one READ over the dlists prepared once (no per-READ dlist: preparing
@@ -83,12 +84,23 @@ class ReadXfers:
     def release(self, handle: XferHandle, remote: RemoteEngine | None) -> bool:
         """Release a READ's handle (cancelling it if in flight); False if that failed: the
         handle is retried and keeps ``remote`` bound meanwhile."""
+        if self.cancel(handle):
+            return True
+        self._zombies.append((handle, remote))
+        return False
+
+    def cancel(self, handle: XferHandle) -> bool:
+        """Release a READ's handle, cancelling it if in flight; False if that failed (NIXL
+        cannot cancel a READ its backend is still running): the handle stays live, the
+        caller's to retry."""
         try:
             self._t.release_xfer_handle(handle)
         except NixlTransportError as e:
-            logger.error("releasing transfer %s failed (%s); will retry", handle, e)
-            self._zombies.append((handle, remote))
+            if handle not in self._refused:  # retried every step: logged the first time
+                self._refused.add(handle)
+                logger.error("releasing transfer %s failed (%s); will retry", handle, e)
             return False
+        self._refused.discard(handle)
         return True
 
     def retry_zombies(self) -> list[RemoteEngine]:

@@ -71,12 +71,13 @@ class KVReader(LoadBook):
                 self.results.ended(request_id)
             return
         recv.aborted, recv.report = True, report
-        if recv.phase in ("connect", "gate"):
-            self._notify_release(recv)
-            self._end(recv)
+        if recv.phase in ("connect", "gate") or (recv.phase == "read" and not report):
+            # preempted mid-READ: the engine freed the blocks (and may reuse them at once), so
+            # the READ is cancelled now, not awaited
+            self._fail(recv, "aborted")
         elif recv.phase == "confirm":
             self._end(recv)
-        # read / land: ends when the READ / copy does
+        # read / land / drain: ends when the READ / copy does (or is cancelled)
 
     # -- progress -------------------------------------------------------------------------------
     def poll(self, now: float) -> None:
@@ -103,6 +104,8 @@ class KVReader(LoadBook):
                     self._on_state(recv, self._xfers.state(recv.handle, recv.spec.request_id), now)
             elif recv.phase == "land":
                 self._land(recv, now)
+            elif recv.phase == "drain":
+                self.retry_drain(recv)
             else:  # gate, confirm: the answer first (it may be to the question asked with
                 if answer is not None:  # the READ, which a question asked now would outdate)
                     self._settle(recv, answer, now)
@@ -111,7 +114,7 @@ class KVReader(LoadBook):
         if ready:
             self._post_ready(ready, now)
         for recv in list(self._recvs.values()):
-            if recv.phase != "land" and now > recv.deadline:
+            if recv.phase not in ("land", "drain") and now > recv.deadline:
                 key, what = TIMEOUT_KEYS[recv.phase]
                 if recv.phase == "read" and recv.remote is not None:
                     recv.remote.stale = True
@@ -162,7 +165,7 @@ class KVReader(LoadBook):
                     continue
                 if recv.phase == "connect":
                     recv.future = None
-                elif recv.phase != "land" and recv.instance_id == instance_id:
+                elif recv.phase not in ("land", "drain") and recv.instance_id == instance_id:
                     self._count_failure(recv, TIMEOUT_KEYS[recv.phase][0])
                     self._fail(recv, f"engine {engine_id} is gone ({why})")
 
@@ -253,6 +256,7 @@ class KVReader(LoadBook):
                 merge=self._cfg.merge_contiguous_blocks,
             )
         except ValueError as e:
+            self._count_failure(recv, keys.FAILED_TRANSFERS)
             self._fail(recv, f"bad block ids: {e}")
             return
         if plan.num_block_layers == 0:
@@ -398,6 +402,7 @@ class KVReader(LoadBook):
             done = recv.landing.done()
         except Exception as e:
             recv.landing = None
+            self._count_failure(recv, keys.FAILED_TRANSFERS)
             self._fail(recv, f"copying the blocks from the host buffer failed: {e}")
             return
         if done:

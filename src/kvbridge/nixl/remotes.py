@@ -300,13 +300,14 @@ class RemoteEngines:
 
     def heartbeat(self, now: float, waiting: list[tuple[str, str]]) -> None:
         """Renew the producers' leases on ``waiting`` ((engine id, its request id) pairs), each
-        at its own interval."""
+        at its own interval; a stale producer's too (one failed READ says nothing of the others
+        still reading from it), not a gone one's (``notify`` skips it)."""
         by_engine: dict[str, list[str]] = {}  # engine id -> its request ids
         for engine_id, rid in waiting:
             by_engine.setdefault(engine_id, []).append(rid)
         for engine_id, ids in by_engine.items():
             engine = self.get(engine_id)
-            if engine is None or engine.stale or now - engine.last_heartbeat < engine.heartbeat_s:
+            if engine is None or now - engine.last_heartbeat < engine.heartbeat_s:
                 continue
             engine.last_heartbeat = now
             self.notify(engine_id, "heartbeat", ids)

@@ -31,7 +31,7 @@ from kvbridge.nixl.metadata import (
     decode_notif,
     prompt_hash,
 )
-from kvbridge.nixl.transport import LiveCounts, XferHandle, XferState
+from kvbridge.nixl.transport import LiveCounts, NixlTransportError, XferHandle, XferState
 from kvbridge.nixl.worker import NixlWorker
 
 HELD = [5, 6, 7]
@@ -417,11 +417,15 @@ def test_a_read_done_in_its_post_that_the_board_does_not_prove_asks_after_it(
         peers.close()
 
 
+@pytest.mark.parametrize("refused", [0, 3])
 def test_a_read_timed_out_in_flight_is_cancelled_before_the_producer_hears_release(
-    peers: Peers, clock: FakeClock
+    peers: Peers, clock: FakeClock, refused: int
 ) -> None:
     """ "release" lets P free (and reuse) the blocks: a READ still running into D's blocks must
-    be cancelled (its handle released) first, or it may copy P's reused blocks."""
+    be cancelled (its handle released) first, or it may copy P's reused blocks. When NIXL
+    refuses the cancel (``refused`` times: its backend still runs the READ), the load drains:
+    neither "release" nor the blocks handed back to the engine until it is cancelled. Checked
+    against the build that sent "release" and reported the load at the first refusal."""
     attached(peers)
     peers.hold()
     events: list[str] = []
@@ -429,6 +433,7 @@ def test_a_read_timed_out_in_flight_is_cancelled_before_the_producer_hears_relea
     d_fake, notify = peers.d_fake, peers.fabric.agents[peers.d.agent_name + "-notify"]
     real_make, real_state = d_fake.make_prepped_xfer, d_fake.check_xfer_state
     real_release = d_fake.release_xfer_handle
+    refusals = [refused]
 
     def note_data(*args: Any, **kwargs: Any) -> Any:
         handle = real_make(*args, **kwargs)
@@ -440,9 +445,13 @@ def test_a_read_timed_out_in_flight_is_cancelled_before_the_producer_hears_relea
         return "PROC" if handle in data_handles else real_state(handle)
 
     def note_release(handle: Any) -> None:
+        if handle in data_handles and refusals[0] > 0:
+            refusals[0] -= 1
+            events.append("cancel refused")
+            raise NixlTransportError("release_xfer_handle: REPOST_ACTIVE", "REPOST_ACTIVE")
+        real_release(handle)
         if handle in data_handles:
             events.append("READ released")
-        real_release(handle)
 
     for agent in (d_fake, notify):
         real_send = agent.send_notif
@@ -460,9 +469,19 @@ def test_a_read_timed_out_in_flight_is_cancelled_before_the_producer_hears_relea
         got.append(step(peers.d))
     assert data_handles and "d-1" not in got[-1][1]  # the READ is in flight
     clock.advance(3600.0)  # past the transfer timeout: the load fails in "read"
+    drained = 0  # steps after which the READ was still not cancelled
+    while refusals[0] > 0:  # the cancel is refused: nothing reported, nothing released
+        got.append(step(peers.d))
+        if "READ released" not in events:
+            drained += 1
+            assert "d-1" not in got[-1][1] and not got[-1][2], events
+            assert "release" not in events and peers.d.registered.reader is not None
+            peers.d.registered.reader.check_integrity()
+    assert drained >= (refused > 0)
     wait_for(lambda: "d-1" in got[-1][1], poll=lambda: got.append(step(peers.d)))
     assert got[-1][2] == set(LOCAL)
-    assert [e for e in events if e in ("READ released", "release")] == [
+    assert [e for e in events if e in ("cancel refused", "READ released", "release")] == [
+        *["cancel refused"] * refused,
         "READ released",
         "release",
     ], events

@@ -106,3 +106,35 @@ def test_a_lease_heartbeated_forever_does_not_hold_back_the_others_expiry(
         assert producer.worker.leases.num_expired_total == 5
     finally:
         producer.worker.shutdown()
+
+
+def test_a_failed_read_does_not_stop_the_heartbeat_of_the_loads_still_reading(
+    clock: FakeClock, producer: Node
+) -> None:
+    """One READ from a producer ends in ERR (its engine is marked stale, to be handshaken afresh
+    once idle); another load still reading from it keeps renewing its lease. Checked against
+    the build that skipped stale engines' heartbeats: no heartbeat left, the lease lapsed."""
+    consumer = make_node("kv_consumer", "decode", clock, cycles=10_000, transfer_timeout_s=100)
+    try:
+        port = producer.worker.side_channel_port
+        hold(producer, "p-1", lease_s=2.0)
+        hold(producer, "p-2", lease_s=2.0)
+        consumer.step(recv(port, rid="d-1", remote_rid="p-1"))
+        wait_for(lambda: consumer.fake.num_live_xfer_handles == 1, poll=consumer.step)
+        consumer.fake.fail_next_xfers(1)
+        second = recv(port, rid="d-2", remote_rid="p-2", local=[8, 9, 10], remote=[11, 12, 13])
+        run_until(consumer, got_recving("d-2"), meta=second)
+        attached = remote(consumer)
+        assert attached is not None and attached.stale and consumer.worker.num_inflight_loads == 1
+        first = beats(consumer)
+        renewed: list[list[str]] = []
+        for _ in range(6):  # 2.4 s of d-1's READ in flight, stepped every 0.4 s
+            clock.advance(0.4)
+            consumer.step()
+        for _, m in consumer.sent_notifs:
+            notif = decode_notif(m)
+            if notif.kind == "heartbeat":
+                renewed.append(notif.request_ids)
+        assert beats(consumer) - first == 3 and renewed[-1] == ["p-1"]  # every lapse covered
+    finally:
+        consumer.worker.shutdown()

@@ -238,6 +238,8 @@ def test_failed_copies_fail_the_hold_or_the_load_and_leak_nothing(
     assert receive(d, p) == set(D_BLOCKS)
     meta = d.worker.build_connector_worker_meta()
     assert isinstance(meta, NixlWorkerMetadata) and "injected" in meta.load_failures["d-1"]
+    stats = d.worker.get_kv_connector_stats()  # a failed load counts once
+    assert stats is not None and stats.data["num_failed_transfers"] == 1
     # Producer: staging fails -> the hold ends at once (blocks freed), never readable.
     monkeypatch.setattr(HostStaging, "stage_out", broken)
     assert hold(p, "p-2") == {"p-2"}

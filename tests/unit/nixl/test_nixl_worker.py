@@ -186,6 +186,8 @@ def test_bad_remote_block_ids_fail_the_load(nodes: tuple[Node, Node]) -> None:
     results = run_until(consumer, got_recving("d-1"), meta=meta)
     assert results[-1][2] == {2, 3, 4}
     assert consumer.fake.calls_to("make_prepped_xfer") == []
+    stats = consumer.worker.get_kv_connector_stats()  # a failed load counts once
+    assert stats is not None and stats.data[keys.FAILED_TRANSFERS] == 1
 
 
 def test_scheduler_planned_failure_is_reported_at_once(nodes: tuple[Node, Node]) -> None:
@@ -212,6 +214,23 @@ def test_request_aborted_mid_read_is_reported_once_the_read_ends(
     # An abort for a load that already ended is still answered (the engine waits for it).
     late = NixlConnectorMetadata(reqs_aborted={"gone": True})
     assert consumer.step(late)[1] == {"gone"}
+
+
+@pytest.mark.parametrize("nodes", [10_000], indirect=True)
+def test_a_load_preempted_mid_read_cancels_its_read_at_once(nodes: tuple[Node, Node]) -> None:
+    """Preemption (an abort without a report) means the engine freed the blocks and may hand
+    them to another request: the READ into them is cancelled in that step, not awaited, and
+    the producer told "release". Checked against the build that waited for the READ: its
+    handle stayed live, still writing into the freed blocks."""
+    producer, consumer = nodes
+    consumer.step(recv(producer.worker.side_channel_port))
+    wait_for(lambda: consumer.fake.num_live_xfer_handles == 1, poll=consumer.step)
+    preempt = NixlConnectorMetadata(reqs_aborted={"d-1": False})
+    assert consumer.step(preempt) == (frozenset(), frozenset(), set())
+    assert consumer.fake.num_live_xfer_handles == 0 and consumer.worker.num_inflight_loads == 0
+    assert ("release", ["p-1"]) in [as_tuple(m) for _, m in consumer.sent_notifs]
+    for _ in range(3):  # never reported: the engine does not wait for it
+        assert consumer.step()[1] == frozenset()
 
 
 def test_abort_before_the_handshake_ends_at_once_and_preemption_stays_silent(

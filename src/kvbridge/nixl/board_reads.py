@@ -74,12 +74,19 @@ class BoardReads:
         return self.buf[window]
 
     def give_back(self, window: int, *, released: bool = True) -> None:
-        """The window's READ handle is released (else it is never handed out again)."""
+        """The window's READ handle is released (else the window is lost until ``recover``)."""
         if released:
             self._free.append(window)
         else:
             self._lost.add(window)
             logger.error("board READ window %d lost: its transfer handle was not released", window)
+
+    def recover(self, window: int) -> None:
+        """A lost window's READ handle was released after all: the window is free again."""
+        if window in self._lost:
+            self._lost.discard(window)
+            self._free.append(window)
+            logger.info("board READ window %d recovered: its transfer handle was released", window)
 
     @property
     def num_taken(self) -> int:

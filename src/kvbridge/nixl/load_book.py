@@ -127,8 +127,9 @@ class LoadBook:
         check, recv.board = recv.board, None
         if check is None or self.boards is None:
             return
-        released = self._xfers.release(check.handle, recv.remote)
-        self.boards.give_back(check.window, released=released)
+        boards, window = self.boards, check.window
+        released = self._xfers.release(check.handle, recv.remote, lambda: boards.recover(window))
+        boards.give_back(window, released=released)
         if not released:
             recv.remote = None  # the unreleased handle keeps the remote bound
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kvbridge.nixl.remotes import TRANSPORT_ERRORS, RemoteEngine
@@ -39,8 +40,9 @@ class ReadXfers:
     def __init__(self, transport: NixlTransport, local_dlist: DlistHandle):
         self._t = transport
         self._local_dlist = local_dlist
-        # handles whose release failed, retried; with the remote engine each keeps bound
-        self._zombies: list[tuple[XferHandle, RemoteEngine | None]] = []
+        # handles whose release failed, retried; with the remote engine each keeps bound and
+        # what to do once it is released
+        self._zombies: list[tuple[XferHandle, RemoteEngine | None, Callable[[], None] | None]] = []
         self._refused: set[XferHandle] = set()  # handles whose release failed (logged once)
 
     def post(self, plan: ReadPlan, remote: RemoteEngine, notif: bytes = b"") -> PostedRead:
@@ -81,12 +83,18 @@ class ReadXfers:
             logger.warning("checking the READ of %s failed: %s", what, e)
             return "ERR"
 
-    def release(self, handle: XferHandle, remote: RemoteEngine | None) -> bool:
+    def release(
+        self,
+        handle: XferHandle,
+        remote: RemoteEngine | None,
+        on_freed: Callable[[], None] | None = None,
+    ) -> bool:
         """Release a READ's handle (cancelling it if in flight); False if that failed: the
-        handle is retried and keeps ``remote`` bound meanwhile."""
+        handle is retried, keeps ``remote`` bound meanwhile, and ``on_freed`` runs once a
+        retry released it."""
         if self.cancel(handle):
             return True
-        self._zombies.append((handle, remote))
+        self._zombies.append((handle, remote, on_freed))
         return False
 
     def cancel(self, handle: XferHandle) -> bool:
@@ -107,11 +115,15 @@ class ReadXfers:
         """Retry the failed releases; the remote engines of those that succeeded (to unbind)."""
         zombies, self._zombies = self._zombies, []
         freed = []
-        for handle, remote in zombies:
-            if self.release(handle, remote) and remote is not None:
+        for handle, remote, on_freed in zombies:
+            if not self.release(handle, remote, on_freed):
+                continue
+            if on_freed is not None:
+                on_freed()
+            if remote is not None:
                 freed.append(remote)
         return freed
 
     def bound(self, remote: RemoteEngine) -> int:
         """How many unreleased handles keep ``remote`` bound."""
-        return sum(1 for _, r in self._zombies if r is remote)
+        return sum(1 for _, r, _ in self._zombies if r is remote)

@@ -266,6 +266,8 @@ def test_a_failed_board_read_whose_handle_is_not_released_still_marks_the_produc
     assert reader is not None
     wait_for(lambda: reader.engines.get("prefill") is None, poll=lambda: step(peers.d))
     peers.d.check_integrity()
+    # the retried release freed the handle: its window is handed out again, not lost for good
+    assert reader.boards is not None and reader.boards.num_taken == 0
 
 
 def test_a_load_whose_board_read_failed_and_then_timed_out_is_one_failure(

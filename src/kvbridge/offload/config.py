@@ -11,6 +11,7 @@ An unknown key is an error that names it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -161,8 +162,10 @@ def check_offload_extra(config: TransferConfig) -> dict[str, Any]:
     extra = check_extra_keys(config, _KEYS, where=_WHERE)
     for key in ("cpu_bytes_to_use", "cpu_bytes_to_use_per_rank", "num_cpu_blocks"):
         value = extra.get(key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"kv_connector_extra_config.{key}: must be > 0, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(
+                f"kv_connector_extra_config.{key}: must be a finite number > 0, got {value}"
+            )
     check_disk_extra(extra)
     min_prefix = extra.get("lazy_offload_min_prefix_tokens")
     if min_prefix is not None and min_prefix < 0:

@@ -35,7 +35,9 @@ class CPUBlockPool:
 
     A block is *free*, *storing* (reserved by ``prepare_store`` until ``complete_store``) or
     *cached* (indexed by its ``BlockKey``). Cached blocks with no pin sit in the LRU and may be
-    evicted; ``prepare_load`` pins cached blocks until ``complete_load``.
+    evicted; ``prepare_load`` pins cached blocks until ``complete_load``. Blocks given in prefix
+    order are touched last to first, so a prefix is evicted from its end: a hit needs an
+    unbroken run from the start, and its first blocks are what other prompts share.
     ``complete_x(success=False)`` rolls back: a failed store frees its blocks, a failed or
     cancelled load drops its pins. Block ids are shared by all KV cache groups (as the engine's
     GPU ids are); a block belongs to the one group of its key, and LRU order spans groups.
@@ -118,7 +120,7 @@ class CPUBlockPool:
         for b in block_ids:
             if self._refs[b] <= 0:
                 raise RuntimeError(f"CPUBlockPool.complete_load: block {b} is not pinned")
-        for b in block_ids:
+        for b in reversed(block_ids):  # the prefix's first block becomes the most recent
             self._refs[b] -= 1
             if self._refs[b] == 0:
                 self._lru[b] = None
@@ -131,13 +133,14 @@ class CPUBlockPool:
         ids: list[int] = []
         cached = in_flight = dropped = 0
         evicted: list[BlockKey] = []
+        for block_hash in reversed(hashes):  # touched last to first (see the class docstring)
+            hit = self._cached.get((group, block_hash))
+            if hit is not None and hit in self._lru:
+                self._lru.move_to_end(hit)
         for i, block_hash in enumerate(hashes):
             h = (group, block_hash)
-            hit = self._cached.get(h)
-            if hit is not None:
+            if h in self._cached:
                 cached += 1
-                if hit in self._lru:
-                    self._lru.move_to_end(hit)
                 continue
             if h in self._storing:
                 in_flight += 1
@@ -161,14 +164,19 @@ class CPUBlockPool:
             h = self._key_of[b]
             if h is None or self._storing.get(h) != b:
                 raise RuntimeError(f"CPUBlockPool.complete_store: block {b} is not being stored")
+        for b in block_ids:
+            h = self._key_of[b]
+            assert h is not None
             del self._storing[h]
             if success:
                 self._cached[h] = b
-                self._lru[b] = None
                 stored.append(h)
             else:
                 self._key_of[b] = None
                 heapq.heappush(self._free, b)
+        if success:
+            for b in reversed(block_ids):  # touched last to first (see the class docstring)
+                self._lru[b] = None
         for g, group_hashes in self._by_group(stored):
             self._events.append(BlockStored(group_hashes, Medium.CPU, self.block_size, g))
 

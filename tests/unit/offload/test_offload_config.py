@@ -44,10 +44,13 @@ def test_explicit_num_cpu_blocks_must_fit_capacity() -> None:
 
 
 def test_pool_sizing_errors_name_the_key() -> None:
-    with pytest.raises(ConfigError, match="cpu_bytes_to_use: must be > 0"):
+    with pytest.raises(ConfigError, match="cpu_bytes_to_use: must be a finite number > 0"):
         check_offload_extra(config(cpu_bytes_to_use=-1))
-    with pytest.raises(ConfigError, match="cpu_bytes_to_use_per_rank: must be > 0"):
+    with pytest.raises(ConfigError, match="cpu_bytes_to_use_per_rank: must be a finite"):
         check_offload_extra(config(cpu_bytes_to_use_per_rank=0))
+    for bad in (float("inf"), float("nan")):  # JSON's Infinity / NaN (was: int() raised)
+        with pytest.raises(ConfigError, match="cpu_bytes_to_use: must be a finite"):
+            check_offload_extra(config(cpu_bytes_to_use=bad))
 
 
 def test_default_is_vllms_8_gib_split_by_world_size() -> None:

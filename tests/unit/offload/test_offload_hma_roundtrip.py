@@ -151,8 +151,9 @@ def test_groups_share_cpu_memory_slot_by_slot_through_evictions() -> None:
     pool.prepare_store(first.block_hashes, 0)  # a dedup hit: group 0's blocks become MRU
     second = request("c", list(range(200, 209)))
     h.store(second, ([7, 8, 9], [10, 11, 12]))
-    assert [pool.cached_block_id(x, 0) for x in second.block_hashes] == window_ids
-    assert [pool.cached_block_id(x, 1) for x in second.block_hashes] == full_ids
+    # evicted from each prefix's end first: in reverse order
+    assert [pool.cached_block_id(x, 0) for x in second.block_hashes] == window_ids[::-1]
+    assert [pool.cached_block_id(x, 1) for x in second.block_hashes] == full_ids[::-1]
     want = h.rows(0, [7, 8]), h.rows(1, [10, 11])
     h.scramble()
     again = request("d", list(range(200, 209)))

@@ -36,7 +36,23 @@ def test_lru_evicts_least_recently_used_and_loads_touch() -> None:
     assert plan.num_evicted == 2
     assert [pool.is_cached(h(i)) for i in (1, 2, 3)] == [True, False, False]
     events = pool.take_events()
-    assert events[-1] == BlockRemoved((h(2), h(3)), Medium.CPU)
+    assert events[-1] == BlockRemoved((h(3), h(2)), Medium.CPU)  # a prefix goes from its end
+    pool.check_integrity()
+
+
+def test_a_prefix_is_evicted_from_its_end_so_its_start_still_hits() -> None:
+    """Stored or loaded in prefix order, a prefix's first blocks stay longest: a hit needs an
+    unbroken run from the start. Checked against the build that touched in prefix order: the
+    first blocks went first and the rest could never hit again."""
+    pool = stored_pool(4, [1, 2, 3, 4])
+    plan = pool.prepare_store([h(10), h(11)])
+    assert plan.num_evicted == 2 and pool.lookup([h(1), h(2), h(3), h(4)]) == 2  # 4, 3 went
+    pool.complete_store(plan.block_ids, success=True)
+    ids = pool.prepare_load([h(10), h(11)])
+    pool.complete_load(ids, success=True)
+    for new in (12, 13, 14):  # evicts 2, then 1, then the loaded prefix's end: 11
+        pool.complete_store(pool.prepare_store([h(new)]).block_ids, success=True)
+    assert pool.lookup([h(10), h(11)]) == 1 and not pool.is_cached(h(1))
     pool.check_integrity()
 
 

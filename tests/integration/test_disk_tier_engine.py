@@ -286,6 +286,36 @@ def test_records_deleted_by_another_server_are_misses(
     assert check(expected[tuple(A)], Trace.from_output(out)).ok
 
 
+def test_records_whose_reads_fail_are_misses_and_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expected: dict[tuple[int, ...], Trace]
+) -> None:
+    """Reads failing with EIO (the file is there): misses, counted, and the records deleted,
+    never left on disk unindexed (outside the capacity bound). Writes fail too, so nothing
+    rewrites them."""
+    config = engine_config(disk_config(tmp_path))
+    with LLMEngine(config) as engine:
+        run_one(engine, A)
+    assert len(list(tmp_path.rglob("*.kvb"))) == 7
+
+    def fail(self: RecordIO, path: Path, *args: object) -> int:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(RecordIO, "read", fail)
+    monkeypatch.setattr(RecordIO, "write", fail)
+    with LLMEngine(config) as restarted:
+        out = run_one(restarted, A)
+        got = stats(restarted)
+        deadline = time.monotonic() + 10
+        while list(tmp_path.rglob("*.kvb")) and time.monotonic() < deadline:
+            restarted.step()  # the deletes go out with the next steps' jobs
+            time.sleep(0.01)
+        half = restarted.scheduler_connector
+        assert isinstance(half, TieredOffloadScheduler) and len(half.disk.index) == 0
+    assert out.num_external_tokens == 0 and got.get("disk_missing_records") == 7
+    assert check(expected[tuple(A)], Trace.from_output(out)).ok
+    assert not list(tmp_path.rglob("*.kvb"))
+
+
 KILLED_WRITER = """
 import os, sys, threading, time
 sys.path.insert(0, {tests!r})

@@ -33,6 +33,8 @@ def test_vllm_disk_config_is_accepted_as_vllm_writes_it() -> None:
         ({**DISK, "disk_path": ""}, "disk_path: kv_offload_backend 'disk' needs a directory"),
         ({**DISK, "disk_capacity_bytes": None}, "disk_capacity_bytes: .* positive byte budget"),
         ({**DISK, "disk_capacity_bytes": -1}, "disk_capacity_bytes: .* positive"),
+        ({**DISK, "disk_capacity_bytes": float("inf")}, "disk_capacity_bytes: .* finite.*inf"),
+        ({**DISK, "disk_capacity_bytes": float("nan")}, "disk_capacity_bytes: .* finite.*nan"),
         ({**DISK, "direct_io_alignment": 1000}, "direct_io_alignment: 1000 is not a power of two"),
         ({**DISK, "direct_io_alignment": 256}, "direct_io_alignment: 256"),
         ({**DISK, "n_read_threads": 0}, "n_read_threads: must be >= 1"),

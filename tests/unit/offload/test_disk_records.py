@@ -3,6 +3,7 @@ loaded), a writer killed mid-write leaving no record, the start-up scan and LRU 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,14 +12,18 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from kvbridge.offload.disk import io as disk_io
 from kvbridge.offload.disk.index import DiskIndex, scan
 from kvbridge.offload.disk.io import RecordIO, probe_direct
 from kvbridge.offload.disk.record import CorruptRecord, record_path, record_size
+from kvbridge.offload.disk.worker import _write_namespace_file
 
 NS = bytes(range(16))
 ALIGN = 4096
@@ -214,3 +219,89 @@ def test_records_are_readable_by_their_owner_only(tmp_path: Path) -> None:
     path = record_path(tmp_path, 0, b"\x0b" * 16)
     io.write(path, 0, b"\x0b" * 16, payload(1, 8192, seed=4))
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_scan_indexes_a_record_only_where_its_name_puts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stray copies (another shard, a non-canonical group number) are skipped with one
+    warning: indexed twice, a key made the start-up's ``reserve`` raise."""
+    io = RecordIO(NS, ALIGN, False, 8192)
+    key = (1, b"\xab" * 16)
+    path = record_path(tmp_path, *key)
+    io.write(path, *key, payload(1, 8192, seed=5))
+    (tmp_path / "zz").mkdir()
+    shutil.copy(path, tmp_path / "zz" / path.name)
+    shutil.copy(path, path.parent / path.name.replace(".g1.", ".g01."))
+    with caplog.at_level("WARNING", logger="kvbridge.offload.disk.index"):
+        found = scan(tmp_path, [1, record_size(8192, ALIGN)])
+    assert [k for k, _, _ in found.entries] == [key] and found.wrong_size == []
+    warnings = [r for r in caplog.records if "not where their name puts them" in r.message]
+    assert len(warnings) == 1 and "2 record file(s)" in warnings[0].message
+
+
+def test_two_writers_with_one_pid_and_thread_id_never_share_a_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers in two containers may run with the same pid and thread id: one writing the
+    same record in the middle of the other's write must not take its temporary file (the
+    first write's rename would then fail)."""
+    first, second = RecordIO(NS, ALIGN, False, 8192), RecordIO(NS, ALIGN, False, 8192)
+    key = b"\x0c" * 16
+    path = record_path(tmp_path, 0, key)
+    versions = [payload(1, 8192, seed=s) for s in (6, 7)]
+    real = os.pwritev
+    nested = []
+
+    def pwritev(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+        if not nested:  # the first write is under way: the other server writes it whole
+            nested.append(1)
+            second.write(path, 0, key, versions[1])
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(disk_io.os, "pwritev", pwritev)
+    first.write(path, 0, key, versions[0])
+    out = empty_like(versions[0])
+    first.read(path, 0, key, out)
+    assert bytes(out[0]) == bytes(versions[0][0])
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_namespace_file_survives_another_server_writing_it_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers (one pid, in two containers) write namespace.json at once, or the other
+    one wins the rename: start-up never fails, and the file is whole."""
+    fields: dict[str, object] = {"model_name": "m", "format": 1}
+    real = json.dump
+    nested = []
+
+    def dump(obj: object, f: Any, **kw: Any) -> None:
+        if not nested:  # mid-write, the other server writes the file whole
+            nested.append(1)
+            _write_namespace_file(tmp_path, fields)
+        real(obj, f, **kw)
+
+    real_replace, renamed = os.replace, []
+
+    def spy(src: str, dst: str) -> None:
+        renamed.append(src)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(json, "dump", dump)
+    monkeypatch.setattr(os, "replace", spy)
+    _write_namespace_file(tmp_path, fields)
+    assert json.loads((tmp_path / "namespace.json").read_text()) == fields
+    assert len(set(renamed)) == 2  # each writer its own temporary file
+    monkeypatch.setattr(json, "dump", real)
+    (tmp_path / "namespace.json").unlink()
+
+    def replace(src: str, dst: str) -> None:  # the other server renamed first, ours is gone
+        Path(dst).write_text(json.dumps(fields))
+        os.unlink(src)
+        raise FileNotFoundError(src)
+
+    monkeypatch.setattr(os, "replace", replace)
+    _write_namespace_file(tmp_path, fields)
+    assert json.loads((tmp_path / "namespace.json").read_text()) == fields
+    assert [p.name for p in tmp_path.iterdir()] == ["namespace.json"]

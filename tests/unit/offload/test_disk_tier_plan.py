@@ -10,7 +10,14 @@ from offload_helpers import spec
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import BlockRemoved, BlockStored, Medium
 from kvbridge.offload.disk.config import DiskConfig
+from kvbridge.offload.disk.io import RecordIO
 from kvbridge.offload.disk.metadata import DiskDone, DiskJobs
+from kvbridge.offload.disk.record import (
+    group_payload_bytes,
+    namespace_digest,
+    namespace_fields,
+    record_path,
+)
 from kvbridge.offload.disk.tier import MAX_READ_ROUNDS, DiskTier
 from kvbridge.offload.groups import HitRule
 from kvbridge.offload.pool import CPUBlockPool
@@ -174,3 +181,50 @@ def test_kv_events_announce_records_written_and_deleted_on_storage(tmp_path: Pat
         BlockStored((H[2],), Medium.STORAGE, 4, None),
     ]
     assert tier.take_events() == []
+
+
+def test_a_missing_or_unreadable_record_leaves_the_index_as_a_corrupt_one_does(
+    tmp_path: Path,
+) -> None:
+    """A read that found no record, or failed (EIO, EACCES, EMFILE: reported as missing too),
+    frees its CPU block and counts a missing record; the record is deleted (an unreadable
+    file would otherwise stay on disk outside the capacity bound) and announced removed."""
+    tier, pool = make(tmp_path, cpu_blocks=4)
+    store(pool, tier, H[:2])
+    store(pool, tier, H[2:4])
+    store(pool, tier, H[4:6])  # H0, H1 now only on disk
+    tier.take_events()
+    assert tier.promote("r", H, 0, 2)
+    jobs = tier.take_jobs()
+    assert jobs is not None
+    tier.complete(DiskDone(read=jobs.reads[1:], read_missing=jobs.reads[:1]))
+    assert tier.stats.data["disk_missing_records"] == 1 and not tier.index.has((0, H[0]))
+    assert "disk_corrupt_records" not in tier.stats.data and tier.stats.data["disk_hits"] == 1
+    assert not pool.is_cached(H[0]) and pool.is_cached(H[1]) and pool.num_storing == 0
+    assert tier.take_events() == [BlockRemoved((H[0],), Medium.STORAGE, None)]
+    deletes = tier.take_jobs()
+    assert deletes is not None and [b.block_hash for b in deletes.deletes] == [H[0]]
+    tier.check_integrity()
+
+
+def test_servers_with_other_alignments_never_share_a_directory(tmp_path: Path) -> None:
+    """The alignment sets the record size: a server started with another one on the same
+    disk_path gets its own directory and leaves the first one's records alone (sharing one,
+    it would find them all torn and delete them)."""
+    s = spec()
+
+    def tier(alignment: int) -> DiskTier:
+        cfg = DiskConfig(str(tmp_path), 1 << 30, alignment=alignment)
+        return DiskTier(
+            cfg, s, CPUBlockPool(4, s.block_size), HitRule([None], 4), KVConnectorStats()
+        )
+
+    first = tier(4096)
+    n = group_payload_bytes(s)[0]
+    io = RecordIO(namespace_digest(namespace_fields(s, "", 4096)), 4096, False, n)
+    path = record_path(first.ns_dir, 0, H[0])
+    io.write(path, 0, H[0], [memoryview(bytes(n))])
+    other = tier(512)
+    assert other.ns_dir != first.ns_dir and len(other.index) == 0
+    assert other.take_jobs() is None and "disk_corrupt_records" not in other.stats.data
+    assert path.exists() and tier(4096).index.has((0, H[0]))

@@ -13,6 +13,7 @@ back into CPU blocks. ``disk_namespace`` and ``disk_recompute_guard`` are kvbrid
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,10 +81,10 @@ def check_disk_extra(extra: dict[str, Any]) -> DiskConfig | None:
             'e.g. "disk_path": "/mnt/nvme/kvbridge"'
         )
     capacity = extra.get("disk_capacity_bytes")
-    if capacity is None or capacity <= 0:
+    if capacity is None or not math.isfinite(capacity) or capacity <= 0:
         raise ConfigError(
             f"{_P}.disk_capacity_bytes: kv_offload_backend 'disk' needs a positive byte "
-            f"budget per worker, got {capacity!r}"
+            f"budget per worker, a finite number such as 100e9, got {capacity!r}"
         )
     alignment = extra.get("direct_io_alignment", DEFAULT_ALIGNMENT)
     if alignment < 512 or alignment & (alignment - 1):

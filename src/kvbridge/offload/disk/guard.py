@@ -2,8 +2,9 @@
 
 Three online estimates, all torch-free and clocked by an injectable ``clock``:
 
-- disk reads, bytes/s: one sample per completed read batch (the worker times a step's reads
-  from their submission to the last one's end, so queueing behind other reads counts);
+- disk reads, bytes/s: one sample per completed read batch, timed by the worker as the
+  batch's busy time: the union of its blocks' I/O spans on the threads (``busy_seconds``), so
+  neither queueing behind an earlier batch's backlog nor threads reading in parallel skew it;
 - disk writes, bytes/s: the same for each step's writes (the write-through of stored blocks).
   Until a read is measured the write rate stands in for the read rate, on the assumption that
   the disk reads at least as fast as it writes, as most disks (SSDs, HDDs, network and virtual
@@ -177,12 +178,12 @@ class RecomputeGuard:
             self.recompute.add(tokens, now - started)
 
     def read_done(self, nbytes: int, seconds: float) -> None:
-        """A batch of disk reads ended: ``nbytes`` read in ``seconds`` of wall time."""
+        """A batch of disk reads ended: ``nbytes`` read in ``seconds`` of busy time."""
         self.read.add(nbytes, seconds)
         self._last_read_at = self.clock()
 
     def write_done(self, nbytes: int, seconds: float) -> None:
-        """A batch of disk writes ended: ``nbytes`` written in ``seconds`` of wall time."""
+        """A batch of disk writes ended: ``nbytes`` written in ``seconds`` of busy time."""
         self.write.add(nbytes, seconds)
 
     # -- persistence --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from kvbridge.connector.types import IntegrityError
 from kvbridge.offload.disk.io import TMP_SUFFIX
-from kvbridge.offload.disk.record import SUFFIX, parse_record_name
+from kvbridge.offload.disk.record import SUFFIX, parse_record_name, record_path
 from kvbridge.offload.pool import BlockKey
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,15 @@ class ScanResult(NamedTuple):
 
 
 def scan(ns_dir: Path, sizes: list[int]) -> ScanResult:
-    """The records under ``ns_dir`` whose group exists and whose size is ``sizes[group]``."""
+    """The records under ``ns_dir`` whose group exists and whose size is ``sizes[group]``.
+
+    A record file counts only at the path ``record_path`` gives its key (its shard, a
+    canonical name), so each key is found once; a stray copy elsewhere is skipped (logged).
+    """
     entries: list[tuple[BlockKey, int, float]] = []
     wrong: list[BlockKey] = []
     stale: list[Path] = []
+    strays: list[str] = []
     if not ns_dir.is_dir():
         return ScanResult(entries, wrong, stale)
     now = time.time()
@@ -65,12 +70,28 @@ def scan(ns_dir: Path, sizes: list[int]) -> ScanResult:
                     key = parse_record_name(f.name) if f.name.endswith(SUFFIX) else None
                     if key is None or not 0 <= key[0] < len(sizes):
                         continue
+                    if (shard.name, f.name) != _place(key):
+                        strays.append(f.path)
+                        continue
                     if st.st_size != sizes[key[0]]:
                         wrong.append(key)
                         continue
                     entries.append((key, st.st_size, st.st_mtime))
+    if strays:
+        logger.warning(
+            "disk tier: %d record file(s) not where their name puts them (e.g. %s), "
+            "left alone and not indexed",
+            len(strays),
+            strays[0],
+        )
     entries.sort(key=lambda e: e[2])
     return ScanResult(entries, wrong, stale)
+
+
+def _place(key: BlockKey) -> tuple[str, str]:
+    """(shard directory, file name) of ``key``'s record, as ``record_path`` makes them."""
+    path = record_path(Path(), *key)
+    return path.parent.name, path.name
 
 
 class DiskIndex:

@@ -14,8 +14,9 @@ class DiskBlock(msgspec.Struct, frozen=True, array_like=True):
 
 
 class ReadBatch(msgspec.Struct, frozen=True, array_like=True):
-    """One step's disk reads, every one ended: the bytes read (records that loaded) and the
-    wall time from their submission to the last one's end (the recompute guard's sample)."""
+    """One step's disk reads, every one ended: the bytes read (records that loaded) and their
+    busy time, the union of the reads' I/O spans (queueing behind earlier batches left out;
+    the recompute guard's sample)."""
 
     nbytes: int
     seconds: float
@@ -23,8 +24,8 @@ class ReadBatch(msgspec.Struct, frozen=True, array_like=True):
 
 class WriteBatch(msgspec.Struct, frozen=True, array_like=True):
     """One step's disk writes, every one ended: the bytes written (records that were stored)
-    and the wall time from their submission to the last one's end (the guard's write rate,
-    the prior of its read rate until a read is measured)."""
+    and their busy time, timed as ``ReadBatch`` (the guard's write rate, the prior of its read
+    rate until a read is measured)."""
 
     nbytes: int
     seconds: float
@@ -51,7 +52,7 @@ class DiskDone(msgspec.Struct):
     written: list[DiskBlock] = msgspec.field(default_factory=list)
     write_failed: list[DiskBlock] = msgspec.field(default_factory=list)
     read: list[DiskBlock] = msgspec.field(default_factory=list)
-    read_missing: list[DiskBlock] = msgspec.field(default_factory=list)  # no record (deleted)
+    read_missing: list[DiskBlock] = msgspec.field(default_factory=list)  # gone, or I/O error
     read_corrupt: list[DiskBlock] = msgspec.field(default_factory=list)  # never loaded
     deleted: list[DiskBlock] = msgspec.field(default_factory=list)
     read_batches: list[ReadBatch] = msgspec.field(default_factory=list)  # read rate samples

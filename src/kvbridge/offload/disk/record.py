@@ -2,7 +2,8 @@
 
 ::
 
-    <disk_path>/<model>_<digest>/            digest: sha256 of model name, dtype, layout, shapes
+    <disk_path>/<model>_<digest>/            digest: sha256 of model name, dtype, layout, shapes,
+                                              alignment
         namespace.json                        what the digest covers (written once, atomically)
         <hh>/<block hash hex>.g<group>.kvb    hh: the hash's first byte, to bound directory size
 
@@ -63,10 +64,13 @@ def group_payload_bytes(spec: KVCacheSpec) -> list[int]:
     return [spec.block_bytes_per_layer * len(g.layer_names) for g in spec.groups]
 
 
-def namespace_fields(spec: KVCacheSpec, extra: str = "") -> dict[str, object]:
-    """Everything that must match for a record's bytes to be valid KV for this engine."""
+def namespace_fields(spec: KVCacheSpec, extra: str, alignment: int) -> dict[str, object]:
+    """Everything that must match for a record's bytes to be valid KV for this engine (the
+    alignment sets the header and record sizes: servers with different ones get different
+    directories instead of deleting each other's records as torn)."""
     return {
         "format": VERSION,
+        "alignment": alignment,
         "model_name": spec.model_name,
         "namespace": extra,
         "dtype": spec.dtype,

@@ -59,8 +59,9 @@ class DiskTier:
       The guard starts from the rates a previous run saved in the directory
       (``guard_rates.json``, ``rates.py``) and saves its own there every few seconds and at
       ``close``.
-    - A read that finds no record or a corrupt one (size, header, checksum) frees its CPU
-      block unindexed, drops the record, counts it and leaves a miss: never wrong tokens.
+    - A read that finds no record, a corrupt one (size, header, checksum) or fails (an I/O
+      error) frees its CPU block unindexed, deletes the record (announced ``BlockRemoved``),
+      counts it and leaves a miss: never wrong tokens.
     """
 
     def __init__(
@@ -76,7 +77,9 @@ class DiskTier:
         self.pool = pool
         self.rule = rule
         self.stats = stats
-        self.ns_dir = namespace_dir(disk.path, namespace_fields(spec, disk.namespace))
+        self.ns_dir = namespace_dir(
+            disk.path, namespace_fields(spec, disk.namespace, disk.alignment)
+        )
         self.sizes = [record_size(n, disk.alignment) for n in group_payload_bytes(spec)]
         self.index = DiskIndex(disk.capacity_bytes)
         self._jobs = DiskJobs()
@@ -320,10 +323,9 @@ class DiskTier:
                 key = (b.group, b.block_hash)
                 pool.complete_store([self._reading.pop(key)], success=False)
                 index.unpin(key)
-                if what == "corrupt":
-                    self._delete(key)  # never read again; the worker removes the file
-                else:
-                    index.remove(key)
+                # never read again; the worker removes the file (if any: a read that failed
+                # with an I/O error leaves it, which would escape the capacity bound)
+                self._delete(key)
             if blocks:
                 self.stats.incr(f"disk_{what}_records", len(blocks))
         for b in done.deleted:

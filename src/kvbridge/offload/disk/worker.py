@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,8 +39,8 @@ _KINDS = {"write": "cpu_to_disk", "read": "disk_to_cpu"}
 
 @dataclass
 class _Batch:
-    """One step's blocks of one kind; its wall time feeds the GB/s counters (and, for reads
-    and writes, the scheduler's recompute guard)."""
+    """One step's blocks of one kind; its busy time (``busy_seconds``) feeds the GB/s
+    counters (and, for reads and writes, the scheduler's recompute guard)."""
 
     kind: str
     started: float
@@ -68,7 +70,7 @@ class DiskWorker:
         cpu_layers: list[list[torch.Tensor]],
         stats: KVConnectorStats | None = None,
     ) -> None:
-        fields = namespace_fields(spec, disk.namespace)
+        fields = namespace_fields(spec, disk.namespace, disk.alignment)
         self.ns_dir = namespace_dir(disk.path, fields)
         try:
             self.ns_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +255,16 @@ def _write_namespace_file(ns_dir: os.PathLike[str], fields: dict[str, object]) -
     path = os.path.join(ns_dir, "namespace.json")
     if os.path.exists(path):
         return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(fields, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    # unique per writer: servers in other containers may share the pid (and the directory)
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(fields, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except (FileNotFoundError, FileExistsError):
+        if not os.path.exists(path):
+            raise
+        # another server wrote it first (the same fields: the digest names the directory)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

@@ -118,6 +118,7 @@ class RecWorker(KVConnectorWorker):
         self.done_sending: set[str] = set()
         self.done_recving: set[str] = set()
         self.load_errors: set[int] = set()
+        self.failed_recving: set[str] = set()
         INSTANCES.append(self)
 
     @property
@@ -150,6 +151,10 @@ class RecWorker(KVConnectorWorker):
         self.done_sending -= sending
         self.done_recving.clear()
         return FinishedTransfers(sending, recving)
+
+    def take_failed_recving(self) -> set[str]:
+        failed, self.failed_recving = self.failed_recving, set()
+        return failed
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self.load_errors = self.load_errors, set()

@@ -142,10 +142,11 @@ class Engine:
             w.save_kv_layer(name, self.kv[name], None)
         w.start_load_kv(None)  # vLLM starts async loads after the forward
         w.wait_for_save()
-        sending, recving = w.get_finished(so.finished_req_ids)
+        results = w.get_transfer_results(so.finished_req_ids)  # as vLLM 0.32's runner asks
         kv_out = KVConnectorOutput(
-            finished_sending=sending,
-            finished_recving=recving,
+            finished_sending=results.finished_sending,
+            finished_recving=results.finished_recving,
+            failed_recving=results.failed_recving,
             invalid_block_ids=w.get_block_ids_with_load_errors(),
             kv_connector_worker_meta=w.build_connector_worker_meta(),
             kv_connector_stats=w.get_kv_connector_stats(),

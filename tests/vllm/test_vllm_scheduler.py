@@ -195,6 +195,32 @@ def test_cpu_tier_wins_when_nixl_has_no_match_and_puts_back_the_stored_bytes(
     assert leftover_state(engine, "a", "b") == {}
 
 
+def test_a_failed_cpu_tier_load_is_recomputed_not_a_crash(
+    engine: Engine, hybrid: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU-tier load that fails reaches vLLM as ``failed_recving`` on a hybrid cache (vLLM
+    0.32 raises on block-level load errors there: block ids repeat across groups) and as
+    invalid blocks on a single-group one; either way the request recomputes and finishes.
+    Checked against the build that reported only block ids: vLLM raised on the hybrid cache."""
+    fill_cpu_tier(engine, "a")
+    engine.wipe()
+    cpu = engine.worker.worker.half.children[1]
+
+    def broken_load(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected load failure")
+
+    for backend in cpu.backends:
+        monkeypatch.setattr(backend, "load", broken_load)
+    engine.scheduler.recompute_kv_load_failures = True  # kv_load_failure_policy "recompute"
+    engine.add("b", PROMPT, max_tokens=2)
+    run_until(lambda: engine.finished("b"), engine)
+    outs = engine.connector_outputs
+    assert {r for o in outs for r in o.failed_recving} == ({"b"} if hybrid else set())
+    assert any(o.invalid_block_ids for o in outs) is not hybrid
+    assert str(engine.outputs["b"].finish_reason) == "length"  # recomputed, both tokens out
+    assert leftover_state(engine, "a", "b") == {}
+
+
 def test_control_a_prompt_never_stored_gets_no_cpu_hit(engine: Engine) -> None:
     fill_cpu_tier(engine, "a")
     engine.add("c", OTHER, max_tokens=2)

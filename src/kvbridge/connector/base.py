@@ -286,6 +286,13 @@ class KVConnectorWorker(ABC):
         """
         return FinishedTransfers(frozenset(), frozenset())
 
+    def take_failed_recving(self) -> set[str]:
+        """Request ids among those the last ``get_finished`` reported as received whose load
+        failed (their blocks are also in ``get_block_ids_with_load_errors``); called once per
+        step after ``get_finished``. For engines whose block ids are not unique across KV
+        cache groups (vLLM's hybrid caches), which fail or recompute such requests by id."""
+        return set()
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Block ids whose load failed since the last call; called once per step after
         ``get_finished``, and reported no later than the step whose ``get_finished`` names the

@@ -97,6 +97,12 @@ class MultiWorker(KVConnectorWorker):
                     sending.add(req_id)
         return FinishedTransfers(frozenset(sending), frozenset(recving))
 
+    def take_failed_recving(self) -> set[str]:
+        failed: set[str] = set()
+        for child in self.children:
+            failed |= child.take_failed_recving()
+        return failed
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors: set[int] = set()
         for child in self.children:

@@ -306,6 +306,10 @@ class NixlWorker(KVConnectorWorker):
         sending = self.producer.finished(finished_req_ids, now)
         return FinishedTransfers(frozenset(sending), frozenset(recving))
 
+    def take_failed_recving(self) -> set[str]:
+        reader = None if self._reg is None else self._reg.reader
+        return set() if reader is None else reader.results.take_failed()
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         reader = None if self._reg is None else self._reg.reader
         return set() if reader is None else reader.results.take_invalid_blocks()

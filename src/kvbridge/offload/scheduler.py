@@ -56,6 +56,7 @@ class _RequestState:
     match: Match | None = None
     jobs: set[int] = field(default_factory=set)  # in-flight job ids
     finished: bool = False
+    load_failed: bool = False  # a load of it failed: it recomputes, never asks the tier again
 
 
 class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
@@ -109,6 +110,8 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         state = self._requests.get(request.request_id)
         if state is not None:
             self._release_match(state)  # asked again (e.g. allocation failed last step)
+            if state.load_failed:  # a retry of a failing load could fail forever: recompute
+                return MatchResult(0, False)
         if num_computed_tokens % self.block_size:
             return MatchResult(0, False)
         hashes = request.block_hashes
@@ -362,6 +365,7 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         if state is None:
             return
         state.jobs.discard(job_id)
+        state.load_failed |= job.kind is JobKind.LOAD and not ok
         if state.finished and not state.jobs:
             del self._requests[job.wire.req_id]
 

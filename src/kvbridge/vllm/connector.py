@@ -15,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 
@@ -157,8 +158,23 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker.get_finished(finished_req_ids)
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """``get_finished``'s ids and, on a hybrid cache, the received ones whose load failed
+        (``failed_recving``: how vLLM learns of them there; a single-group cache reports the
+        failed blocks, ``get_block_ids_with_load_errors``, and recomputes only those)."""
+        sending, recving = self.worker.get_finished(finished_req_ids)
+        failed = self.worker.take_failed_recving()
+        return KVConnectorTransferResults(
+            finished_sending=set(sending or ()),
+            finished_recving=set(recving or ()),
+            failed_recving=failed if self.spec.num_groups > 1 else set(),
+        )
+
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker.get_block_ids_with_load_errors()
+        """The failed loads' blocks; none on a hybrid cache, whose block ids are not unique
+        across groups (vLLM refuses them there and recomputes or fails ``failed_recving``)."""
+        errors = self.worker.get_block_ids_with_load_errors()
+        return errors if self.spec.num_groups == 1 else set()
 
     def build_connector_worker_meta(self) -> Any:
         return self.worker.build_connector_worker_meta()

@@ -56,6 +56,9 @@ class WorkerAdapter:
         done = self.half.get_finished(frozenset(finished_req_ids))
         return set(done.sending) or None, set(done.recving) or None
 
+    def take_failed_recving(self) -> set[str]:
+        return set(self.half.take_failed_recving())
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set(self.half.get_block_ids_with_load_errors())
 

@@ -57,7 +57,7 @@ def test_a_misspelled_child_key_fails_at_parse_time_naming_the_path_and_the_fix(
         (multi(nixl(kv_lease_duraton_s=5)), f"{CHILD}[0].kv_connector_extra_config."
          "kv_lease_duraton_s", "did you mean 'kv_lease_duration_s'"),
         (multi(nixl(), offload(num_cpu_blocks=0)), f"{CHILD}[1].kv_connector_extra_config."
-         "num_cpu_blocks", "must be > 0"),
+         "num_cpu_blocks", "must be a finite number > 0"),
         (multi(offload(copy_strategy="fast")), f"{CHILD}[0].kv_connector_extra_config."
          "copy_strategy", "is not one of"),
         (multi(nixl(kv_lease_duration_s=-1)), f"{CHILD}[0].kv_connector_extra_config."

@@ -86,6 +86,8 @@ def test_finished_recving_and_load_errors_are_unions() -> None:
     b.load_errors |= {2, 9}
     assert multi.get_finished(frozenset()).recving == frozenset({"x", "y"})
     assert multi.get_block_ids_with_load_errors() == {1, 2, 9}
+    a.failed_recving.add("x")
+    assert multi.take_failed_recving() == {"x"} and multi.take_failed_recving() == set()
 
 
 def test_worker_metadata_goes_back_per_child() -> None:

@@ -65,6 +65,7 @@ def test_read_completes_after_n_polls_with_one_merged_descriptor_per_layer(
     assert len(fake.calls_to("check_xfer_state")) == 3 + 1  # 3 x PROC, then DONE
     assert all(r[1] == frozenset() for r in results[:-1])
     assert results[-1][2] == set()  # no load errors
+    assert consumer.worker.take_failed_recving() == set()
     ((op, _, local_idx, _, remote_idx, notif), _) = fake.calls_to("make_prepped_xfer")[0]
     n = consumer.worker.cache_spec.num_blocks  # per-block dlists: index = layer * n + block
     assert op == "READ" and list(local_idx) == [2, 3, 4, n + 2, n + 3, n + 4]
@@ -109,6 +110,8 @@ def test_err_marks_load_errors_and_finishes_receiving(
     assert results[-1][2] == {2, 3, 4}
     meta = consumer.worker.build_connector_worker_meta()
     assert isinstance(meta, NixlWorkerMetadata) and "ERR" in meta.load_failures["d-1"]
+    assert consumer.worker.take_failed_recving() == {"d-1"}  # by id (hybrid caches)
+    assert consumer.worker.take_failed_recving() == set()  # once
     stats = consumer.worker.get_kv_connector_stats()
     assert stats is not None and stats.data[keys.FAILED_TRANSFERS] == 1
     assert consumer.fake.num_live_xfer_handles == 0

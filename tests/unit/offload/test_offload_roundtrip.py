@@ -170,6 +170,8 @@ def test_failed_load_reports_block_errors_and_finishes_the_request() -> None:
     h.match_and_alloc(b, [5, 6, 7], 2 * BS)
     out = h.drv.step()
     assert out.finished_recving == {"b"} and out.invalid_block_ids == {5, 6}
+    assert h.worker.take_failed_recving() == {"b"}  # by id too (hybrid caches), once
+    assert h.worker.take_failed_recving() == set()
     assert h.sched.pool.num_pins == 0 and h.sched.pool.num_cached == 2
 
 

@@ -167,6 +167,8 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         stores = self._flushes
         for sched in step.scheduled:
             state = self._state(sched.request_id)
+            if state.jobs:
+                self._poison_freed_sources(state, sched.block_ids)
             state.confirmed_cap = max(
                 state.confirmed_cap, sched.num_computed_tokens + sched.num_scheduled_tokens
             )
@@ -377,6 +379,17 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         if state.match is not None:
             self.matcher.release(state.match)
             state.match = None
+
+    def _poison_freed_sources(self, state: _RequestState, block_ids: BlockIds) -> None:
+        """Never index a store whose GPU blocks left the request's table while it copies them
+        (a sliding-window group frees the blocks that left the window, and the engine may hand
+        them to another request whose forward overwrites them before the copy reads them)."""
+        for job_id in state.jobs:
+            job = self._jobs[job_id]
+            if job.kind is JobKind.STORE and not job.poisoned:
+                held = block_ids[job.wire.group] if job.wire.group < len(block_ids) else ()
+                if not set(job.wire.gpu_block_ids) <= set(held):
+                    job.poisoned = True
 
     def _on_preempted(self, req_id: str) -> None:
         state = self._requests.get(req_id)

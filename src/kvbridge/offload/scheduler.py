@@ -30,7 +30,7 @@ from kvbridge.offload.config import (
 from kvbridge.offload.groups import HitRule
 from kvbridge.offload.matcher import HitMatcher, Match
 from kvbridge.offload.metadata import CPUOffloadMetadata, CPUOffloadWorkerMetadata, TransferJob
-from kvbridge.offload.pool import CPUBlockPool
+from kvbridge.offload.pool import BlockKey, CPUBlockPool
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         self._report_when_done: list[str] = []
         self._stats = KVConnectorStats()
         self._warned_no_hashes = False
+        # keys a poisoned store is writing: planned again (not skipped as "in flight") once
+        # that store ends, so a resumed or later request still stores them
+        self._poisoned_keys: set[BlockKey] = set()
 
     # -- load planning --------------------------------------------------------------------
     def get_num_new_matched_tokens(
@@ -319,6 +322,10 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         if not self.offload.store_decode_blocks:
             end = min(end, request.num_prompt_tokens // self.block_size)
         start = state.planned_blocks[group]
+        if self._poisoned_keys:  # wait for a poisoned store of these to end, then store them
+            end = next(
+                (i for i in range(start, end) if (group, hashes[i]) in self._poisoned_keys), end
+            )
         if end <= start:
             return None
         state.planned_blocks[group] = end
@@ -357,6 +364,10 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         n = job.wire.num_blocks
         nbytes = n * self._group_bytes[job.wire.group]
         if job.kind is JobKind.STORE:
+            if job.poisoned:
+                self._poisoned_keys.difference_update(
+                    k for c in job.wire.cpu_block_ids if (k := self.pool.key_of(c)) is not None
+                )
             ok = ok and not job.poisoned
             self.pool.complete_store(job.wire.cpu_block_ids, success=ok)
             self._count("stored" if ok else "failed_store", n, nbytes)
@@ -389,7 +400,15 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
             if job.kind is JobKind.STORE and not job.poisoned:
                 held = block_ids[job.wire.group] if job.wire.group < len(block_ids) else ()
                 if not set(job.wire.gpu_block_ids) <= set(held):
-                    job.poisoned = True
+                    self._poison(job)
+
+    def _poison(self, job: _Job) -> None:
+        """Never index ``job``'s blocks (its source blocks were freed while it copied)."""
+        job.poisoned = True
+        for cpu_id in job.wire.cpu_block_ids:
+            key = self.pool.key_of(cpu_id)
+            if key is not None:
+                self._poisoned_keys.add(key)
 
     def _on_preempted(self, req_id: str) -> None:
         state = self._requests.get(req_id)
@@ -399,7 +418,7 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         for job_id in state.jobs:
             job = self._jobs[job_id]
             if job.kind is JobKind.STORE:
-                job.poisoned = True
+                self._poison(job)
             else:
                 logger.warning("request %s preempted while its CPU load is in flight", req_id)
         state.planned_blocks = [0] * self.num_groups

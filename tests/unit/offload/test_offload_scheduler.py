@@ -148,6 +148,27 @@ def test_preemption_poisons_in_flight_store() -> None:
     assert sched.pool.num_cached == 0 and sched.take_events() == []
 
 
+def test_a_resumed_request_stores_again_what_its_poisoned_store_held() -> None:
+    """Preempted with a store in flight (poisoned), the request recomputes on new GPU blocks:
+    those blocks are stored once the poisoned store ended. Checked against the build that
+    counted the poisoned store's hashes as "in flight" and moved past them: never stored."""
+    sched, drv = make()
+    req = request("a", list(range(9)))
+    drv.step(scheduled(req, [0, 1, 2], 8, 1))
+    poisoned = drv.metas[-1].stores[0]
+    drv.step(preempted=frozenset({"a"}))
+    drv.step(scheduled(req, [3, 4, 5], 0, 9))  # resumed: recomputes into new blocks
+    drv.step(scheduled(req, [3, 4, 5], 9, 1))
+    assert not drv.metas[-1].stores  # the poisoned store still writes those hashes: wait
+    drv.step(scheduled(req, [3, 4, 5], 10, 1), worker_output=done(stores=[poisoned.job_id]))
+    drv.step(scheduled(req, [3, 4, 5], 11, 1))  # the first step after the poisoned one ended
+    (again,) = drv.metas[-1].stores
+    assert list(again.gpu_block_ids) == [3, 4]  # the recomputed blocks
+    drv.step(worker_output=done(stores=[again.job_id]))
+    assert all(sched.pool.is_cached(h) for h in req.block_hashes[:2])
+    sched.check_integrity()
+
+
 # -- load planning --------------------------------------------------------------------------
 def test_match_is_longest_consecutive_hit_after_local_prefix() -> None:
     sched, _ = make()

@@ -94,16 +94,28 @@ def test_budget_evicts_the_oldest_record_and_never_rewrites_one_being_deleted(
     tmp_path: Path,
 ) -> None:
     tier, pool = make(tmp_path, cpu_blocks=8, records=3)
-    store(pool, tier, H[:3])
-    jobs = store(pool, tier, H[3:4])  # over the 3-record budget: H0's record goes
-    assert jobs is not None and [b.block_hash for b in jobs.deletes] == [H[0]]
+    store(pool, tier, H[:3])  # one prefix: aged last to first, its end is the oldest
+    jobs = store(pool, tier, H[3:4])  # over the 3-record budget: H2's record goes
+    assert jobs is not None and [b.block_hash for b in jobs.deletes] == [H[2]]
     assert tier.stats.data["disk_evictions"] == 1
-    tier.stored([pool.cached_block_id(H[0]) or 0])  # stored again while being deleted
+    tier.stored([pool.cached_block_id(H[2]) or 0])  # stored again while being deleted
     assert tier.take_jobs() is None
     tier.complete(DiskDone(deleted=jobs.deletes))
-    tier.stored([pool.cached_block_id(H[0]) or 0])  # now it may be written again
+    tier.stored([pool.cached_block_id(H[2]) or 0])  # now it may be written again
     again = tier.take_jobs()
-    assert again is not None and [b.block_hash for b in again.writes] == [H[0]]
+    assert again is not None and [b.block_hash for b in again.writes] == [H[2]]
+    tier.check_integrity()
+
+
+def test_a_prefix_is_evicted_from_disk_from_its_end(tmp_path: Path) -> None:
+    """Written in prefix order, a prefix's records age last to first, so eviction leaves its
+    start (what a hit needs). Checked against the build that aged them in prefix order: the
+    first record went first and the rest could never be hit."""
+    tier, pool = make(tmp_path, cpu_blocks=8, records=4)
+    store(pool, tier, H[:4])
+    jobs = store(pool, tier, H[4:6])
+    assert jobs is not None and [b.block_hash for b in jobs.deletes] == [H[3], H[2]]
+    assert tier.index.has((0, H[0])) and tier.index.has((0, H[1]))
     tier.check_integrity()
 
 
@@ -175,9 +187,9 @@ def test_kv_events_announce_records_written_and_deleted_on_storage(tmp_path: Pat
         BlockStored((H[0],), Medium.STORAGE, 4, None),
         BlockStored((H[1],), Medium.STORAGE, 4, None),
     ]
-    store(pool, tier, H[2:3])  # over the 2-record budget: H0's record is deleted
+    store(pool, tier, H[2:3])  # over the 2-record budget: H1's record (the prefix's end) goes
     assert tier.take_events() == [
-        BlockRemoved((H[0],), Medium.STORAGE, None),
+        BlockRemoved((H[1],), Medium.STORAGE, None),
         BlockStored((H[2],), Medium.STORAGE, 4, None),
     ]
     assert tier.take_events() == []

@@ -219,17 +219,22 @@ class DiskTier:
 
     # -- write ------------------------------------------------------------------------------
     def stored(self, cpu_block_ids: Sequence[int]) -> None:
-        """CPU blocks that a GPU->CPU store filled: write those the disk lacks."""
+        """CPU blocks that a GPU->CPU store filled (in prefix order): write those the disk
+        lacks. Records are touched last to first (here and in ``_start_writes``), so a prefix
+        is evicted from its end: a hit needs an unbroken run from the start."""
+        indexed = []
         for cpu in cpu_block_ids:
             key = self.pool.key_of(cpu)
             if key is None or self.pool.cached_block_id(key[1], key[0]) != cpu:
                 continue  # a failed or poisoned store: nothing to write
             if key in self.index:
-                self.index.touch(key)
+                indexed.append(key)
                 continue
             if key in self._deleting or key in self._backlog:
                 continue
             self._backlog[key] = cpu
+        for key in reversed(indexed):
+            self.index.touch(key)
         while len(self._backlog) > self.pool.num_blocks:  # stale entries of a slow disk
             self._backlog.popitem(last=False)
             self.stats.incr("disk_write_drops", 1)
@@ -238,6 +243,7 @@ class DiskTier:
     def _start_writes(self) -> None:
         """Start backlogged writes while fewer than the cap of CPU blocks are pinned by them."""
         cap = max(1, int(self.pool.num_blocks * MAX_WRITE_PIN_SHARE))
+        reserved = []
         while self._backlog and len(self._writing) < cap:
             key, cpu = self._backlog.popitem(last=False)
             if key in self.index:
@@ -256,6 +262,9 @@ class DiskTier:
             self.pool.prepare_load([key[1]], key[0])  # pinned until written
             self._writing[key] = cpu
             self._jobs.writes.append(DiskBlock(key[0], key[1], cpu))
+            reserved.append(key)
+        for key in reversed(reserved):  # written in prefix order, aged last to first
+            self.index.touch(key)
 
     def _delete(self, key: BlockKey) -> None:
         self.index.remove(key)
@@ -306,7 +315,7 @@ class DiskTier:
             index.remove((b.group, b.block_hash))
         if done.write_failed:
             self.stats.incr("disk_write_errors", len(done.write_failed))
-        for b in done.read:
+        for b in reversed(done.read):  # submitted in prefix order: touched last to first
             key = (b.group, b.block_hash)
             pool.complete_store([self._reading.pop(key)], success=True)
             index.unpin(key)

@@ -57,6 +57,7 @@ class _RequestState:
     jobs: set[int] = field(default_factory=set)  # in-flight job ids
     finished: bool = False
     load_failed: bool = False  # a load of it failed: it recomputes, never asks the tier again
+    hit_tokens: int = 0  # tokens its loads in flight bring; counted once they all succeeded
 
 
 class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
@@ -161,7 +162,7 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
             job = self._new_job(JobKind.LOAD, request.request_id, gpu, cpu, g)
             state.jobs.add(job.job_id)
             self._loads.append(job)
-        self._stats.incr("cpu_hit_tokens", num_external_tokens)
+        state.hit_tokens += num_external_tokens  # counted once its loads all succeeded
 
     # -- per step -------------------------------------------------------------------------
     def build_connector_meta(self, step: SchedulerStep) -> CPUOffloadMetadata:
@@ -378,7 +379,12 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         if state is None:
             return
         state.jobs.discard(job_id)
-        state.load_failed |= job.kind is JobKind.LOAD and not ok
+        if job.kind is JobKind.LOAD:
+            state.load_failed |= not ok
+            if not any(self._jobs[j].kind is JobKind.LOAD for j in state.jobs):
+                if not state.load_failed:  # tokens loaded, not ones the engine recomputes
+                    self._stats.incr("cpu_hit_tokens", state.hit_tokens)
+                state.hit_tokens = 0
         if state.finished and not state.jobs:
             del self._requests[job.wire.req_id]
 

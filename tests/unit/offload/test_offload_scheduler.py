@@ -283,6 +283,7 @@ def test_failed_load_releases_pins_and_keeps_blocks_cached() -> None:
     assert sched.pool.num_pins == 0 and sched.pool.num_cached == 3
     stats = sched.get_kv_connector_stats()
     assert stats is not None and stats.data["failed_load_blocks"] == 3
+    assert stats.data.get("cpu_hit_tokens", 0) == 0  # recomputed, not loaded
     # Asked again (the engine recomputes), the request gets no hit: a load that keeps failing
     # would otherwise be retried forever (vLLM 0.32 looped so). Another request still hits.
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)

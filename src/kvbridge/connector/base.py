@@ -287,10 +287,11 @@ class KVConnectorWorker(ABC):
         return FinishedTransfers(frozenset(), frozenset())
 
     def take_failed_recving(self) -> set[str]:
-        """Request ids among those the last ``get_finished`` reported as received whose load
-        failed (their blocks are also in ``get_block_ids_with_load_errors``); called once per
-        step after ``get_finished``. For engines whose block ids are not unique across KV
-        cache groups (vLLM's hybrid caches), which fail or recompute such requests by id."""
+        """Request ids whose async load failed since the last call (their blocks are also in
+        ``get_block_ids_with_load_errors``); called once per step after ``get_finished``,
+        and reported no later than the step whose ``get_finished`` names the request. For
+        engines whose block ids are not unique across KV cache groups (vLLM's hybrid caches),
+        which fail or recompute such requests by id."""
         return set()
 
     def get_block_ids_with_load_errors(self) -> set[int]:

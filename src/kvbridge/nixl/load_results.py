@@ -16,8 +16,7 @@ class LoadResults:
         self._recving: set[str] = set()  # ended (received, failed or aborted)
         self._invalid: set[int] = set()  # block ids of failed loads
         self._failures: dict[str, str] = {}  # request id -> why its load failed
-        self._failed_ids: set[str] = set()  # failed, not yet reported in ``take_recving``
-        self._failed_taken: set[str] = set()  # failed, in the last ``take_recving``
+        self._failed_ids: set[str] = set()  # request ids of failed loads, until taken
 
     def failed(self, spec: RecvSpec, reason: str) -> None:
         """The load failed: its blocks are load errors, ``reason`` goes to the scheduler."""
@@ -37,13 +36,11 @@ class LoadResults:
 
     def take_recving(self) -> set[str]:
         out, self._recving = self._recving, set()
-        self._failed_taken |= self._failed_ids & out
-        self._failed_ids -= out
         return out
 
     def take_failed(self) -> set[str]:
-        """The failed loads among those ``take_recving`` returned since the last call."""
-        out, self._failed_taken = self._failed_taken, set()
+        """Request ids of the loads that failed since the last call."""
+        out, self._failed_ids = self._failed_ids, set()
         return out
 
     def take_invalid_blocks(self) -> set[int]:
@@ -59,4 +56,3 @@ class LoadResults:
         self._invalid.clear()
         self._failures.clear()
         self._failed_ids.clear()
-        self._failed_taken.clear()

@@ -124,6 +124,11 @@ class NixlWorker(KVConnectorWorker):
         self._closed = False
 
     @property
+    def _reader(self) -> KVReader | None:
+        """The consumer's reader (None before registration and on a producer)."""
+        return None if self._reg is None else self._reg.reader
+
+    @property
     def registered(self) -> _Registered:
         if self._reg is None:
             raise RuntimeError("NixlWorker: register_kv_caches() has not been called")
@@ -307,11 +312,11 @@ class NixlWorker(KVConnectorWorker):
         return FinishedTransfers(frozenset(sending), frozenset(recving))
 
     def take_failed_recving(self) -> set[str]:
-        reader = None if self._reg is None else self._reg.reader
+        reader = self._reader
         return set() if reader is None else reader.results.take_failed()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        reader = None if self._reg is None else self._reg.reader
+        reader = self._reader
         return set() if reader is None else reader.results.take_invalid_blocks()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
@@ -353,13 +358,13 @@ class NixlWorker(KVConnectorWorker):
 
     @property
     def num_inflight_loads(self) -> int:
-        reader = None if self._reg is None else self._reg.reader
+        reader = self._reader
         return 0 if reader is None else reader.num_inflight
 
     def check_integrity(self) -> None:
         self.leases.check_integrity()
-        if self._reg is not None and self._reg.reader is not None:
-            self._reg.reader.check_integrity()
+        if (reader := self._reader) is not None:
+            reader.check_integrity()
 
     def shutdown(self) -> None:
         if self._closed:

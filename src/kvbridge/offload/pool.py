@@ -160,13 +160,13 @@ class CPUBlockPool:
     def complete_store(self, block_ids: Sequence[int], success: bool) -> None:
         """Index the written blocks (success) or give them back to the free list (failure)."""
         stored: list[BlockKey] = []
+        keys: list[BlockKey] = []
         for b in block_ids:
             h = self._key_of[b]
             if h is None or self._storing.get(h) != b:
                 raise RuntimeError(f"CPUBlockPool.complete_store: block {b} is not being stored")
-        for b in block_ids:
-            h = self._key_of[b]
-            assert h is not None
+            keys.append(h)
+        for b, h in zip(block_ids, keys, strict=True):
             del self._storing[h]
             if success:
                 self._cached[h] = b

@@ -401,12 +401,16 @@ class CPUOffloadScheduler(KVConnectorScheduler, SupportsHMA):
         """Never index a store whose GPU blocks left the request's table while it copies them
         (a sliding-window group frees the blocks that left the window, and the engine may hand
         them to another request whose forward overwrites them before the copy reads them)."""
+        held: dict[int, set[int]] = {}  # group -> the request's blocks, built when needed
         for job_id in state.jobs:
             job = self._jobs[job_id]
-            if job.kind is JobKind.STORE and not job.poisoned:
-                held = block_ids[job.wire.group] if job.wire.group < len(block_ids) else ()
-                if not set(job.wire.gpu_block_ids) <= set(held):
-                    self._poison(job)
+            g = job.wire.group
+            if job.kind is not JobKind.STORE or job.poisoned or not self.rule.is_sliding(g):
+                continue  # a full-attention group frees nothing while the request runs
+            if g not in held:
+                held[g] = set(block_ids[g]) if g < len(block_ids) else set()
+            if not held[g].issuperset(job.wire.gpu_block_ids):
+                self._poison(job)
 
     def _poison(self, job: _Job) -> None:
         """Never index ``job``'s blocks (its source blocks were freed while it copied)."""

@@ -82,9 +82,7 @@ class CPUOffloadWorker(KVConnectorWorker):
         self._pending_stores: list[TransferJob] = []
         self._recving: set[str] = set()
         self._load_errors: set[int] = set()
-        self._failed_reqs: set[str] = set()  # a load job of theirs failed; more may run
-        self._failed_recving: set[str] = set()  # their loads ended, one failed: not reported
-        self._failed_reported: set[str] = set()  # in the last get_finished's recving
+        self._failed_recving: set[str] = set()  # an async load job of theirs failed
         self._done = CPUOffloadWorkerMetadata()
         self._stats = KVConnectorStats()
 
@@ -230,12 +228,10 @@ class CPUOffloadWorker(KVConnectorWorker):
         sending = {r for r in self._report_when_done if not self._req_stores.get(r)}
         self._report_when_done -= sending
         recving, self._recving = self._recving, set()
-        self._failed_reported |= self._failed_recving & recving
-        self._failed_recving -= recving
         return FinishedTransfers(frozenset(sending), frozenset(recving))
 
     def take_failed_recving(self) -> set[str]:
-        failed, self._failed_reported = self._failed_reported, set()
+        failed, self._failed_recving = self._failed_recving, set()
         return failed
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -356,7 +352,8 @@ class CPUOffloadWorker(KVConnectorWorker):
         for job in batch.jobs:
             if batch.is_load and not ok:
                 self._load_errors.update(job.gpu_block_ids)
-                self._failed_reqs.add(job.req_id)
+                if not batch.in_step:  # an in-step load's request is not in finished_recving
+                    self._failed_recving.add(job.req_id)
             pending = (self._req_loads if batch.is_load else self._req_stores).get(job.req_id)
             if pending is not None:
                 pending.discard(job.job_id)
@@ -364,12 +361,8 @@ class CPUOffloadWorker(KVConnectorWorker):
                 continue
             if batch.is_load:  # the request's last load job: every group is in place
                 self._req_loads.pop(job.req_id, None)
-                failed = job.req_id in self._failed_reqs
-                self._failed_reqs.discard(job.req_id)
                 if not batch.in_step:  # an async load's request resumes
                     self._recving.add(job.req_id)
-                    if failed:
-                        self._failed_recving.add(job.req_id)
             else:
                 self._req_stores.pop(job.req_id, None)
         direction = "cpu_to_gpu" if batch.is_load else "gpu_to_cpu"

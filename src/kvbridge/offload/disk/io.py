@@ -82,7 +82,7 @@ def filesystem_type(path: str | Path) -> str:
     return kind
 
 
-def _unique() -> str:
+def unique_tag() -> str:
     """A temporary file's tag: pid and thread, and random bits, since servers in other
     containers sharing the directory may run with the same pid and thread id."""
     return f"{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(6)}"
@@ -92,7 +92,7 @@ def probe_direct(directory: Path, alignment: int) -> str | None:
     """None if O_DIRECT reads and writes work in ``directory``, else why not."""
     if not O_DIRECT:
         return "O_DIRECT is not available on this platform"
-    probe = directory / f".direct-probe.{_unique()}"
+    probe = directory / f".direct-probe.{unique_tag()}"
     buf = AlignedBuffer(alignment, alignment).view
     try:
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | O_DIRECT, 0o644)
@@ -169,7 +169,7 @@ class RecordIO:
         if parent not in self._dirs:
             parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(parent)
-        tmp = parent / f".{path.name}.{_unique()}{TMP_SUFFIX}"
+        tmp = parent / f".{path.name}.{unique_tag()}{TMP_SUFFIX}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags()
         try:  # owner-only: KV blocks encode the prompts (servers of one user share them)
             fd = os.open(tmp, flags, RECORD_MODE)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from kvbridge.config import ConfigError
 from kvbridge.connector.stats import KVConnectorStats
 from kvbridge.connector.types import KVCacheSpec
 from kvbridge.offload.disk.config import DiskConfig
-from kvbridge.offload.disk.io import RecordIO, filesystem_type, probe_direct
+from kvbridge.offload.disk.io import RecordIO, filesystem_type, probe_direct, unique_tag
 from kvbridge.offload.disk.metadata import DiskBlock, DiskDone, DiskJobs, ReadBatch, WriteBatch
 from kvbridge.offload.disk.record import (
     CorruptRecord,
@@ -255,8 +254,7 @@ def _write_namespace_file(ns_dir: os.PathLike[str], fields: dict[str, object]) -
     path = os.path.join(ns_dir, "namespace.json")
     if os.path.exists(path):
         return
-    # unique per writer: servers in other containers may share the pid (and the directory)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    tmp = f"{path}.{unique_tag()}.tmp"
     try:
         with open(tmp, "w") as f:
             json.dump(fields, f, indent=1, sort_keys=True)
